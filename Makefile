@@ -1,0 +1,39 @@
+# Relay: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# daphne's own frame limit sits above the relay's RELAY_MAX_FRAME_BYTES so the relay answers
+# oversized frames with its own Error/close code.
+DAPHNE_FLAGS ?= --websocket_max_message_size 4194304 --websocket_max_frame_size 4194304 --application-close-timeout 15
+
+.PHONY: run test install install-dev migrate bench bench-engines clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+migrate: install
+	$(PY) manage.py migrate --noinput
+
+run: migrate
+	@echo "Relay demo: http://$(HOST):$(PORT)/demo/ai-voice/   WebSocket: ws://$(HOST):$(PORT)/v2/listen"
+	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_FLAGS) transcription_site.asgi:application
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) staticfiles .pytest_cache

@@ -1,0 +1,408 @@
+"""The per-connection consumer: the relay's stateful layer, one instance per WebSocket.
+
+It accepts, validates, joins the session (row, then channel group, then history replay), feeds
+audio to its engine stream, and forwards engine events: straight to its own socket, and through
+the channel layer only when the session has other live connections. Protocol details live in
+relay.protocol, writes in relay.services, reads in relay.selectors.
+
+Gap-free replay: the connection row is committed before the group is joined and history is read.
+A finishing turn is committed before its sender counts the session's other connections, and is
+group-sent only after that. So a joiner either is counted (and gets the turn live, or read back
+if it joined the group late) or was not yet committed (and its history read sees the turn). Live
+finals already replayed are dropped by index.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from relay import protocol, selectors, services
+from relay.audio import SampleAligner
+from relay.engines import EngineStream, EngineWarning, TurnEvent, get_engine
+from relay.exceptions import (
+    BacklogExceeded,
+    ConfigureRejected,
+    EngineError,
+    FrameTooLarge,
+    RelayError,
+    UnsupportedEncoding,
+)
+
+log = logging.getLogger("relay.consumer")
+
+_heartbeat_task: asyncio.Task | None = None
+
+
+async def _heartbeat_loop() -> None:
+    while True:
+        try:
+            await services.aprocess_heartbeat()
+        except Exception:  # the database may be restarting; try again next beat
+            log.warning("heartbeat_failed process=%s", services.process_id(), exc_info=True)
+        await asyncio.sleep(settings.RELAY_HEARTBEAT_SECONDS)
+
+
+def _ensure_heartbeat() -> None:
+    global _heartbeat_task
+    if _heartbeat_task is None or _heartbeat_task.done():
+        _heartbeat_task = asyncio.get_running_loop().create_task(_heartbeat_loop())
+
+
+class TranscriptionConsumer(AsyncWebsocketConsumer):
+    """Flux v2 over a WebSocket, bound to one relay session."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels awaits aclose_old_connections() (a thread hop) before every handler. Audio
+        # frames and layer events never touch the ORM, and every ORM call here goes through
+        # database_sync_to_async, which closes stale connections itself: skip the hop.
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        self.started = time.monotonic()
+        self.seq = 0
+        self.request_id = ""
+        self.connection_id = ""
+        self.session_id = ""
+        self.group = ""
+        self.stream: EngineStream | None = None
+        self.pump: asyncio.Task | None = None
+        self.client_gone = False
+        self.closing = False
+        self.finished = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.audio_bytes = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.errors = 0
+        self.last_error_code = ""
+        self.peers: set[str] = set()
+        self.replayed: set[int] = set()
+        self.engine_turn: int | None = None
+        self.turn_index: int | None = None
+        self.max_frame = settings.RELAY_MAX_FRAME_BYTES
+        self.max_backlog = settings.RELAY_MAX_BACKLOG_SECONDS
+
+        subprotocol = "token" if "token" in self.scope.get("subprotocols", []) else None
+        await self.accept(subprotocol=subprotocol)
+        try:
+            await self._open()
+        except RelayError as exc:
+            await self._fatal(exc)
+        except Exception:
+            log.exception("connect_failed session=%s", self.session_id or "-")
+            await self._fatal(RelayError())
+
+    async def _open(self) -> None:
+        params = protocol.parse_connect_params(self.scope.get("query_string", b""))
+        engine = get_engine()
+        if params.options.encoding not in engine.supported_encodings():
+            raise UnsupportedEncoding(f"The {engine.name} engine does not accept {params.options.encoding}.")
+        self.options = params.options
+        self.aligner = SampleAligner(params.options.sample_width)
+        self.bytes_per_second = params.options.bytes_per_second
+        headers = dict(self.scope.get("headers", []))
+        client = self.scope.get("client") or ("", 0)
+        opened = await services.aconnection_open(
+            session_id=params.session_id,
+            user=self.scope.get("user"),
+            engine=engine.alias,
+            since=params.since,
+            client_addr=str(client[0] or ""),
+            user_agent=headers.get(b"user-agent", b"").decode("latin-1"),
+        )
+        self.session_id = opened.session_id
+        self.connection_id = self.request_id = opened.connection_id
+        self.group = services.session_group_name(self.session_id)
+        self.peers.update(opened.others)
+        _ensure_heartbeat()
+
+        # The stream opens before Connected so a full engine pool refuses the stream up front.
+        self.stream = engine.open_stream(params.options)
+        warnings = await self.stream.start()
+        await self._send(
+            protocol.connected_body(
+                session_id=self.session_id, resumed=opened.resumed, connection_id=self.connection_id, engine=engine.alias
+            )
+        )
+        log.info(
+            "client_connected session=%s connection=%s resumed=%s since=%s engine=%s client=%s",
+            self.session_id, self.connection_id, opened.resumed, params.since, engine.alias, client[0],
+        )
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self._send(
+            protocol.presence_body(
+                event="join", connection_id=self.connection_id, connections=len(opened.others) + 1, session_id=self.session_id
+            )
+        )
+        if opened.others:
+            await self.channel_layer.group_send(
+                self.group,
+                {"type": "relay.presence", "event": "join", "connection_id": self.connection_id, "origin": self.channel_name},
+            )
+        if opened.resumed:
+            await self._replay(params.since)
+        for notice in params.notices:
+            await self._send(protocol.warning_body(notice.code, notice.description))
+        for warning in warnings:
+            await self._send(protocol.warning_body(warning.code, warning.description))
+        self.pump = asyncio.get_running_loop().create_task(self._pump_events())
+
+    async def _replay(self, since: int | None) -> None:
+        after = since if since is not None else -1
+        page_size = settings.RELAY_REPLAY_PAGE_SIZE
+        count = 0
+        while True:
+            page = await selectors.aturn_page(session_id=self.session_id, after_index=after, limit=page_size)
+            for record in page:
+                self.replayed.add(record["index"])
+                await self._send(protocol.turn_info_from_record(record))
+            count += len(page)
+            if len(page) < page_size:
+                break
+            after = page[-1]["index"]
+        if count:
+            log.info("history_replayed session=%s connection=%s turns=%d since=%s", self.session_id, self.connection_id, count, since)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.client_gone = True
+        code = message.get("code", 1005)
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = "client closed" if code in (1000, 1001) else "connection lost"
+        log.info(
+            "client_disconnected session=%s connection=%s code=%s reason=%r duration=%.1fs",
+            self.session_id or "-", self.connection_id or "-", code, self.close_reason, time.monotonic() - getattr(self, "started", time.monotonic()),
+        )
+        await self._finish(flush=True)
+        raise StopConsumer()
+
+    async def _finish(self, *, flush: bool, error: RelayError | None = None) -> None:
+        """Flush the engine (finishing the open turn), send ``error``, record the close."""
+        if getattr(self, "finished", True):
+            return
+        self.finished = True
+        await self._drain(flush=flush)
+        if error is not None:
+            await self._send(protocol.error_body(error.code, error.description))
+        await self._record_close()
+
+    async def _drain(self, *, flush: bool) -> None:
+        stream, pump = self.stream, self.pump
+        if stream is not None:
+            try:
+                if flush:
+                    await asyncio.wait_for(stream.finish(), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
+                else:
+                    await stream.abort()
+                if pump is not None:
+                    await asyncio.wait_for(asyncio.shield(pump), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("flush_incomplete session=%s connection=%s", self.session_id, self.connection_id, exc_info=True)
+                await stream.abort()
+                if pump is not None:
+                    pump.cancel()
+
+    async def _record_close(self) -> None:
+        if not self.connection_id:
+            return
+        try:
+            await services.aconnection_flush(
+                connection_id=self.connection_id,
+                session_id=self.session_id,
+                closed=True,
+                close_code=self.close_code,
+                close_reason=self.close_reason,
+                **self._counters(),
+            )
+        except Exception:
+            log.exception("close_not_recorded session=%s connection=%s", self.session_id, self.connection_id)
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            if self.peers:
+                await self.channel_layer.group_send(
+                    self.group,
+                    {"type": "relay.presence", "event": "leave", "connection_id": self.connection_id, "origin": self.channel_name},
+                )
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "audio_bytes": self.audio_bytes,
+            "audio_seconds": self.audio_bytes / self.bytes_per_second if getattr(self, "bytes_per_second", 0) else 0.0,
+            "messages_received": self.messages_received,
+            "messages_sent": self.messages_sent,
+            "errors": self.errors,
+            "last_error_code": self.last_error_code,
+        }
+
+    async def _fatal(self, exc: RelayError) -> None:
+        """Send Error, persist what is finished, close with the error's code."""
+        if self.closing:
+            return
+        self.closing = True
+        self.errors += 1
+        self.last_error_code = exc.code
+        self.close_code, self.close_reason = exc.close_code, exc.code
+        log.warning("stream_error session=%s connection=%s code=%s description=%r", self.session_id or "-", self.connection_id or "-", exc.code, exc.description)
+        await self._finish(flush=True, error=exc)
+        if not self.client_gone:
+            await self.close(code=exc.close_code, reason=exc.code)
+
+    # -- client -> relay ------------------------------------------------------------------------
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        data = message.get("bytes")
+        if data is not None:
+            size = len(data)
+            if not size or self.closing or self.stream is None:
+                return
+            if size > self.max_frame:
+                await self._fatal(FrameTooLarge(f"Frames may be at most {self.max_frame} bytes; got {size}."))
+                return
+            self.messages_received += 1
+            self.audio_bytes += size
+            pcm = self.aligner.push(data)
+            try:
+                if pcm:
+                    self.stream.feed(pcm)
+            except RelayError as exc:
+                await self._fatal(exc)
+                return
+            except Exception:
+                log.exception("engine_feed_failed session=%s connection=%s", self.session_id, self.connection_id)
+                await self._fatal(EngineError())
+                return
+            if self.stream.backlog_seconds > self.max_backlog:
+                await self._fatal(BacklogExceeded())
+            return
+        text = message.get("text")
+        if text is None or self.closing or self.stream is None:
+            return
+        self.messages_received += 1
+        if len(text) > self.max_frame:
+            await self._fatal(FrameTooLarge(f"Frames may be at most {self.max_frame} bytes."))
+            return
+        try:
+            msg = protocol.parse_client_text(text)
+        except protocol.BadClientMessage as exc:
+            await self._send(protocol.warning_body(exc.code, exc.description))
+            return
+        try:
+            await self._on_control(msg)
+        except RelayError as exc:
+            await self._fatal(exc)
+        except Exception:
+            log.exception("control_failed session=%s connection=%s type=%s", self.session_id, self.connection_id, msg.type)
+            await self._fatal(EngineError())
+
+    async def _on_control(self, msg: protocol.ClientMessage) -> None:
+        assert self.stream is not None
+        if msg.type == "KeepAlive":
+            return
+        if msg.type == "ForceEndTurn":
+            await self.stream.force_end_turn()
+        elif msg.type == "Configure":
+            try:
+                thresholds, keyterms = protocol.parse_configure(msg.data, self.options)
+                warnings = await self.stream.configure(thresholds, keyterms)
+            except ConfigureRejected as exc:
+                await self._send(protocol.configure_failure_body(exc.code, exc.description))
+                return
+            await self._send(protocol.configure_success_body(self.stream.options))
+            for warning in warnings:
+                await self._send(protocol.warning_body(warning.code, warning.description))
+        elif msg.type == "CloseStream":
+            self.closing = True
+            self.close_code, self.close_reason = 1000, "CloseStream"
+            log.info("close_stream session=%s connection=%s", self.session_id, self.connection_id)
+            await self._finish(flush=True)
+            await self.close(code=1000)
+
+    # -- engine -> clients ----------------------------------------------------------------------
+    async def _pump_events(self) -> None:
+        assert self.stream is not None
+        try:
+            async for item in self.stream.events():
+                if isinstance(item, EngineWarning):
+                    await self._send(protocol.warning_body(item.code, item.description))
+                else:
+                    await self._on_turn_event(item)
+        except RelayError as exc:
+            asyncio.get_running_loop().create_task(self._fatal(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("engine_failed session=%s connection=%s", self.session_id, self.connection_id)
+            asyncio.get_running_loop().create_task(self._fatal(EngineError()))
+
+    async def _on_turn_event(self, event: TurnEvent) -> None:
+        if event.turn != self.engine_turn or self.turn_index is None:
+            self.engine_turn = event.turn
+            self.turn_index = await services.aturn_index_allocate(session_id=self.session_id)
+        index = self.turn_index
+        body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id)
+        final = event.event == "EndOfTurn"
+        fan_out = bool(self.peers)
+        if final:
+            others = await services.aturn_record(
+                session_id=self.session_id, connection_id=self.connection_id, index=index, event=event
+            )
+            fan_out = fan_out or others > 0
+            self.turn_index = None
+            self.engine_turn = None
+            log.info(
+                "turn_finished session=%s connection=%s turn_index=%d trigger=%s words=%d",
+                self.session_id, self.connection_id, index, event.trigger, len(event.words),
+            )
+        await self._send(body)
+        if fan_out:
+            await self.channel_layer.group_send(
+                self.group,
+                {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final},
+            )
+
+    async def _send(self, body_json: str) -> None:
+        if self.client_gone:
+            return
+        text = protocol.stamp(body_json, sequence_id=self.seq, request_id=self.request_id)
+        self.seq += 1
+        self.messages_sent += 1
+        await self.base_send({"type": "websocket.send", "text": text})
+
+    # -- channel layer events -------------------------------------------------------------------
+    async def relay_event(self, event: dict[str, Any]) -> None:
+        if event["origin"] == self.channel_name:
+            return
+        if event["final"] and event["turn_index"] in self.replayed:
+            return
+        await self._send(event["body"])
+
+    async def relay_presence(self, event: dict[str, Any]) -> None:
+        if event["origin"] == self.channel_name:
+            return
+        if event["event"] == "join":
+            self.peers.add(event["connection_id"])
+        else:
+            self.peers.discard(event["connection_id"])
+        if self.client_gone or self.closing:
+            return
+        count = await selectors.asession_live_connection_count(session_id=self.session_id)
+        await self._send(
+            protocol.presence_body(
+                event=event["event"], connection_id=event["connection_id"], connections=count, session_id=self.session_id
+            )
+        )
+
+    async def session_end(self, event: dict[str, Any]) -> None:
+        from relay.exceptions import SessionEnded
+
+        await self._fatal(SessionEnded(f"This session was ended: {event.get('reason') or 'by an operator'}."))

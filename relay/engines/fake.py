@@ -1,0 +1,154 @@
+"""A deterministic engine for tests and benchmarks: energy-based turns, transcripts from durations.
+
+Speech is any 10 ms window whose RMS exceeds ``energy_threshold`` (tone bursts and silence make
+turns). The transcript names the speech blocks of the turn: one word per ``update_interval_ms``
+of speech ("one two three ..."), so a test knows exactly what to expect from the audio it sent.
+Costs one numpy dot product per 10 ms of audio.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from relay.audio import to_int16
+from relay.exceptions import ConfigureRejected
+
+from .base import TRIGGER_END_OF_STREAM, Engine, EngineStream, EngineWarning, StreamOptions, TurnEvent, Word
+
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+
+
+def number_word(n: int) -> str:
+    return NUMBER_WORDS[n % len(NUMBER_WORDS)]
+
+
+class FakeStream(EngineStream):
+    engine: "FakeEngine"
+
+    def __init__(self, engine: "FakeEngine", options: StreamOptions) -> None:
+        super().__init__(engine, options)
+        self.rate = options.sample_rate
+        self.window = max(1, self.rate // 100)  # 10 ms of samples
+        self._pending = np.zeros(0, dtype=np.int16)
+        self.samples_done = 0
+        self.turn = 0
+        self.in_turn = False
+        self.eager_sent = False
+        self.turn_start = 0.0
+        self.speech_samples = 0  # speech in the open turn
+        self.silence_samples = 0  # trailing silence in the open turn
+        self.words: list[Word] = []
+        self.next_update_at = 0
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.samples_done / self.rate
+
+    def _event(self, name: str, **extra: Any) -> TurnEvent:
+        return TurnEvent(
+            event=name,  # type: ignore[arg-type]
+            turn=self.turn,
+            transcript=" ".join(w.word for w in self.words),
+            words=list(self.words),
+            audio_window_start=round(self.turn_start, 3),
+            audio_window_end=round(self._now(), 3),
+            **extra,
+        )
+
+    def _silence_limits(self) -> tuple[int, int | None]:
+        eot = int(self.engine.options.get("eot_silence_ms", 500))
+        if self.options.eot_threshold is not None:
+            # A higher threshold asks for more certainty: wait longer before ending the turn.
+            eot = int(eot * (0.5 + self.options.eot_threshold) / 1.2)
+        timeout = self.options.eot_timeout_ms
+        return eot, timeout
+
+    def _end_turn(self, trigger: str) -> None:
+        if not self.in_turn:
+            return
+        self.emit(self._event("EndOfTurn", end_of_turn_confidence=0.95 if trigger == "model" else 1.0, trigger=trigger))
+        self.in_turn = False
+        self.eager_sent = False
+        self.words = []
+        self.speech_samples = 0
+        self.silence_samples = 0
+        self.turn += 1
+
+    # -- engine interface -----------------------------------------------------------------------
+    async def start(self) -> list[EngineWarning]:
+        warnings = []
+        if self.options.keyterms:
+            warnings.append(EngineWarning("KEYTERMS_IGNORED", "The fake engine does not use keyterms."))
+        if "model" in self.options.explicit and self.options.model != "flux-general-en":
+            warnings.append(EngineWarning("MODEL_IGNORED", f"Model {self.options.model!r} is not available; using the fake engine."))
+        return warnings
+
+    def feed(self, audio: bytes) -> None:
+        samples = to_int16(audio, self.options.encoding)
+        if self._pending.size:
+            samples = np.concatenate((self._pending, samples))
+        n_windows = samples.size // self.window
+        threshold = float(self.engine.options.get("energy_threshold", 500.0))
+        limit = threshold * threshold * self.window
+        interval = int(self.rate * self.engine.options.get("update_interval_ms", 250) / 1000)
+        eot_ms, timeout_ms = self._silence_limits()
+        eot_samples = self.rate * eot_ms // 1000
+        timeout_samples = self.rate * timeout_ms // 1000 if timeout_ms else None
+        w = self.window
+        for i in range(n_windows):
+            chunk = samples[i * w : (i + 1) * w].astype(np.float32)
+            speech = float(np.dot(chunk, chunk)) > limit
+            self.samples_done += w
+            if speech:
+                if not self.in_turn:
+                    self.in_turn = True
+                    self.turn_start = (self.samples_done - w) / self.rate
+                    self.speech_samples = 0
+                    self.next_update_at = interval
+                    self.emit(self._event("StartOfTurn"))
+                elif self.eager_sent and self.silence_samples:
+                    self.eager_sent = False
+                    self.emit(self._event("TurnResumed"))
+                self.silence_samples = 0
+                self.speech_samples += w
+                if self.speech_samples >= self.next_update_at:
+                    start = (self.samples_done - interval) / self.rate
+                    self.words.append(Word(number_word(len(self.words) + 1), 0.99, round(start, 3), round(self._now(), 3)))
+                    self.next_update_at += interval
+                    self.emit(self._event("Update", end_of_turn_confidence=0.05))
+            elif self.in_turn:
+                self.silence_samples += w
+                if timeout_samples is not None and self.silence_samples >= timeout_samples and timeout_samples < eot_samples:
+                    self._end_turn("timeout")
+                elif self.silence_samples >= eot_samples:
+                    self._end_turn("model")
+                elif (
+                    self.options.eager_eot_threshold is not None
+                    and not self.eager_sent
+                    and self.silence_samples >= eot_samples // 2
+                ):
+                    self.eager_sent = True
+                    self.emit(self._event("EagerEndOfTurn", end_of_turn_confidence=self.options.eager_eot_threshold))
+        self._pending = samples[n_windows * w :].copy()
+
+    async def force_end_turn(self) -> None:
+        self._end_turn("manual")
+
+    async def configure(self, thresholds: dict[str, Any], keyterms: list[str] | None) -> list[EngineWarning]:
+        if thresholds.get("eot_timeout_ms") == 0:
+            raise ConfigureRejected("eot_timeout_ms must be positive.")
+        await super().configure(thresholds, keyterms)
+        return [EngineWarning("KEYTERMS_IGNORED", "The fake engine does not use keyterms.")] if keyterms else []
+
+    async def finish(self) -> None:
+        self._end_turn(TRIGGER_END_OF_STREAM)
+        self.end()
+
+
+class FakeEngine(Engine):
+    name = "fake"
+    stream_class = FakeStream

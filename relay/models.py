@@ -1,0 +1,117 @@
+"""Sessions, their connections and their finished turns.
+
+A Session is the relay's equivalent of the original design's Durable Object: a named place that
+outlives any one connection. Turn indexes are allocated from ``Session.next_turn_index`` by the
+database, so they stay unique and monotonic across tabs and processes.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class RelayProcess(models.Model):
+    """A running relay process; its heartbeat tells whether its connections are really live."""
+
+    id = models.CharField(primary_key=True, max_length=200)
+    hostname = models.CharField(max_length=200)
+    pid = models.IntegerField()
+    started_at = models.DateTimeField(default=timezone.now)
+    heartbeat_at = models.DateTimeField(default=timezone.now, db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "relay process"
+        verbose_name_plural = "relay processes"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def live_cutoff():
+    """Heartbeats older than this mean the process is gone (crashed or killed)."""
+    return timezone.now() - timedelta(seconds=settings.RELAY_HEARTBEAT_SECONDS * 3)
+
+
+class ConnectionQuerySet(models.QuerySet):
+    def live(self) -> "ConnectionQuerySet":
+        return self.filter(closed_at__isnull=True, process__heartbeat_at__gte=live_cutoff(), process__stopped_at__isnull=True)
+
+
+class Session(models.Model):
+    id = models.CharField(primary_key=True, max_length=128)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="relay_sessions")
+    engine = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    last_activity_at = models.DateTimeField(default=timezone.now, db_index=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=200, blank=True)
+    next_turn_index = models.IntegerField(default=0)
+    audio_seconds = models.FloatField(default=0.0)
+    error_count = models.IntegerField(default=0)
+
+    class Meta:
+        ordering = ["-last_activity_at"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class Connection(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="connections")
+    process = models.ForeignKey(RelayProcess, null=True, blank=True, on_delete=models.SET_NULL, related_name="connections")
+    engine = models.CharField(max_length=64, blank=True)
+    opened_at = models.DateTimeField(default=timezone.now, db_index=True)
+    closed_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    close_code = models.IntegerField(null=True, blank=True)
+    close_reason = models.CharField(max_length=200, blank=True)
+    resumed = models.BooleanField(default=False)
+    since = models.IntegerField(null=True, blank=True)
+    gap_seconds = models.FloatField(null=True, blank=True, help_text="Time since the session's previous connection closed.")
+    audio_bytes = models.BigIntegerField(default=0)
+    audio_seconds = models.FloatField(default=0.0)
+    messages_received = models.IntegerField(default=0)
+    messages_sent = models.IntegerField(default=0)
+    error_count = models.IntegerField(default=0)
+    last_error_code = models.CharField(max_length=64, blank=True)
+    client_addr = models.CharField(max_length=64, blank=True)
+    user_agent = models.CharField(max_length=256, blank=True)
+
+    objects = ConnectionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-opened_at"]
+        indexes = [models.Index(fields=["session", "closed_at"])]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+    @property
+    def duration_seconds(self) -> float:
+        end = self.closed_at or timezone.now()
+        return (end - self.opened_at).total_seconds()
+
+
+class Turn(models.Model):
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="turns")
+    index = models.IntegerField()
+    connection = models.ForeignKey(Connection, null=True, blank=True, on_delete=models.SET_NULL, related_name="turns")
+    transcript = models.TextField(blank=True)
+    words = models.JSONField(default=list, blank=True)
+    audio_window_start = models.FloatField(default=0.0)
+    audio_window_end = models.FloatField(default=0.0)
+    end_of_turn_confidence = models.FloatField(default=0.0)
+    trigger = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["session", "index"]
+        constraints = [models.UniqueConstraint(fields=["session", "index"], name="unique_turn_index_per_session")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}#{self.index}"

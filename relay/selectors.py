@@ -1,0 +1,58 @@
+"""Reads: session history and live membership. Keyword-only, typed, no writes."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from channels.db import database_sync_to_async
+
+from relay.models import Connection, Session, Turn
+
+TURN_FIELDS = (
+    "index",
+    "transcript",
+    "words",
+    "audio_window_start",
+    "audio_window_end",
+    "end_of_turn_confidence",
+    "trigger",
+    "connection_id",
+    "created_at",
+)
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    row["speaker"] = str(row["connection_id"]) if row["connection_id"] else ""
+    return row
+
+
+def turn_page(*, session_id: str, after_index: int, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` finished turns with index > ``after_index``, oldest first (keyset paging)."""
+    rows = Turn.objects.filter(session_id=session_id, index__gt=after_index).order_by("index").values(*TURN_FIELDS)[:limit]
+    return [_record(row) for row in rows]
+
+
+def turn_iter(*, session_id: str, after_index: int = -1, page_size: int = 500) -> Iterator[dict[str, Any]]:
+    """Every finished turn after ``after_index``, read page by page (exports, CLI)."""
+    while True:
+        page = turn_page(session_id=session_id, after_index=after_index, limit=page_size)
+        yield from page
+        if len(page) < page_size:
+            return
+        after_index = page[-1]["index"]
+
+
+def session_live_connection_count(*, session_id: str) -> int:
+    return Connection.objects.live().filter(session_id=session_id).count()
+
+
+def session_other_live_connections(*, session_id: str, connection_id: str) -> int:
+    return Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
+
+
+def session_get(*, session_id: str) -> Session | None:
+    return Session.objects.filter(pk=session_id).first()
+
+
+aturn_page = database_sync_to_async(turn_page)
+asession_live_connection_count = database_sync_to_async(session_live_connection_count)

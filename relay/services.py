@@ -1,0 +1,216 @@
+"""Writes: sessions, connections, turns. Keyword-only, typed; the consumer calls the async twins.
+
+No function here is called per audio frame: connection counters are flushed at turn ends and on
+close, and a turn is written once, when it ends.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from relay.engines.base import TurnEvent
+from relay.exceptions import Forbidden, SessionEnded, SessionFull
+from relay.models import Connection, RelayProcess, Session, Turn
+
+log = logging.getLogger("relay.services")
+
+
+def session_group_name(session_id: str) -> str:
+    """Channel-layer group for a session (group names allow only a small alphabet)."""
+    return "relay.s." + hashlib.sha1(session_id.encode()).hexdigest()
+
+
+# --- process heartbeat ---------------------------------------------------------------------------
+_process_id: str | None = None
+
+
+def process_id() -> str:
+    global _process_id
+    if _process_id is None:
+        _process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return _process_id
+
+
+def process_heartbeat() -> None:
+    """Create or refresh this process's row; connections of a stale process are not live."""
+    now = timezone.now()
+    pid = process_id()
+    updated = RelayProcess.objects.filter(pk=pid).update(heartbeat_at=now, stopped_at=None)
+    if not updated:
+        RelayProcess.objects.update_or_create(
+            pk=pid, defaults={"hostname": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": now}
+        )
+
+
+def process_stopped() -> None:
+    RelayProcess.objects.filter(pk=process_id()).update(stopped_at=timezone.now())
+
+
+# --- sessions and connections --------------------------------------------------------------------
+@dataclass(slots=True)
+class Opened:
+    session_id: str
+    connection_id: str
+    resumed: bool
+    engine: str
+    others: list[str]
+
+
+def connection_open(
+    *,
+    session_id: str | None,
+    user: Any,
+    engine: str,
+    since: int | None,
+    client_addr: str = "",
+    user_agent: str = "",
+) -> Opened:
+    """Join or create the session and record the connection (before joining its group).
+
+    The connection row is written before the consumer joins the group and reads history, which
+    is what makes replay gap-free (see relay.consumers).
+    """
+    process_heartbeat()
+    created = False
+    if session_id is None:
+        session_id = str(uuid.uuid4())
+    authenticated = bool(user is not None and getattr(user, "is_authenticated", False))
+    now = timezone.now()
+    with transaction.atomic():
+        session = Session.objects.filter(pk=session_id).first()
+        if session is None:
+            try:
+                with transaction.atomic():
+                    session = Session.objects.create(
+                        pk=session_id, owner=user if authenticated else None, engine=engine, created_at=now, last_activity_at=now
+                    )
+                    created = True
+            except IntegrityError:
+                session = Session.objects.get(pk=session_id)
+        if session.ended_at is not None:
+            raise SessionEnded(f"This session was ended{': ' + session.end_reason if session.end_reason else ''}.")
+        if session.owner_id is not None and not (
+            authenticated and (user.pk == session.owner_id or user.is_staff)
+        ):
+            raise Forbidden()
+        others = [str(pk) for pk in Connection.objects.live().filter(session=session).values_list("pk", flat=True)]
+        live = len(others)
+        if live >= settings.RELAY_MAX_CONNECTIONS_PER_SESSION:
+            raise SessionFull()
+        gap = None
+        if not created:
+            last_closed = (
+                Connection.objects.filter(session=session, closed_at__isnull=False).order_by("-closed_at").values_list("closed_at", flat=True).first()
+            )
+            if last_closed is not None and live == 0:
+                gap = max(0.0, (now - last_closed).total_seconds())
+        connection = Connection.objects.create(
+            session=session,
+            process_id=process_id(),
+            engine=engine,
+            resumed=not created,
+            since=since,
+            gap_seconds=gap,
+            client_addr=client_addr[:64],
+            user_agent=user_agent[:256],
+        )
+        Session.objects.filter(pk=session.pk).update(last_activity_at=now)
+    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, engine=engine, others=others)
+
+
+def turn_index_allocate(*, session_id: str) -> int:
+    """Next session-wide turn index; the row update serialises concurrent allocations."""
+    with transaction.atomic():
+        Session.objects.filter(pk=session_id).update(next_turn_index=F("next_turn_index") + 1, last_activity_at=timezone.now())
+        return Session.objects.values_list("next_turn_index", flat=True).get(pk=session_id) - 1
+
+
+def turn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent) -> int:
+    """Persist a finished turn; returns how many other live connections the session has.
+
+    The count is read after the turn is committed: a joining connection that is not counted
+    committed its row later, so its history read sees this turn (no gap).
+    """
+    Turn.objects.update_or_create(
+        session_id=session_id,
+        index=index,
+        defaults={
+            "connection_id": connection_id,
+            "transcript": event.transcript,
+            "words": [w.as_dict() for w in event.words],
+            "audio_window_start": event.audio_window_start,
+            "audio_window_end": event.audio_window_end,
+            "end_of_turn_confidence": event.end_of_turn_confidence,
+            "trigger": event.trigger or "model",
+        },
+    )
+    return Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
+
+
+def connection_flush(
+    *,
+    connection_id: str,
+    session_id: str,
+    audio_bytes: int,
+    audio_seconds: float,
+    messages_received: int,
+    messages_sent: int,
+    errors: int,
+    last_error_code: str = "",
+    closed: bool = False,
+    close_code: int | None = None,
+    close_reason: str = "",
+) -> None:
+    """Write a connection's counters (absolute values) and, when ``closed``, its end."""
+    now = timezone.now()
+    with transaction.atomic():
+        conn = Connection.objects.select_for_update().filter(pk=connection_id).values("audio_seconds", "error_count").first()
+        if conn is None:
+            return
+        fields: dict[str, Any] = {
+            "audio_bytes": audio_bytes,
+            "audio_seconds": audio_seconds,
+            "messages_received": messages_received,
+            "messages_sent": messages_sent,
+            "error_count": errors,
+        }
+        if last_error_code:
+            fields["last_error_code"] = last_error_code[:64]
+        if closed:
+            fields.update(closed_at=now, close_code=close_code, close_reason=close_reason[:200])
+        Connection.objects.filter(pk=connection_id).update(**fields)
+        Session.objects.filter(pk=session_id).update(
+            audio_seconds=F("audio_seconds") + (audio_seconds - conn["audio_seconds"]),
+            error_count=F("error_count") + (errors - conn["error_count"]),
+            last_activity_at=now,
+        )
+
+
+def session_end(*, session_id: str, reason: str = "Ended by an operator") -> bool:
+    """End a session: refuse new connections and close every live one, on every process."""
+    updated = Session.objects.filter(pk=session_id, ended_at__isnull=True).update(ended_at=timezone.now(), end_reason=reason[:200])
+    layer = get_channel_layer()
+    if layer is not None:
+        async_to_sync(layer.group_send)(session_group_name(session_id), {"type": "session.end", "reason": reason[:200]})
+    log.info("session_ended session=%s reason=%r", session_id, reason)
+    return bool(updated)
+
+
+aconnection_open = database_sync_to_async(connection_open)
+aturn_index_allocate = database_sync_to_async(turn_index_allocate)
+aturn_record = database_sync_to_async(turn_record)
+aconnection_flush = database_sync_to_async(connection_flush)
+aprocess_heartbeat = database_sync_to_async(process_heartbeat)

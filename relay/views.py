@@ -1,0 +1,31 @@
+"""HTTP views: the 426 answer on the WebSocket paths."""
+from __future__ import annotations
+
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.http import require_GET
+
+
+@require_GET
+def websocket_info(request: HttpRequest) -> JsonResponse:
+    """Plain HTTP on a WebSocket path: say how to connect (the original design's curl check)."""
+    scheme = "wss" if request.is_secure() else "ws"
+    url = f"{scheme}://{request.get_host()}{request.path}"
+    response = JsonResponse(
+        {
+            "error": "upgrade_required",
+            "description": "This is a WebSocket endpoint speaking Deepgram's Flux v2 protocol. "
+            "Open a WebSocket, send 16 kHz mono Int16 PCM as binary frames, read TurnInfo messages.",
+            "url": url,
+            "example": f"{url}?session=my-session&encoding=linear16&sample_rate=16000",
+            "query_parameters": [
+                "session", "since", "model", "encoding", "sample_rate", "eot_threshold",
+                "eager_eot_threshold", "eot_timeout_ms", "keyterm",
+            ],
+            "control_messages": ["CloseStream", "ForceEndTurn", "Configure", "KeepAlive"],
+            "docs": "/docs/protocol.md in the project repository",
+        },
+        status=426,
+    )
+    response["Upgrade"] = "websocket"
+    response["Connection"] = "Upgrade"
+    return response

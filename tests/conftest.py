@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fake_engine_by_default(settings):
+    """Unit tests use the deterministic fake engine and the in-memory layer."""
+    settings.RELAY_ENGINE = "fake"
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    yield

@@ -1,0 +1,25 @@
+"""ASGI entry point: ``daphne transcription_site.asgi:application``.
+
+HTTP goes to Django; WebSockets pass an Origin check (browsers must come from an allowed host;
+clients that send no Origin, such as SDKs and the CLI, cannot be hijacked cross-site and pass),
+then Django auth (so sessions can belong to users), then the relay's URL router.
+"""
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "transcription_site.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from relay.middleware import OriginCheckMiddleware  # noqa: E402
+from relay.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": OriginCheckMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)
