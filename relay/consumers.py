@@ -22,21 +22,40 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from relay import protocol, selectors, services
+from relay import auth, protocol, selectors, services
 from relay.audio import SampleAligner
 from relay.engines import EngineStream, EngineWarning, TurnEvent, get_engine
 from relay.exceptions import (
     BacklogExceeded,
+    Capacity,
     ConfigureRejected,
     EngineError,
     FrameTooLarge,
+    RateLimited,
     RelayError,
+    Unauthorized,
     UnsupportedEncoding,
 )
+from relay.limits import SlidingWindowLimiter
 
 log = logging.getLogger("relay.consumer")
 
 _heartbeat_task: asyncio.Task | None = None
+_active_streams = 0
+_connect_limiter: SlidingWindowLimiter | None = None
+
+
+def active_streams() -> int:
+    """Streams this process is serving now."""
+    return _active_streams
+
+
+def _connect_allowed(address: str) -> bool:
+    global _connect_limiter
+    limit = settings.RELAY_CONNECTS_PER_MINUTE
+    if _connect_limiter is None or _connect_limiter.limit != limit:
+        _connect_limiter = SlidingWindowLimiter(limit, 60.0)
+    return _connect_limiter.hit(address)
 
 
 async def _heartbeat_loop() -> None:
@@ -93,8 +112,10 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         self.max_frame = settings.RELAY_MAX_FRAME_BYTES
         self.max_backlog = settings.RELAY_MAX_BACKLOG_SECONDS
 
-        subprotocol = "token" if "token" in self.scope.get("subprotocols", []) else None
-        await self.accept(subprotocol=subprotocol)
+        self.counted = False
+        self.configure_limiter = SlidingWindowLimiter(settings.RELAY_CONFIGURES_PER_MINUTE, 60.0)
+        protocols = self.scope.get("subprotocols") or []
+        await self.accept(subprotocol="token" if protocols[:1] == ["token"] else None)
         try:
             await self._open()
         except RelayError as exc:
@@ -104,7 +125,14 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             await self._fatal(RelayError())
 
     async def _open(self) -> None:
+        global _active_streams
+        client = self.scope.get("client") or ("", 0)
+        if not _connect_allowed(str(client[0] or "")):
+            raise RateLimited("Too many connection attempts from this address; try again in a minute.")
         params = protocol.parse_connect_params(self.scope.get("query_string", b""))
+        user = await self._authenticate()
+        if _active_streams >= settings.RELAY_MAX_STREAMS_PER_PROCESS:
+            raise Capacity()
         engine = get_engine()
         if params.options.encoding not in engine.supported_encodings():
             raise UnsupportedEncoding(f"The {engine.name} engine does not accept {params.options.encoding}.")
@@ -112,10 +140,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         self.aligner = SampleAligner(params.options.sample_width)
         self.bytes_per_second = params.options.bytes_per_second
         headers = dict(self.scope.get("headers", []))
-        client = self.scope.get("client") or ("", 0)
         opened = await services.aconnection_open(
             session_id=params.session_id,
-            user=self.scope.get("user"),
+            user=user,
             engine=engine.alias,
             since=params.since,
             client_addr=str(client[0] or ""),
@@ -129,6 +156,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
 
         # The stream opens before Connected so a full engine pool refuses the stream up front.
         self.stream = engine.open_stream(params.options)
+        _active_streams += 1
+        self.counted = True
         warnings = await self.stream.start()
         await self._send(
             protocol.connected_body(
@@ -157,6 +186,18 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         for warning in warnings:
             await self._send(protocol.warning_body(warning.code, warning.description))
         self.pump = asyncio.get_running_loop().create_task(self._pump_events())
+
+    async def _authenticate(self):
+        """The Django user of the connection: from a login session or an API token."""
+        user = self.scope.get("user")
+        key = auth.key_from_scope(self.scope)
+        if key is not None:
+            token = await auth.atoken_authenticate(key=key)
+            self.scope["relay_token"] = token.pk
+            user = token.user or user
+        elif settings.RELAY_REQUIRE_AUTH and not getattr(user, "is_authenticated", False):
+            raise Unauthorized()
+        return user
 
     async def _replay(self, since: int | None) -> None:
         after = since if since is not None else -1
@@ -198,6 +239,10 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         await self._record_close()
 
     async def _drain(self, *, flush: bool) -> None:
+        global _active_streams
+        if self.counted:
+            self.counted = False
+            _active_streams -= 1
         stream, pump = self.stream, self.pump
         if stream is not None:
             try:
@@ -311,6 +356,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         if msg.type == "ForceEndTurn":
             await self.stream.force_end_turn()
         elif msg.type == "Configure":
+            if not self.configure_limiter.hit("configure"):
+                raise RateLimited("Too many Configure messages; at most %d a minute." % self.configure_limiter.limit)
             try:
                 thresholds, keyterms = protocol.parse_configure(msg.data, self.options)
                 warnings = await self.stream.configure(thresholds, keyterms)

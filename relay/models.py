@@ -115,3 +115,25 @@ class Turn(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}#{self.index}"
+
+
+class ApiToken(models.Model):
+    """A key for programmatic clients. Only a SHA-256 digest is stored; the key is shown once.
+
+    Keys are 32 random bytes, so a fast digest is enough (no dictionary to attack); the prefix
+    lets operators recognise a key in the admin without storing it.
+    """
+
+    name = models.CharField(max_length=100)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="relay_tokens")
+    prefix = models.CharField(max_length=12, db_index=True, editable=False)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}...)"

@@ -9,3 +9,11 @@ def _fake_engine_by_default(settings):
     settings.RELAY_ENGINE = "fake"
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    from relay import consumers
+
+    consumers._connect_limiter = None
+    yield

@@ -177,6 +177,20 @@ RELAY_REPLAY_PAGE_SIZE = env_int("RELAY_REPLAY_PAGE_SIZE", 200)
 RELAY_MAX_CONNECTIONS_PER_SESSION = env_int("RELAY_MAX_CONNECTIONS_PER_SESSION", 50)
 RELAY_FLUSH_TIMEOUT_SECONDS = env_float("RELAY_FLUSH_TIMEOUT_SECONDS", 8.0)
 RELAY_HEARTBEAT_SECONDS = env_float("RELAY_HEARTBEAT_SECONDS", 15.0)
+RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
+RELAY_CONNECTS_PER_MINUTE = env_int("RELAY_CONNECTS_PER_MINUTE", 600)  # per client address, per process
+RELAY_CONFIGURES_PER_MINUTE = env_int("RELAY_CONFIGURES_PER_MINUTE", 60)  # per connection
+RELAY_REQUIRE_AUTH = env_bool("RELAY_REQUIRE_AUTH", False)
+RELAY_ALLOWED_ORIGINS = env_list("RELAY_ALLOWED_ORIGINS", [])
+
+# --- Behind TLS (a reverse proxy terminating HTTPS) ---------------------------------------------
+if env_bool("RELAY_BEHIND_TLS", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("RELAY_HSTS_SECONDS", 31536000)
+    SECURE_SSL_REDIRECT = env_bool("RELAY_SSL_REDIRECT", False)
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 # --- Logging: one line per event, key=value pairs ---------------------------------------------
 LOGGING = {
