@@ -21,6 +21,7 @@ from typing import Any
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import DatabaseError, InterfaceError
 
 from relay import auth, protocol, selectors, services
 from relay.audio import SampleAligner
@@ -33,6 +34,7 @@ from relay.exceptions import (
     FrameTooLarge,
     RateLimited,
     RelayError,
+    StorageUnavailable,
     Unauthorized,
     UnsupportedEncoding,
 )
@@ -71,6 +73,25 @@ def _ensure_heartbeat() -> None:
     global _heartbeat_task
     if _heartbeat_task is None or _heartbeat_task.done():
         _heartbeat_task = asyncio.get_running_loop().create_task(_heartbeat_loop())
+
+
+async def _with_db_retry(what: str, call, /, **kwargs):
+    """Run a database write, retrying while the database is unreachable (restart, failover).
+
+    A finished turn must not be lost to a database blip: the engine's events wait meanwhile.
+    Gives up after RELAY_DB_RETRY_SECONDS and re-raises.
+    """
+    delay = 0.1
+    deadline = time.monotonic() + settings.RELAY_DB_RETRY_SECONDS
+    while True:
+        try:
+            return await call(**kwargs)
+        except (DatabaseError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("db_retry what=%s error=%s retry_in=%.1fs", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class TranscriptionConsumer(AsyncWebsocketConsumer):
@@ -168,14 +189,16 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             "client_connected session=%s connection=%s resumed=%s since=%s engine=%s client=%s",
             self.session_id, self.connection_id, opened.resumed, params.since, engine.alias, client[0],
         )
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        if not await self._layer("group_add", self.group, self.channel_name):
+            await self._send(protocol.warning_body("SHARING_UNAVAILABLE", "Live sharing with other tabs is unavailable right now; your own transcript is not affected."))
         await self._send(
             protocol.presence_body(
                 event="join", connection_id=self.connection_id, connections=len(opened.others) + 1, session_id=self.session_id
             )
         )
         if opened.others:
-            await self.channel_layer.group_send(
+            await self._layer(
+                "group_send",
                 self.group,
                 {"type": "relay.presence", "event": "join", "connection_id": self.connection_id, "origin": self.channel_name},
             )
@@ -262,7 +285,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         if not self.connection_id:
             return
         try:
-            await services.aconnection_flush(
+            await _with_db_retry(
+                "connection_close",
+                services.aconnection_flush,
                 connection_id=self.connection_id,
                 session_id=self.session_id,
                 closed=True,
@@ -273,9 +298,10 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         except Exception:
             log.exception("close_not_recorded session=%s connection=%s", self.session_id, self.connection_id)
         if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self._layer("group_discard", self.group, self.channel_name)
             if self.peers:
-                await self.channel_layer.group_send(
+                await self._layer(
+                    "group_send",
                     self.group,
                     {"type": "relay.presence", "event": "leave", "connection_id": self.connection_id, "origin": self.channel_name},
                 )
@@ -387,6 +413,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             asyncio.get_running_loop().create_task(self._fatal(exc))
         except asyncio.CancelledError:
             raise
+        except (DatabaseError, InterfaceError):
+            log.exception("storage_failed session=%s connection=%s", self.session_id, self.connection_id)
+            asyncio.get_running_loop().create_task(self._fatal(StorageUnavailable()))
         except Exception:
             log.exception("engine_failed session=%s connection=%s", self.session_id, self.connection_id)
             asyncio.get_running_loop().create_task(self._fatal(EngineError()))
@@ -394,13 +423,15 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
     async def _on_turn_event(self, event: TurnEvent) -> None:
         if event.turn != self.engine_turn or self.turn_index is None:
             self.engine_turn = event.turn
-            self.turn_index = await services.aturn_index_allocate(session_id=self.session_id)
+            self.turn_index = await _with_db_retry("turn_index", services.aturn_index_allocate, session_id=self.session_id)
         index = self.turn_index
         body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id)
         final = event.event == "EndOfTurn"
         fan_out = bool(self.peers)
         if final:
-            others = await services.aturn_record(
+            others = await _with_db_retry(
+                "turn_record",
+                services.aturn_record,
                 session_id=self.session_id, connection_id=self.connection_id, index=index, event=event
             )
             fan_out = fan_out or others > 0
@@ -412,10 +443,23 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             )
         await self._send(body)
         if fan_out:
-            await self.channel_layer.group_send(
+            await self._layer(
+                "group_send",
                 self.group,
                 {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final},
             )
+
+    async def _layer(self, method: str, *args: Any) -> bool:
+        """A channel-layer call that never takes the stream down (Redis restarting, say).
+
+        Other tabs may then miss live events; they get finished turns back by replay.
+        """
+        try:
+            await getattr(self.channel_layer, method)(*args)
+            return True
+        except Exception as exc:
+            log.warning("layer_failed method=%s session=%s connection=%s error=%r", method, self.session_id, self.connection_id, exc)
+            return False
 
     async def _send(self, body_json: str) -> None:
         if self.client_gone:
@@ -442,7 +486,10 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             self.peers.discard(event["connection_id"])
         if self.client_gone or self.closing:
             return
-        count = await selectors.asession_live_connection_count(session_id=self.session_id)
+        try:
+            count = await selectors.asession_live_connection_count(session_id=self.session_id)
+        except DatabaseError:
+            count = len(self.peers) + 1
         await self._send(
             protocol.presence_body(
                 event=event["event"], connection_id=event["connection_id"], connections=count, session_id=self.session_id

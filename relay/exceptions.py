@@ -136,6 +136,14 @@ class UpstreamAuthFailed(EngineError):
     description = "The upstream speech service rejected the relay's credentials."
 
 
+class StorageUnavailable(RelayError):
+    """The database stayed unreachable past RELAY_DB_RETRY_SECONDS."""
+
+    code = "STORAGE_UNAVAILABLE"
+    close_code = 4013
+    description = "The relay cannot store transcripts right now; try again shortly."
+
+
 class ConfigureRejected(RelayError):
     """A Configure message could not be applied (answered with ConfigureFailure, not fatal)."""
 
@@ -163,4 +171,5 @@ ALL_ERRORS: list[type[RelayError]] = [
     EngineError,
     EngineUnavailable,
     UpstreamAuthFailed,
+    StorageUnavailable,
 ]

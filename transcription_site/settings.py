@@ -180,8 +180,16 @@ RELAY_HEARTBEAT_SECONDS = env_float("RELAY_HEARTBEAT_SECONDS", 15.0)
 RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
 RELAY_CONNECTS_PER_MINUTE = env_int("RELAY_CONNECTS_PER_MINUTE", 600)  # per client address, per process
 RELAY_CONFIGURES_PER_MINUTE = env_int("RELAY_CONFIGURES_PER_MINUTE", 60)  # per connection
+RELAY_DB_RETRY_SECONDS = env_float("RELAY_DB_RETRY_SECONDS", 30.0)  # keep retrying a turn write this long
 RELAY_REQUIRE_AUTH = env_bool("RELAY_REQUIRE_AUTH", False)
 RELAY_ALLOWED_ORIGINS = env_list("RELAY_ALLOWED_ORIGINS", [])
+
+# --- Operations: retention, metrics, health, exports, logs (docs/operations.md) -----------------
+RELAY_RETENTION_DAYS = env_int("RELAY_RETENTION_DAYS", 90)  # purge_sessions default age; 0 keeps forever
+RELAY_METRICS_TOKEN = os.environ.get("RELAY_METRICS_TOKEN", "")  # set: /metrics needs "Authorization: Bearer <token>"
+RELAY_HEALTH_TIMEOUT_SECONDS = env_float("RELAY_HEALTH_TIMEOUT_SECONDS", 2.0)
+RELAY_EXPORT_PAGE_SIZE = env_int("RELAY_EXPORT_PAGE_SIZE", 500)
+RELAY_LOG_FORMAT = os.environ.get("RELAY_LOG_FORMAT", "kv")  # kv (key=value lines), json, or plain
 
 # --- Behind TLS (a reverse proxy terminating HTTPS) ---------------------------------------------
 if env_bool("RELAY_BEHIND_TLS", False):
@@ -197,7 +205,7 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "line": {"()": "relay.logging.EventFormatter", "output": RELAY_LOG_FORMAT},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
     "root": {"handlers": ["console"], "level": os.environ.get("RELAY_LOG_LEVEL", "INFO")},
