@@ -1,8 +1,15 @@
-from django.urls import re_path
+from django.urls import path, re_path
 
-from relay import views
+from relay import exports, health, metrics, views
 
 urlpatterns = [
     re_path(r"^demo/api/ai/transcription/?$", views.websocket_info, name="ws-info-demo"),
     re_path(r"^v2/listen/?$", views.websocket_info, name="ws-info-flux"),
+    path("healthz", health.healthz, name="healthz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
+    re_path(
+        r"^sessions/(?P<session_id>[A-Za-z0-9_.:\-]{1,128})/transcript\.(?P<fmt>txt|json|srt|vtt)$",
+        exports.transcript_view,
+        name="transcript-export",
+    ),
 ]
