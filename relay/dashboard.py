@@ -219,10 +219,12 @@ def _nice_max(value: float) -> float:
 
 
 def _num(value: float) -> str:
-    return f"{value:g}" if value < 1000 else f"{value / 1000:g}k"
+    if value >= 1000:
+        return f"{value / 1000:.1f}k".replace(".0k", "k")
+    return f"{value:.0f}" if value >= 100 or value == int(value) else f"{value:.1f}"
 
 
-def chart_svg(data: DashboardData, *, width: int = 960, panel_height: int = 120) -> str:
+def chart_svg(data: DashboardData, *, width: int = 880, panel_height: int = 110) -> str:
     """Small multiples sharing the time axis: one panel per series, bars per bucket."""
     left, right, top, gap, bottom = 56, 16, 8, 34, 28
     n = len(data.bucket_starts)
@@ -232,7 +234,7 @@ def chart_svg(data: DashboardData, *, width: int = 960, panel_height: int = 120)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
         f'role="img" aria-label="Traffic over the {escape(data.window.label)}" class="relay-chart" '
-        'font-family="-apple-system, Segoe UI, Roboto, Helvetica, Arial, sans-serif" font-size="11">'
+        'font-family="-apple-system, Segoe UI, Roboto, Helvetica, Arial, sans-serif" font-size="12">'
     ]
     for p, series in enumerate(data.series):
         y0 = top + p * (panel_height + gap) + 16
@@ -240,7 +242,7 @@ def chart_svg(data: DashboardData, *, width: int = 960, panel_height: int = 120)
         peak = _nice_max(max(series.values + (series.overlay or []) + [0]))
         title = series.name + (f" ({series.unit})" if series.unit else "")
         total = sum(series.values)
-        legend = f"{title}: {_num(round(total, 1))} total"
+        legend = f"{title}: {_num(total)} in the window"
         if series.overlay is not None:
             legend += f", {_num(sum(series.overlay))} {series.overlay_name}"
         out.append(f'<text x="{left}" y="{y0 - 5}" font-weight="600" fill="currentColor">{escape(legend)}</text>')

@@ -48,7 +48,7 @@ def connection(
         opened_at=opened,
         closed_at=opened + timedelta(seconds=duration) if duration is not None else None,
         close_code=code if duration is not None else None,
-        close_reason=reason or ({1000: "client closed", 1006: "connection lost"}.get(code, "") if duration is not None else ""),
+        close_reason=reason or ({1000: "client closed", 1006: "connection lost", 4011: "ENGINE_ERROR"}.get(code, "") if duration is not None else ""),
         **fields,
     )
 
@@ -68,6 +68,7 @@ def turns(sess: Session, conn: Connection | None, texts: list[str], *, start_ind
                 audio_window_end=round(t + length, 3),
                 end_of_turn_confidence=0.95,
                 trigger="model",
+                created_at=(conn.opened_at if conn else sess.created_at) + timedelta(seconds=t + length),
             )
         )
         t += length + gap
