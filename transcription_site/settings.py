@@ -169,7 +169,29 @@ RELAY_ENGINES: dict[str, dict] = {
             "update_interval_ms": 250,
         },
     },
+    # Upstream Flux services (docs/upstream.md); keys come from the environment, below.
+    "deepgram": {"BACKEND": "relay.engines.deepgram.DeepgramEngine", "OPTIONS": {}},
+    "cloudflare": {"BACKEND": "relay.engines.cloudflare.CloudflareEngine", "OPTIONS": {}},
 }
+
+# --- Upstream engines (docs/upstream.md) ---------------------------------------------------------
+DEEPGRAM_API_KEY = os.environ.get("DEEPGRAM_API_KEY", "")
+DEEPGRAM_URL = os.environ.get("DEEPGRAM_URL", "wss://api.deepgram.com/v2/listen")
+CLOUDFLARE_ACCOUNT_ID = os.environ.get("CLOUDFLARE_ACCOUNT_ID", "")
+CLOUDFLARE_API_TOKEN = os.environ.get("CLOUDFLARE_API_TOKEN", "")
+CLOUDFLARE_URL = os.environ.get(
+    "CLOUDFLARE_URL", "wss://api.cloudflare.com/client/v4/accounts/{account_id}/ai/run/@cf/deepgram/flux"
+)
+RELAY_UPSTREAM_CONNECT_TIMEOUT_SECONDS = env_float("RELAY_UPSTREAM_CONNECT_TIMEOUT_SECONDS", 10.0)
+RELAY_UPSTREAM_STALL_SECONDS = env_float("RELAY_UPSTREAM_STALL_SECONDS", 5.0)  # owed an answer this long: reconnect
+RELAY_UPSTREAM_KEEPALIVE_SECONDS = env_float("RELAY_UPSTREAM_KEEPALIVE_SECONDS", 4.0)  # KeepAlive when the client is silent
+RELAY_UPSTREAM_BACKOFF_INITIAL_SECONDS = env_float("RELAY_UPSTREAM_BACKOFF_INITIAL_SECONDS", 0.5)
+RELAY_UPSTREAM_BACKOFF_MAX_SECONDS = env_float("RELAY_UPSTREAM_BACKOFF_MAX_SECONDS", 8.0)
+RELAY_UPSTREAM_FALLBACK_AFTER_SECONDS = env_float("RELAY_UPSTREAM_FALLBACK_AFTER_SECONDS", 30.0)
+RELAY_UPSTREAM_FALLBACK_ENGINE = os.environ.get("RELAY_UPSTREAM_FALLBACK_ENGINE", "whisper")  # "" = none
+RELAY_UPSTREAM_REPLAY_SECONDS = env_float("RELAY_UPSTREAM_REPLAY_SECONDS", 30.0)  # resend buffer bound
+RELAY_UPSTREAM_CLOSE_TIMEOUT_SECONDS = env_float("RELAY_UPSTREAM_CLOSE_TIMEOUT_SECONDS", 5.0)
+RELAY_UPSTREAM_SPEECH_RMS = env_float("RELAY_UPSTREAM_SPEECH_RMS", 500.0)  # Int16 RMS that counts as speech
 
 RELAY_MAX_FRAME_BYTES = env_int("RELAY_MAX_FRAME_BYTES", 1024 * 1024)
 RELAY_MAX_BACKLOG_SECONDS = env_float("RELAY_MAX_BACKLOG_SECONDS", 30.0)
