@@ -101,6 +101,25 @@ def audio_received(*, nbytes: int, seconds: float) -> None:
         AUDIO_SECONDS.inc(seconds)
 
 
+class AudioMeter:
+    """Turns the consumer's running byte total into deltas for :func:`audio_received`.
+
+    ``report(total)`` at each turn end and on close; the per-frame path stays an int add.
+    """
+
+    __slots__ = ("bytes_per_second", "reported")
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self.bytes_per_second = bytes_per_second
+        self.reported = 0
+
+    def report(self, total_bytes: int) -> None:
+        delta = total_bytes - self.reported
+        if delta > 0:
+            self.reported = total_bytes
+            audio_received(nbytes=delta, seconds=delta / self.bytes_per_second if self.bytes_per_second else 0.0)
+
+
 def error_sent(*, code: str) -> None:
     """An ``Error`` went to a client (including refusals before a session was joined)."""
     ERRORS.labels(code=code if code in KNOWN_ERROR_CODES else "OTHER").inc()

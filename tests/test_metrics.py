@@ -71,6 +71,17 @@ def test_hooks_move_counters_and_histograms(client):
     assert delta("relay_errors_total", code="ENGINE_ERROR") == 1 and delta("relay_errors_total", code="OTHER") == 1
 
 
+def test_audio_meter_reports_deltas_once(client):
+    before = scrape(client)
+    meter = metrics.AudioMeter(32000)
+    meter.report(16000)  # first turn end: 0.5 s so far
+    meter.report(16000)  # nothing new since
+    meter.report(48000)  # close: 1 s more
+    after = scrape(client)
+    assert value(after, "relay_audio_received_bytes_total") - value(before, "relay_audio_received_bytes_total") == 48000
+    assert value(after, "relay_audio_received_seconds_total") - value(before, "relay_audio_received_seconds_total") == 1.5
+
+
 def test_live_gauges_come_from_the_database_at_scrape_time(client):
     live = histories.process("p:live")
     dead = histories.process("p:dead", heartbeat_age=3600)
