@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
@@ -189,6 +190,9 @@ def test_dashboard_renders_metrics_live_counts_and_chart(staff):
     assert data.connection_attempts >= counts["connections"] - 1  # the orphan opened 2 h ago, in the window too
     assert "<svg" in html and html.count("<rect") > 24
     assert "Recent unclean closes" in html
+    assert data.storage["database_bytes"] > 0 and data.storage["turns"] == counts["turns"]
+    if connection.vendor == "postgresql":
+        assert data.storage["relay_bytes"] > 0
     for key in ("1h", "6h", "7d", "30d"):
         assert staff.get(reverse("admin:relay_dashboard"), {"window": key}).status_code == 200
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 
 from relay import health
 from relay.engines import get_engine
@@ -14,7 +15,7 @@ async def test_all_checks_pass(async_client):
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["status"] == "ok" and body["reasons"] == []
-    assert body["checks"]["database"]["ok"] and body["checks"]["database"]["detail"] == "sqlite"
+    assert body["checks"]["database"]["ok"] and body["checks"]["database"]["detail"] == connection.vendor
     assert body["checks"]["channel_layer"] == {"ok": True, "detail": "InMemoryChannelLayer", "ms": body["checks"]["channel_layer"]["ms"]}
     assert body["checks"]["engine"]["ok"] and body["checks"]["engine"]["detail"].startswith("fake:")
     assert response["Cache-Control"] == "no-store"
@@ -56,7 +57,7 @@ async def test_database_check_really_queries():
     from channels.db import database_sync_to_async
 
     check = await database_sync_to_async(health.check_database)()
-    assert check.ok and check.detail == "sqlite"
+    assert check.ok and check.detail == connection.vendor
 
 
 from channels.layers import InMemoryChannelLayer  # noqa: E402
