@@ -90,3 +90,24 @@ def test_unreadable_files_and_urls_are_clear_errors(tmp_path):
 def test_stream_url_keeps_existing_query_and_adds_ours():
     url = stream_url("wss://relay.example/v2/listen?eot_threshold=0.8", session="s", since=3, rate=8000)
     assert url == "wss://relay.example/v2/listen?eot_threshold=0.8&encoding=linear16&sample_rate=8000&session=s&since=3"
+
+
+def test_what_the_cli_streamed_exports_and_probes_answer_over_daphne(server, tmp_path):
+    """The ASGI paths end to end: streamed exports, async /healthz, /metrics from the database."""
+    import urllib.request
+
+    import srt
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wav = tmp_path / "speech.wav"
+    wav.write_bytes(wav_bytes(SPEECH))
+    assert transcribe(str(wav), "--url", server.ws_url + "/v2/listen", "--session", "cli-export", "--no-progress").returncode == 0
+    with urllib.request.urlopen(server.http_url + "/sessions/cli-export/transcript.srt") as response:
+        subs = list(srt.parse(response.read().decode()))
+    assert [s.content for s in subs] == ["one two three"] * 3 + ["one two"]
+    assert subs[0].start.total_seconds() == pytest.approx(0.0, abs=0.05)
+    with urllib.request.urlopen(server.http_url + "/healthz") as response:
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+    with urllib.request.urlopen(server.http_url + "/metrics") as response:
+        names = {s.name for f in text_string_to_metric_families(response.read().decode()) for s in f.samples}
+    assert {"relay_live_connections", "relay_live_sessions", "relay_database_up"} <= names
