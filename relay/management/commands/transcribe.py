@@ -234,6 +234,9 @@ class StreamClient:
         while True:
             chunk = await loop.run_in_executor(None, next, chunks, None)
             if chunk is None or self.error:
+                if chunk is None and self.bar is not None and self.bar.total:
+                    self.bar.n = self.bar.total  # float sums of chunk lengths fall a hair short
+                    self.bar.refresh()
                 return
             await self.wait_for_room()
             await ws.send(chunk)
