@@ -382,7 +382,7 @@ async def test_fallback_after_the_upstream_stays_unreachable(upstream):
         assert "'fake'" in fallback["description"]
         assert fake.rejected and set(fake.rejected) == {503}
         await c.send_audio(tone(0.5) + silence(0.7))  # now served by the fake engine in-process
-        assert (await c.recv_turn_end())[("turn_index")] == 1
+        assert (await c.recv_turn_end())["turn_index"] == 1
         await c.send_json({"type": "CloseStream"})
         assert (await c.expect_close())[0] == 1000
     assert [t[:2] for t in await turns_of("fallback")] == [(0, "one two three four"), (1, "one two")]

@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
 from relay.audio import to_int16
-from relay.exceptions import ConfigureRejected, EngineUnavailable, RelayError, UpstreamAuthFailed
+from relay.exceptions import ConfigureRejected, EngineError, EngineUnavailable, RelayError, UpstreamAuthFailed
 
 from .base import TRIGGER_END_OF_STREAM, Engine, EngineStream, EngineWarning, StreamOptions, TurnEvent, Word
 
@@ -440,6 +440,7 @@ class UpstreamStream(EngineStream):
         loop = asyncio.get_running_loop()
         self._started = loop.create_future()
         self._task = loop.create_task(self._run())
+        self._task.add_done_callback(self._run_ended)
         await asyncio.wait({self._started, self._task}, timeout=self.config.connect_timeout + 1, return_when=asyncio.FIRST_COMPLETED)
         if not self._started.done():
             self._started.cancel()  # still trying: later failures reach the client as events
@@ -582,6 +583,12 @@ class UpstreamStream(EngineStream):
         elif exc is not None:
             self._failed = True
             self.emit(exc)
+
+    def _run_ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("upstream_failed engine=%s", self.engine.alias, exc_info=task.exception())
+        self._signal_started(EngineError())
 
     # -- the connection loop ----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -850,7 +857,11 @@ class UpstreamStream(EngineStream):
                 self.options, keyterms=list(self.options.keyterms), extra=dict(self.options.extra), explicit=set(self.options.explicit)
             )
             stream = engine.open_stream(options)
-            warnings = await stream.start()
+            try:
+                warnings = await stream.start()
+            except BaseException:
+                await stream.abort()
+                raise
         except RelayError as exc:
             log.error("upstream_fallback_failed engine=%s fallback=%s error=%r", self.engine.alias, alias, exc.description)
             self._failed = True
