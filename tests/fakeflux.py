@@ -7,6 +7,9 @@ ConfigureSuccess / ConfigureFailure, ForceEndTurn, KeepAlive, CloseStream (flush
 run on the audio received (tone = speech, 500 ms of silence ends a turn, one word per 250 ms of
 tone: "one two three ..."), so a test knows the transcript from the audio it sends.
 
+Turns can also come from a script (:attr:`Plan.script`) for what energy cannot make: eager
+end-of-turn, languages, an EndOfTurn that never comes.
+
 Faults, per server or per connection (:class:`Plan`, by connection number): check the auth
 header and answer 401/403/503, drop the TCP connection mid-turn, stall (stay connected, answer
 pings, say nothing), send malformed frames, send an Error and close, close idle connections
@@ -48,6 +51,9 @@ class Plan:
     error_after_connect: tuple[str, int] | None = None  # send Error(code) then close(close_code)
     deaf: bool = False  # never hears speech
     refuse_configure: bool = False  # answer every Configure with ConfigureFailure
+    #: Instead of hearing turns in the audio: (seconds of audio received, message body) pairs,
+    #: each sent once that much audio has arrived (request_id and sequence_id are added).
+    script: list[tuple[float, dict[str, Any]]] | None = None
 
 
 @dataclass
@@ -150,7 +156,9 @@ class FakeFlux:
         self._notify()
         plan = self.plans.get(conn.index, Plan())
         options = protocol.parse_connect_params(parts.query).options
-        engine = FakeEngine("fakeflux", {"energy_threshold": 1e12 if plan.deaf else 500.0, "eot_silence_ms": 500, "update_interval_ms": 250})
+        deaf = plan.deaf or plan.script is not None
+        script = list(plan.script or [])
+        engine = FakeEngine("fakeflux", {"energy_threshold": 1e12 if deaf else 500.0, "eot_silence_ms": 500, "update_interval_ms": 250})
         stream = engine.open_stream(options)
         request_id = str(uuid.uuid4())
         state = {"seq": 0, "turninfos": 0, "stalled": False}
@@ -219,6 +227,8 @@ class FakeFlux:
                     conn.audio_bytes += len(raw)
                     last_activity[0] = loop.time()
                     stream.feed(raw[: len(raw) - len(raw) % options.sample_width])
+                    while script and script[0][0] * options.bytes_per_second <= conn.audio_bytes:
+                        await send(dict(script.pop(0)[1]))
                     self._notify()
                     continue
                 msg = json.loads(raw)

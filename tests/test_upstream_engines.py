@@ -467,3 +467,45 @@ async def test_missing_key_makes_the_engine_unavailable(upstream, settings):
     await c.comm.connect()
     code, seen = await c.expect_close()
     assert code == 4013 and seen[0]["code"] == "ENGINE_UNAVAILABLE"
+
+
+@pytestmark_db
+async def test_scripted_upstream_events_pass_through_and_a_skipped_end_of_turn_is_closed(upstream):
+    def info(event, turn, words, start, end, **extra):
+        return {
+            "type": "TurnInfo", "event": event, "turn_index": turn, "audio_window_start": start, "audio_window_end": end,
+            "transcript": " ".join(words), "words": [{"word": w, "confidence": 0.9} for w in words],
+            "end_of_turn_confidence": 0.5, **extra,
+        }
+
+    script = [
+        (0.1, info("StartOfTurn", 0, [], 0.0, 0.1)),
+        (0.3, info("Update", 0, ["hola"], 0.0, 0.3, languages=["es"])),
+        (0.5, info("EagerEndOfTurn", 0, ["hola"], 0.0, 0.5)),
+        (0.6, info("TurnResumed", 0, ["hola"], 0.0, 0.6)),
+        (0.8, info("Update", 0, ["hola", "amigo"], 0.0, 0.8)),
+        # Turn 0's EndOfTurn never comes: turn 1 starts.
+        (1.2, info("StartOfTurn", 1, [], 1.0, 1.2)),
+        (1.4, info("EndOfTurn", 1, ["adios"], 1.0, 1.4, trigger="timeout")),
+    ]
+    async with FakeFlux(api_key=KEY, plans={0: Plan(script=script)}) as fake:
+        upstream(fake)
+        c = Client("/v2/listen?session=scripted&eager_eot_threshold=0.4")
+        await c.connect()
+        await c.send_audio(silence(1.5))
+        await c.recv_until(lambda m: m.get("event") == "EndOfTurn" and m["turn_index"] == 1)
+        got = [(m["event"], m["turn_index"], m["transcript"], m.get("trigger")) for m in turn_infos(c.messages)]
+        assert got == [
+            ("StartOfTurn", 0, "", None),
+            ("Update", 0, "hola", None),
+            ("EagerEndOfTurn", 0, "hola", None),
+            ("TurnResumed", 0, "hola", None),
+            ("Update", 0, "hola amigo", None),
+            ("EndOfTurn", 0, "hola amigo", "model"),  # closed from its last Update
+            ("StartOfTurn", 1, "", None),
+            ("EndOfTurn", 1, "adios", "timeout"),
+        ]
+        assert turn_infos(c.messages)[1]["languages"] == ["es"]
+        assert fake.connections[0].query["eager_eot_threshold"] == ["0.4"]
+        await c.disconnect()
+    assert [t[1:] for t in await turns_of("scripted")] == [("hola amigo", "model"), ("adios", "timeout")]
