@@ -51,6 +51,7 @@ class Plan:
     error_after_connect: tuple[str, int] | None = None  # send Error(code) then close(close_code)
     deaf: bool = False  # never hears speech
     refuse_configure: bool = False  # answer every Configure with ConfigureFailure
+    drop_on: frozenset[str] = frozenset()  # abort TCP instead of handling these message types
     #: Instead of hearing turns in the audio: (seconds of audio received, message body) pairs,
     #: each sent once that much audio has arrived (request_id and sequence_id are added).
     script: list[tuple[float, dict[str, Any]]] | None = None
@@ -235,6 +236,9 @@ class FakeFlux:
                 conn.texts.append(msg)
                 self._notify()
                 kind = msg.get("type")
+                if kind in plan.drop_on:
+                    ws.transport.abort()
+                    break
                 if kind == "KeepAlive":
                     last_activity[0] = loop.time()
                     conn.keepalive_times.append(loop.time())

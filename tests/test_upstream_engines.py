@@ -509,3 +509,58 @@ async def test_scripted_upstream_events_pass_through_and_a_skipped_end_of_turn_i
         assert fake.connections[0].query["eager_eot_threshold"] == ["0.4"]
         await c.disconnect()
     assert [t[1:] for t in await turns_of("scripted")] == [("hola amigo", "model"), ("adios", "timeout")]
+
+
+@pytestmark_db
+async def test_force_end_turn_lost_with_the_connection_is_still_honoured(upstream):
+    async with FakeFlux(api_key=KEY, plans={0: Plan(drop_on=frozenset({"ForceEndTurn"}))}) as fake:
+        upstream(fake)
+        c = Client("/v2/listen?session=force-drop")
+        await c.connect()
+        await c.send_audio(tone(0.6))
+        await c.recv_until(lambda m: m.get("event") == "Update" and m["transcript"] == "one two")
+        await c.send_json({"type": "ForceEndTurn"})
+        forced = await c.recv_turn_end()
+        assert (forced["turn_index"], forced["transcript"], forced["trigger"]) == (0, "one two", "manual")
+        await c.send_audio(tone(0.3) + silence(0.7))
+        after = await c.recv_turn_end()
+        assert (after["turn_index"], after["transcript"]) == (1, "one")  # the forced turn's audio was not resent
+        assert len(fake.connections) == 2
+        await c.disconnect()
+
+
+@pytestmark_db
+async def test_drop_during_the_final_flush_reconnects_and_flushes_again(upstream):
+    async with FakeFlux(api_key=KEY, plans={0: Plan(drop_on=frozenset({"CloseStream"}))}) as fake:
+        upstream(fake)
+        c = Client("/v2/listen?session=flush-drop")
+        await c.connect()
+        await c.send_audio(tone(1.0))
+        await c.recv_until(lambda m: m.get("event") == "Update" and m["transcript"] == "one two three four")
+        await c.send_json({"type": "CloseStream"})
+        code, seen = await c.expect_close()
+        assert code == 1000
+        ends = turn_infos(c.messages, "EndOfTurn")
+        assert [(e["turn_index"], e["transcript"], e["trigger"]) for e in ends] == [(0, "one two three four", "end_of_stream")]
+        assert len(fake.connections) == 2 and fake.connections[1].received("CloseStream")
+
+
+@pytestmark_db
+async def test_outage_longer_than_the_replay_buffer_says_what_was_lost(upstream):
+    async with FakeFlux(api_key=KEY, plans={0: Plan(drop_after_turninfo=2)}) as fake:
+        upstream(fake, REPLAY_SECONDS=1.0, FALLBACK_AFTER_SECONDS=60.0)
+        c = Client()
+        await c.connect()
+        fake.reject_status = 503  # new handshakes fail until the test lets them through
+        await c.send_audio(tone(3.0))
+        await fake.wait_for(lambda: len(fake.rejected) >= 3)
+        fake.reject_status = None
+        await c.send_audio(silence(0.8))
+        end = await c.recv_turn_end()
+        assert end["turn_index"] == 0
+        codes = warnings(c.messages)
+        assert codes[:3] == ["UPSTREAM_RECONNECTING", "UPSTREAM_RECONNECTED", "UPSTREAM_AUDIO_LOST"]
+        lost = next(m for m in c.messages if m.get("code") == "UPSTREAM_AUDIO_LOST")
+        assert "s of audio" in lost["description"]
+        assert fake.connections[1].audio_bytes <= 32000 + len(silence(0.8)) + 2560  # at most the 1 s buffer (plus a frame) came again
+        await c.disconnect()
