@@ -1,8 +1,10 @@
 from django.urls import path, re_path
 
-from relay import exports, health, metrics, views
+from relay import demo, exports, health, metrics, views
 
 urlpatterns = [
+    path("", demo.root, name="root"),
+    path("demo/ai-voice/", demo.ai_voice, name="demo-ai-voice"),
     re_path(r"^demo/api/ai/transcription/?$", views.websocket_info, name="ws-info-demo"),
     re_path(r"^v2/listen/?$", views.websocket_info, name="ws-info-flux"),
     path("healthz", health.healthz, name="healthz"),

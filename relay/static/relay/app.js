@@ -1,0 +1,418 @@
+// The demo page: wires the microphone, the relay connection and the transcript to the DOM.
+
+import { MicCapture } from "./capture.js";
+import { RelayConnection } from "./connection.js";
+import { clockTime, toSrt, toText, toVtt } from "./subtitles.js";
+import { SessionStore, Speakers, Transcript, newSessionId } from "./transcript.js";
+
+const config = JSON.parse(document.getElementById("relay-config").textContent);
+const $ = (id) => document.getElementById(id);
+const body = document.body;
+
+// --- the session: from the link, or a new unguessable id written into the address bar ---------
+const here = new URL(window.location.href);
+let sessionId = here.searchParams.get("session");
+if (!sessionId) {
+  sessionId = newSessionId();
+  here.searchParams.set("session", sessionId);
+  window.history.replaceState(null, "", here);
+}
+const shareLink = `${here.origin}${here.pathname}?session=${encodeURIComponent(sessionId)}`;
+$("share-link").value = shareLink;
+$("session-id").textContent = sessionId;
+
+const store = new SessionStore(sessionId);
+const speakers = new Speakers(store.read("own", []));
+const transcript = new Transcript({ times: store.loadTimes() });
+let connectionId = null;
+let recording = false;
+let micBusy = false;
+let recordingStartedAt = 0;
+let lastStatus = { state: "idle" };
+
+// --- messages in plain words --------------------------------------------------------------------
+function explainFailure(error) {
+  const code = error.code || "";
+  const detail = error.description ? ` (${error.description})` : "";
+  if (code === "UNAUTHORIZED" || error.closeCode === 4001)
+    return "This relay only transcribes for signed-in users. Sign in, then reload this page.";
+  if (code === "FORBIDDEN" || error.closeCode === 4003)
+    return "This session belongs to another account, so it cannot be opened here. Start a new session instead.";
+  if (code === "SESSION_ENDED" || error.closeCode === 4010)
+    return "This session has been ended and takes no more audio. Start a new session to keep going.";
+  if (code === "INVALID_SESSION")
+    return "The session id in this link is not valid. Start a new session instead.";
+  if (code === "FRAME_TOO_LARGE" || error.closeCode === 4009)
+    return "The relay refused the audio this page sent. Reload the page to start again.";
+  return `The relay refused the connection${detail}. Reload the page or start a new session.`;
+}
+
+function showError(text) {
+  $("error-text").textContent = text;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error-text").textContent = "";
+}
+
+let noticeTimer = null;
+function notice(text, { keep = false } = {}) {
+  $("notice").textContent = text;
+  clearTimeout(noticeTimer);
+  if (!keep) noticeTimer = setTimeout(() => ($("notice").textContent = ""), 8000);
+}
+
+function seconds(value) {
+  return `${value.toFixed(1)} s`;
+}
+
+// --- connection state ---------------------------------------------------------------------------
+function renderStatus() {
+  const s = lastStatus;
+  const status = $("status");
+  let text;
+  let tone;
+  const waiting = s.queuedSeconds > 0.25 ? ` · ${seconds(s.queuedSeconds)} of audio waiting` : "";
+  switch (s.state) {
+    case "connecting":
+      [text, tone] = ["Connecting…", "wait"];
+      break;
+    case "open":
+      [text, tone] = recording ? ["Live · transcribing", "live"] : ["Connected", "ok"];
+      break;
+    case "finishing":
+      [text, tone] = ["Finishing the last words…", "wait"];
+      break;
+    case "retrying": {
+      const left = Math.max(0, (s.retryAt - Date.now()) / 1000);
+      const why = navigator.onLine === false ? "You are offline" : "Connection lost";
+      [text, tone] = [`${why} · retrying in ${left.toFixed(1)} s${waiting}`, "wait"];
+      break;
+    }
+    case "reconnecting":
+      [text, tone] = [`Reconnecting…${waiting}`, "wait"];
+      break;
+    case "failed":
+      [text, tone] = ["Stopped by an error", "bad"];
+      break;
+    case "closed":
+      [text, tone] = ["Disconnected", "idle"];
+      break;
+    default:
+      [text, tone] = ["Starting…", "idle"];
+  }
+  $("status-text").textContent = text;
+  status.dataset.tone = tone;
+  body.dataset.state = s.state;
+  body.dataset.queuedMs = String(Math.round((s.queuedSeconds || 0) * 1000));
+  body.dataset.reconnects = String(s.reconnects || 0);
+  renderPresence();
+  renderStats();
+}
+
+function renderStats() {
+  const sent = connection.sentBytes / connection.bytesPerSecond;
+  const n = connection.reconnects;
+  const reconnects = n === 1 ? "1 reconnect" : `${n} reconnects`;
+  $("stats").textContent = `Engine ${config.engine} · ${seconds(sent)} of audio sent · ${reconnects}`;
+}
+
+let countdown = null;
+let droppedShown = 0;
+function onStatus(status) {
+  lastStatus = status;
+  clearInterval(countdown);
+  if (status.state === "retrying") countdown = setInterval(renderStatus, 200);
+  if (status.reconnected) {
+    notice(
+      status.backlogSeconds > 0.1
+        ? `Reconnected. Sending the ${seconds(status.backlogSeconds)} of audio recorded while the connection was down.`
+        : "Reconnected.",
+    );
+  }
+  if (status.droppedSeconds > droppedShown + 0.5) {
+    droppedShown = status.droppedSeconds;
+    notice(`The connection was down for too long: the oldest ${seconds(status.droppedSeconds)} of audio could not be kept.`, { keep: true });
+  }
+  if (status.state === "failed" && status.error) {
+    showError(explainFailure(status.error));
+    if (recording) stopMic({ finish: false });
+  } else if (status.state === "open") {
+    clearError();
+  }
+  renderStatus();
+}
+
+function renderPresence() {
+  const n = Number(body.dataset.connections || 0);
+  const live = ["open", "finishing"].includes(lastStatus.state);
+  $("presence").textContent = !live || !n ? "Not connected" : n === 1 ? "Just you" : n === 2 ? "You + 1 other" : `You + ${n - 1} others`;
+}
+
+function onPresence(message) {
+  body.dataset.connections = String(message.connections);
+  renderPresence();
+  if (message.event === "leave") {
+    for (const turn of transcript.dropInterims((t) => t.speaker === message.connection_id)) removeInterim(turn.index);
+  }
+}
+
+function onMessage(message) {
+  switch (message.type) {
+    case "Connected":
+      connectionId = message.connection_id;
+      body.dataset.connectionId = connectionId;
+      speakers.addOwn(connectionId);
+      store.write("own", [...speakers.own].slice(-200));
+      // Our earlier connection's open turn comes back final (the relay flushed it) or not at all.
+      for (const turn of transcript.dropInterims((t) => speakers.isOwn(t.speaker) && t.speaker !== connectionId))
+        removeInterim(turn.index);
+      break;
+    case "Presence":
+      onPresence(message);
+      break;
+    case "TurnInfo":
+      onTurn(message);
+      break;
+    case "Warning":
+      notice(`Note from the relay: ${message.description}`);
+      break;
+    case "Error":
+      notice(`The relay reported a problem: ${message.description}`);
+      break;
+    default:
+  }
+}
+
+// --- transcript rendering -----------------------------------------------------------------------
+const turnsList = $("turns");
+const interimsList = $("interims");
+const scroller = $("transcript");
+const interimElements = new Map();
+let saveTimesTimer = null;
+
+function buildTurn(turn) {
+  const li = document.createElement("li");
+  li.className = turn.final ? "turn" : "turn interim";
+  li.dataset.index = String(turn.index);
+  li.dataset.speaker = turn.speaker;
+  li.dataset.tone = String(speakers.tone(turn.speaker));
+  li.dataset.replayed = String(turn.replayed);
+  const meta = document.createElement("div");
+  meta.className = "turn-meta";
+  const who = document.createElement("span");
+  who.className = "speaker";
+  meta.append(who);
+  const time = document.createElement("time");
+  meta.append(time);
+  const text = document.createElement("p");
+  text.className = "turn-text";
+  li.append(meta, text);
+  fillTurn(li, turn);
+  return li;
+}
+
+function fillTurn(li, turn) {
+  li.querySelector(".speaker").textContent = speakers.label(turn.speaker);
+  const time = li.querySelector("time");
+  if (turn.startedAt != null) {
+    time.dateTime = new Date(turn.startedAt).toISOString();
+    time.textContent = clockTime(turn.startedAt);
+  } else {
+    time.textContent = "earlier";
+  }
+  li.querySelector(".turn-text").textContent = turn.transcript;
+}
+
+function insertOrdered(list, li, index) {
+  const last = list.lastElementChild;
+  if (!last || Number(last.dataset.index) < index) {
+    list.append(li);
+    return;
+  }
+  for (const child of list.children) {
+    if (Number(child.dataset.index) > index) {
+      list.insertBefore(li, child);
+      return;
+    }
+  }
+  list.append(li);
+}
+
+function removeInterim(index) {
+  const li = interimElements.get(index);
+  if (li) li.remove();
+  interimElements.delete(index);
+  updateEmpty();
+}
+
+function updateEmpty() {
+  $("empty").hidden = turnsList.children.length + interimsList.children.length > 0;
+}
+
+function onTurn(message) {
+  const stick = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 64;
+  const spokenAt = connection.captureTime(message.speaker, Number(message.audio_window_start));
+  const { kind, turn } = transcript.apply(message, { startedAt: spokenAt });
+  if (kind === "final") {
+    removeInterim(turn.index);
+    if (turn.transcript) insertOrdered(turnsList, buildTurn(turn), turn.index);
+    clearTimeout(saveTimesTimer);
+    saveTimesTimer = setTimeout(() => store.saveTimes(transcript.times), 1000);
+  } else if (kind === "interim") {
+    let li = interimElements.get(turn.index);
+    if (li) fillTurn(li, turn);
+    else {
+      li = buildTurn(turn);
+      interimElements.set(turn.index, li);
+      insertOrdered(interimsList, li, turn.index);
+    }
+  } else {
+    return;
+  }
+  updateEmpty();
+  body.dataset.finalTurns = String(transcript.finals.size);
+  if (stick) scroller.scrollTop = scroller.scrollHeight;
+}
+
+// --- the relay connection -----------------------------------------------------------------------
+const wsScheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+const connection = new RelayConnection({
+  endpoint: `${wsScheme}//${window.location.host}${config.wsPath}`,
+  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000 }),
+  onMessage,
+  onStatus,
+  bufferSeconds: config.bufferSeconds,
+});
+
+// --- microphone ---------------------------------------------------------------------------------
+const micButton = $("mic");
+const meter = $("meter");
+const meterFill = meter.querySelector(".meter-fill");
+let meterValue = 0;
+
+function showLevel(rms) {
+  const db = 20 * Math.log10(Math.max(rms, 1e-5));
+  const target = Math.max(0, Math.min(100, ((db + 60) / 60) * 100));
+  meterValue = target > meterValue ? target : meterValue * 0.6 + target * 0.4;
+  meterFill.style.setProperty("--level", `${meterValue.toFixed(1)}%`);
+  meter.setAttribute("aria-valuenow", String(Math.round(meterValue)));
+}
+
+const capture = new MicCapture({
+  workletUrl: config.workletUrl,
+  onChunk: (pcm, capturedAt) => connection.sendAudio(pcm, capturedAt),
+  onLevel: showLevel,
+  onEnded: () => {
+    showError("The microphone stopped (unplugged or access revoked). Press Start to use it again.");
+    stopMic();
+  },
+});
+
+let elapsedTimer = null;
+function renderMic() {
+  micButton.setAttribute("aria-pressed", String(recording));
+  $("mic-label").textContent = recording ? "Stop" : "Start microphone";
+  micButton.disabled = micBusy;
+  body.dataset.recording = String(recording);
+  const elapsed = recording ? Math.floor((Date.now() - recordingStartedAt) / 1000) : 0;
+  $("elapsed").textContent = `${Math.floor(elapsed / 60)}:${String(elapsed % 60).padStart(2, "0")}`;
+  renderStatus();
+}
+
+async function startMic() {
+  micBusy = true;
+  clearError();
+  renderMic();
+  try {
+    await capture.start();
+  } catch (error) {
+    showError(error.message);
+    micBusy = false;
+    renderMic();
+    return;
+  }
+  recording = true;
+  micBusy = false;
+  recordingStartedAt = Date.now();
+  elapsedTimer = setInterval(renderMic, 1000);
+  connection.open();
+  renderMic();
+  $("mic-hint").textContent = capture.inputRate
+    ? `Microphone on (${(capture.inputRate / 1000).toFixed(1)} kHz, sent as 16 kHz). Speak naturally; pause to end a turn.`
+    : "Microphone on.";
+}
+
+async function stopMic({ finish = true } = {}) {
+  if (!recording) return;
+  micBusy = true;
+  recording = false;
+  clearInterval(elapsedTimer);
+  renderMic();
+  await capture.stop();
+  $("mic-hint").textContent = "Microphone off. Press Start to speak again.";
+  if (finish) {
+    // CloseStream makes the relay finish the open turn; then listen on, for the other tabs.
+    await connection.finish();
+    connection.open();
+  }
+  micBusy = false;
+  renderMic();
+}
+
+micButton.addEventListener("click", () => {
+  if (micBusy) return;
+  if (recording) stopMic();
+  else startMic();
+});
+
+// --- share, download, errors --------------------------------------------------------------------
+$("copy-link").addEventListener("click", async () => {
+  const input = $("share-link");
+  try {
+    await navigator.clipboard.writeText(input.value);
+  } catch {
+    input.select();
+    document.execCommand("copy");
+  }
+  notice("Share link copied. Anyone who opens it sees this transcript live.");
+});
+$("share-link").addEventListener("focus", (event) => event.target.select());
+$("error-dismiss").addEventListener("click", clearError);
+
+const FORMATS = {
+  txt: { make: toText, type: "text/plain" },
+  srt: { make: toSrt, type: "application/x-subrip" },
+  vtt: { make: toVtt, type: "text/vtt" },
+};
+for (const button of document.querySelectorAll("[data-download]")) {
+  button.addEventListener("click", () => {
+    const kind = button.dataset.download;
+    const turns = transcript.finishedTurns();
+    if (!turns.length) {
+      notice("Nothing to download yet: no finished turns.");
+      return;
+    }
+    const text = FORMATS[kind].make(turns, { label: (id) => speakers.label(id), sessionId });
+    const href = URL.createObjectURL(new Blob([text], { type: `${FORMATS[kind].type};charset=utf-8` }));
+    const a = document.createElement("a");
+    a.href = href;
+    a.download = `relay-${sessionId}.${kind}`;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(href), 10000);
+  });
+}
+
+window.addEventListener("offline", () => notice(`You are offline. Audio is kept (up to ${config.bufferSeconds} s) and sent when you are back.`, { keep: true }));
+window.addEventListener("online", () => notice("Back online."));
+window.addEventListener("pagehide", () => {
+  store.saveTimes(transcript.times);
+  connection.close();
+});
+
+renderMic();
+connection.open();
