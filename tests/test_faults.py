@@ -253,3 +253,180 @@ async def kill_scenario(s: Stack) -> None:
 def test_kill_9_a_daphne_mid_turn_clients_resume_through_nginx(pg, tmp_path):
     with running(pg, tmp_path) as s:
         run(kill_scenario(s))
+
+
+# --- Redis restarted ------------------------------------------------------------------------------
+def is_live_final(m: dict) -> bool:
+    return m.get("event") == "EndOfTurn" and not m.get("replayed")
+
+
+async def redis_scenario(s: Stack) -> None:
+    d1, d2 = s.daphnes
+    sid = "redis-" + uuid.uuid4().hex[:6]
+    a = await s.client_on(d1, sid)  # speaks
+    b = await s.client_on(d2, sid)  # listens from the other process: events cross Redis
+    await a.say(1, turn(1))
+    await b.wait_final(words(1))
+
+    s.redis.kill()
+    # Redis down: A's own stream is untouched (its events go straight to its socket, its turns to
+    # PostgreSQL); only the copy for B is lost. A new connection cannot start meanwhile (Channels
+    # creates a consumer's channel in Redis first); the client keeps retrying until Redis is back.
+    await a.say(2, turn(2))
+    late = ResumingClient(s.nginx.ws_url, sid, ssl=s.nginx.ssl)
+    late_start = asyncio.create_task(late.start())
+    await asyncio.wait({late_start}, timeout=0)
+    s.redis.start()  # same port, empty: every subscription is gone on the server side
+    back_at = asyncio.get_running_loop().time()
+    outage_last = max(a.finals)
+
+    # Later events flow again once each process's subscriber has reconnected and resubscribed:
+    # A keeps talking until B receives one of its turns live.
+    stop = asyncio.Event()
+
+    async def talk() -> None:
+        n = 3
+        while not stop.is_set():
+            await a.say(n, turn(n))
+            n = 3 if n == 6 else n + 1
+
+    talker = asyncio.create_task(talk())
+    first = await b.wait_for(lambda m: is_live_final(m) and m["turn_index"] > outage_last, timeout=60,
+                             what="a live turn after Redis came back")
+    recovered_after = asyncio.get_running_loop().time() - back_at
+    stop.set()
+    await talker
+    await late_start
+    mark_b, mark_late = b.mark(), late.mark()
+    await a.say(2, turn(2))
+    for tab, mark in ((b, mark_b), (late, mark_late)):
+        await tab.wait_for(lambda m: is_live_final(m) and m["speaker"] == a.connection_id and m["transcript"] == words(2),
+                           after=mark, what="the last turn, live")
+
+    stored = s.turns(sid)
+    stored_indexes = [i for i, _, _ in stored]
+    # Nothing finished was lost: A has every turn it spoke, all stored.
+    assert sorted(a.finals) == stored_indexes and [a.finals[i]["transcript"] for i in stored_indexes] == [t for _, t, _ in stored]
+    # From the first turn B got live after the restart on, B got every turn live.
+    after = [i for i in stored_indexes if i >= first["turn_index"]]
+    assert all(i in b.finals and not b.finals[i].get("replayed") for i in after), (after, sorted(b.finals))
+    # The tab that connected during the outage got the whole history by replay, then live turns.
+    assert sorted(late.finals) == stored_indexes
+    # Turns finished while Redis was down reached B only by replay: a full replay has them.
+    missed = [i for i in stored_indexes if i not in b.finals]
+    full = await ResumingClient(s.nginx.ws_url, sid, ssl=s.nginx.ssl).start()
+    await full.wait_for(lambda m: m.get("replayed") and m["turn_index"] == stored_indexes[-1], what="full replay")
+    assert sorted(full.finals) == stored_indexes
+    print(f"redis restart: live events to the other process resumed {recovered_after:.2f} s after Redis was back; "
+          f"B missed {len(missed)} turn(s) live (indexes {missed}), all of them stored and replayed")
+    for c in (a, b):
+        assert len(c.connection_ids) == 1 and not c.closes and not c.errors, f"{c.session} was disturbed: {c.closes} {c.errors}"
+    for c in (a, b, late, full):
+        await c.close()
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_redis_restart_streams_survive_and_the_layer_recovers(pg, tmp_path):
+    with running(pg, tmp_path) as s:
+        run(redis_scenario(s))
+
+
+# --- PostgreSQL restarted ----------------------------------------------------------------------------
+async def wait_log(d: Daphne, needle: str, *, after: int = 0, timeout: float = 30) -> None:
+    """Wait for a line in a daphne's log (the relay logs one line per event)."""
+    async def loop():
+        while needle not in d.output()[after:]:
+            await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(loop(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"{d.name} never logged {needle!r}") from None
+
+
+def live_connections(s: Stack, session: str) -> int:
+    """Connections the relay counts as live (open row, process heartbeating), as relay.models does."""
+    return s.query(
+        "SELECT count(*) FROM relay_connection c JOIN relay_relayprocess p ON p.id = c.process_id"
+        " WHERE c.session_id = %s AND c.closed_at IS NULL AND p.stopped_at IS NULL"
+        " AND p.heartbeat_at >= now() - interval '3 seconds'", session,
+    )[0][0]
+
+
+async def pg_restart_scenario(s: Stack, pg: Postgres) -> None:
+    d1, d2 = s.daphnes
+    sid = "pg-" + uuid.uuid4().hex[:6]
+    a = await s.client_on(d1, sid)
+    b = await s.client_on(d2, sid)
+    await a.say(1, turn(1))
+    await b.wait_final(words(1))
+
+    log_at = len(d1.output())
+    pg.stop("fast")  # every server connection is closed; nothing answers until the restart
+    mark_b = b.mark()
+    await a.speak(turn(2))
+    await wait_log(d1, "db_retry", after=log_at)  # the turn's write is waiting for the database
+    pg.start()
+    await a.wait_final(words(2))
+    await b.wait_final(words(2), after=mark_b)
+    await a.say(3, turn(3))
+    await b.wait_final(words(3), after=mark_b)
+    fresh = await s.client_on(d2, sid)  # new connections work again
+    for c in (a, b, fresh):
+        await c.close()
+
+    assert s.transcripts(sid) == [words(1), words(2), words(3)]
+    for c in (a, b):
+        assert len(c.connection_ids) == 1 and not c.closes and not c.errors, f"{c.session}: {c.closes} {c.errors}"
+    assert d1.alive() and d2.alive()
+    assert live_connections(s, sid) == 0, "a connection row stayed open after its client left"
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_postgres_restart_turn_is_written_when_it_is_back(pg, tmp_path):
+    with running(pg, tmp_path) as s:
+        run(pg_restart_scenario(s, pg))
+
+
+async def pg_outage_scenario(s: Stack, pg: Postgres) -> None:
+    d1, d2 = s.daphnes
+    tag = uuid.uuid4().hex[:6]
+    a = await s.client_on(d1, f"pgout-{tag}")  # re-sends what was not acknowledged
+    p = await s.client_on(d1, f"pgplain-{tag}", resend=False)
+    for c in (a, p):
+        await c.say(1, turn(1))
+    log_at = len(d1.output())
+    pg.stop("fast")
+    for c in (a, p):
+        await c.speak(turn(2))
+    # Past RELAY_DB_RETRY_SECONDS the relay gives up on the turn and ends the stream with an
+    # Error a client may retry (close 4013), instead of holding the audio forever.
+    for c in (a, p):
+        await c.wait_for(lambda m: m.get("type") == "Error", what="an Error", timeout=30)
+        assert c.errors[0]["code"] == "STORAGE_UNAVAILABLE"
+    # The relay also gives up recording those connections' close while the database is down.
+    while d1.output()[log_at:].count("close_not_recorded") < 2:
+        await wait_log(d1, "close_not_recorded", after=log_at)
+        await asyncio.sleep(0.05)
+    pg.start()
+    for c in (a, p):
+        await c.reconnected()
+        assert c.closes[0] == (4013, "STORAGE_UNAVAILABLE")
+    await a.say(3, turn(3))
+    await p.say(3, turn(3))
+    for c in (a, p):
+        await c.close()
+    assert d1.alive() and d2.alive()
+    # The re-sending client lost nothing; the plain one lost exactly the turn that was open when
+    # the relay gave up (its audio was never stored anywhere).
+    assert s.transcripts(a.session) == [words(1), words(2), words(3)]
+    assert s.transcripts(p.session) == [words(1), words(3)]
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_postgres_outage_past_the_retry_limit_loses_only_the_open_turn(pg, tmp_path):
+    with running(pg, tmp_path, env={"RELAY_DB_RETRY_SECONDS": "1"}) as s:
+        run(pg_outage_scenario(s, pg))
+
