@@ -430,3 +430,82 @@ def test_postgres_outage_past_the_retry_limit_loses_only_the_open_turn(pg, tmp_p
     with running(pg, tmp_path, env={"RELAY_DB_RETRY_SECONDS": "1"}) as s:
         run(pg_outage_scenario(s, pg))
 
+
+
+# --- the engine fails ---------------------------------------------------------------------------------
+async def engine_scenario(s: Stack) -> None:
+    from tests.fault_engines import FEED_CRASH, WORKER_CRASH, WORKER_RESTART
+
+    d1, d2 = s.daphnes
+    tag = uuid.uuid4().hex[:6]
+    v = await s.client_on(d1, f"engine-{tag}")  # its engine will fail
+    listener = await s.client_on(d2, v.session)  # another tab of the session, other process
+    bystander = await s.client_on(d1, f"bystander-{tag}")  # same process, other stream
+    stop = asyncio.Event()
+
+    async def chatter() -> int:
+        n = 0
+        while not stop.is_set():
+            await bystander.say(1 + n % 3, turn(1 + n % 3))
+            n += 1
+        return n
+
+    chatting = asyncio.create_task(chatter())
+    await v.say(1, turn(1))
+
+    # 1. feed() raises mid-turn: Error ENGINE_ERROR, close 4011. The relay still flushes the
+    #    open turn (the engine's event side is intact), so it is stored and acknowledged.
+    await v.speak(tone(0.5))
+    await v.wait_for(lambda m: m.get("event") == "Update" and m["transcript"] == words(2), what="open turn")
+    await v.send_raw(FEED_CRASH)
+    await v.reconnected(2)
+    assert v.errors[-1]["code"] == "ENGINE_ERROR" and v.closes[-1] == (4011, "ENGINE_ERROR")
+    flushed = v.finals[max(v.finals)]
+    assert (flushed["transcript"], flushed["trigger"]) == (words(2), "end_of_stream")
+    assert v.resent_bytes == 0  # the flushed EndOfTurn covered all of it
+    await v.say(3, turn(3))
+
+    # 2. The engine's worker dies: the exception comes out of the event stream. Error
+    #    ENGINE_ERROR again, but the engine cannot flush any more: the open turn is gone from the
+    #    relay, and only the client's re-sent audio brings it back.
+    await v.speak(tone(1.0))
+    await v.wait_for(lambda m: m.get("event") == "Update" and m["transcript"] == words(4)
+                     and m["speaker"] == v.connection_id, what="open turn")
+    await v.send_raw(WORKER_CRASH)
+    await v.reconnected(3)
+    assert v.errors[-1]["code"] == "ENGINE_ERROR" and v.closes[-1] == (4011, "ENGINE_ERROR")
+    assert v.resent_bytes > 0
+    await v.say(4, silence(0.7))
+
+    # 3. An engine that restarts its own worker only warns: the stream goes on.
+    await v.send_raw(WORKER_RESTART)
+    await v.wait_for(lambda m: m.get("type") == "Warning" and m["code"] == "ENGINE_WORKER_RESTARTED", what="Warning")
+    await v.say(2, turn(2))
+    assert len(v.connection_ids) == 3
+
+    stop.set()
+    spoken = await chatting
+    mark = listener.mark()
+    await v.say(1, turn(1))
+    await listener.wait_final(words(1), after=mark)
+    for c in (v, listener, bystander):
+        await c.close()
+
+    assert [(t, trig) for _, t, trig in s.turns(v.session)] == [
+        (words(1), "model"), (words(2), "end_of_stream"), (words(3), "model"), (words(4), "model"),
+        (words(2), "model"), (words(1), "model"),
+    ]
+    assert listener.final_transcripts() == s.transcripts(v.session)
+    assert not v.duplicates
+    # The other stream on the same process never noticed.
+    assert len(bystander.connection_ids) == 1 and not bystander.closes and not bystander.errors
+    assert len(s.turns(bystander.session)) == spoken > 0
+    assert d1.alive()
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_engine_failure_is_an_error_and_the_stream_recovers(pg, tmp_path):
+    env = {"DJANGO_SETTINGS_MODULE": "tests.fault_settings", "RELAY_ENGINE": "faulty"}
+    with running(pg, tmp_path, env=env) as s:
+        run(engine_scenario(s))

@@ -1,0 +1,46 @@
+"""Engines that fail on purpose, for the fault tests (tests/test_faults.py).
+
+The fake engine, plus faults triggered by marker frames in the audio, so a test decides exactly
+when an engine breaks while a real daphne process serves the stream. A marker frame is not
+audio: it is never fed to the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from relay.engines.base import EngineWarning
+from relay.engines.fake import FakeEngine, FakeStream
+
+#: feed() raises, as an engine whose decoder chokes on input does.
+FEED_CRASH = b"FAULT:FEED-CRASH"
+#: The engine's worker thread raises; the exception arrives through the event stream, as a
+#: thread-pool engine reports a dead worker.
+WORKER_CRASH = b"FAULT:WORKERDIES"
+#: The worker dies but the engine restarts it itself and only warns; the stream goes on.
+WORKER_RESTART = b"FAULT:WORKER-RST"
+
+MARKERS = (FEED_CRASH, WORKER_CRASH, WORKER_RESTART)
+
+
+def _worker_crash() -> None:
+    raise RuntimeError("fault injected: the engine worker died")
+
+
+class FaultyStream(FakeStream):
+    def feed(self, audio: bytes) -> None:
+        marker = audio[: len(FEED_CRASH)]
+        if marker == FEED_CRASH:
+            raise RuntimeError("fault injected: feed crashed")
+        if marker == WORKER_CRASH:
+            future = asyncio.get_running_loop().run_in_executor(None, _worker_crash)
+            future.add_done_callback(lambda f: self.emit(f.exception()))
+            return
+        if marker == WORKER_RESTART:
+            self.emit(EngineWarning("ENGINE_WORKER_RESTARTED", "The engine's worker died and was restarted; the stream goes on."))
+            return
+        super().feed(audio)
+
+
+class FaultyEngine(FakeEngine):
+    name = "faulty"
+    stream_class = FaultyStream
