@@ -84,8 +84,8 @@ def launch(playwright_instance) -> Iterator[Callable[..., Browser]]:
     """``launch(wav)`` starts Chromium with ``wav`` as its microphone (played once, then silence)."""
     browsers: list[Browser] = []
 
-    def _launch(wav: Path | None = None) -> Browser:
-        flags = list(CHROMIUM_FLAGS)
+    def _launch(wav: Path | None = None, *, fake_ui: bool = True) -> Browser:
+        flags = [f for f in CHROMIUM_FLAGS if fake_ui or f != "--use-fake-ui-for-media-stream"]
         if wav is not None:
             flags.append(f"--use-file-for-fake-audio-capture={wav}%noloop")
         browser = playwright_instance.chromium.launch(executable_path=CHROMIUM, args=flags, timeout=WAIT_MS)

@@ -39,6 +39,11 @@ def finals(page: Page) -> list[dict]:
     )
 
 
+def launch_without_fake_ui(launch):
+    """A Chromium that asks before using the microphone; headless, the question is refused."""
+    return launch(fake_ui=False)
+
+
 def demo_url(base: str) -> str:
     return base + "/demo/ai-voice/"
 
@@ -192,3 +197,29 @@ def test_reload_and_share_link_show_the_history(fake_server, launch, tmp_path):
     ]
     screenshot(other, "history-other-browser-phone")
     assert page_errors(page) == [] and page_errors(other) == []
+
+
+def test_errors_are_said_in_plain_words(fake_server, launch):
+    # A link with an impossible session id: the relay refuses it (4008) and retrying cannot help.
+    browser = launch()
+    page = new_page(browser)
+    page.goto(demo_url(fake_server.http_url) + "?session=" + "x" * 129)
+    expect(page.locator("body")).to_have_attribute("data-state", "failed")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error-text")).to_have_text(re.compile("The session id in this link is not valid"))
+    expect(page.locator("#status-text")).to_have_text("Stopped by an error")
+    assert page.locator("body").get_attribute("data-reconnects") == "0"
+    screenshot(page, "error-invalid-session")
+
+    # No microphone permission: the browser's own refusal, explained.
+    blocked = launch_without_fake_ui(launch)
+    page = new_page(blocked)
+    page.goto(demo_url(fake_server.http_url))
+    expect(page.locator("body")).to_have_attribute("data-state", "open")
+    page.locator("#mic").click()
+    expect(page.locator("#error-text")).to_have_text(re.compile("Microphone access was blocked"))
+    expect(page.locator("#mic")).to_have_attribute("aria-pressed", "false")
+    expect(page.locator("#mic")).to_be_enabled()
+    screenshot(page, "error-microphone-blocked")
+    page.get_by_role("button", name="Dismiss").click()
+    expect(page.locator("#error")).to_be_hidden()

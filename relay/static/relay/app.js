@@ -121,6 +121,7 @@ function renderStats() {
 
 let countdown = null;
 let droppedShown = 0;
+let relayError = null;
 function onStatus(status) {
   lastStatus = status;
   clearInterval(countdown);
@@ -139,9 +140,12 @@ function onStatus(status) {
   if (status.state === "failed" && status.error) {
     showError(explainFailure(status.error));
     if (recording) stopMic({ finish: false });
+  } else if (status.state === "retrying" && relayError) {
+    notice(`The relay reported a problem (${relayError.description}); reconnecting.`);
   } else if (status.state === "open") {
     clearError();
   }
+  if (status.state !== "open") relayError = null;
   renderStatus();
 }
 
@@ -180,7 +184,7 @@ function onMessage(message) {
       notice(`Note from the relay: ${message.description}`);
       break;
     case "Error":
-      notice(`The relay reported a problem: ${message.description}`);
+      relayError = message; // said when the close that follows shows whether a retry helps
       break;
     default:
   }
