@@ -112,8 +112,10 @@ def resume_worklets(page: Page) -> None:
     cdp.send("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": False, "flatten": False})
 
 
-def new_page(browser: Browser, viewport: dict[str, int] = DESKTOP) -> Page:
-    context = browser.new_context(viewport=viewport, device_scale_factor=1, accept_downloads=True)
+def new_page(browser: Browser, viewport: dict[str, int] = DESKTOP, color_scheme: str = "light") -> Page:
+    context = browser.new_context(
+        viewport=viewport, device_scale_factor=1, accept_downloads=True, color_scheme=color_scheme
+    )
     page = context.new_page()
     resume_worklets(page)
     page.set_default_timeout(WAIT_MS)

@@ -57,7 +57,7 @@ def test_share_link_tab_sees_the_same_turns_live(fake_server, launch, tmp_path):
     assert re.fullmatch(re.escape(demo_url(fake_server.http_url)) + r"\?session=[a-z2-7]{26}", link)
     assert speaker.url == link  # the address bar is the share link too, so a reload keeps it
 
-    listener = new_page(browser, viewport=PHONE)
+    listener = new_page(browser, viewport=PHONE, color_scheme="dark")
     listener.goto(link)
     expect(listener.locator("body")).to_have_attribute("data-state", "open")
     expect(speaker.locator("#presence")).to_have_text("You + 1 other")
@@ -72,13 +72,13 @@ def test_share_link_tab_sees_the_same_turns_live(fake_server, launch, tmp_path):
     # The listening tab sees the speaker's provisional words while they are spoken...
     expect(listener.locator("#interims .turn")).to_have_count(1)
     expect(listener.locator("#interims .speaker")).to_have_text("Speaker 2")
-    screenshot(listener, "shared-listener-phone-interim")
+    screenshot(listener, "shared-listener-phone-dark-interim")
     # ...and every finished turn, live (not from history).
     expect(speaker.locator("#turns .turn")).to_have_count(3)
     expect(listener.locator("#turns .turn")).to_have_count(3)
     expect(listener.locator("#interims .turn")).to_have_count(0)
     screenshot(speaker, "shared-speaker-desktop")
-    screenshot(listener, "shared-listener-phone")
+    screenshot(listener, "shared-listener-phone-dark")
 
     mine, theirs = finals(speaker), finals(listener)
     assert [t["text"] for t in mine] == [BURST] * 3

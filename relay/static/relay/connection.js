@@ -41,6 +41,7 @@ export function isFatal(closeCode, errorCode) {
 const HIGH_WATER_BYTES = 64 * 1024; // what may sit in the browser's socket buffer at once
 const CATCH_UP_SPEED = 4; // backlog goes out at up to 4x real time, so the engine keeps up
 const KEEPALIVE_MS = 8000;
+const FINISH_TIMEOUT_MS = 15000; // the relay flushes within RELAY_FLUSH_TIMEOUT_SECONDS (8 s)
 const RECENT_FRAMES = 64;
 const TIMELINES_KEPT = 50;
 
@@ -274,6 +275,8 @@ export class RelayConnection {
     } else if (this.finishing && !this.finishing.closeSent) {
       ws.send(JSON.stringify({ type: "CloseStream" }));
       this.finishing.closeSent = true;
+      // Never leave the page stuck in "finishing" if the relay does not answer.
+      this.finishing.timer = setTimeout(() => ws.close(1000), FINISH_TIMEOUT_MS);
     }
   }
 
@@ -329,7 +332,8 @@ export class RelayConnection {
 
   finishDone() {
     if (!this.finishing) return;
-    const { resolve } = this.finishing;
+    const { resolve, timer } = this.finishing;
+    clearTimeout(timer);
     this.finishing = null;
     resolve();
   }
