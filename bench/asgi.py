@@ -1,0 +1,78 @@
+"""The relay's ASGI application as benchmarked: ``transcription_site.asgi:application`` itself,
+plus a ``/__bench__/stats`` HTTP endpoint (garbage-collector pauses, active streams) and, when
+asked through the environment, prototype changes to measure before they go into the relay:
+
+* ``BENCH_GC_FREEZE=1``: ``gc.collect(); gc.freeze()`` once the application is built;
+* ``BENCH_PATCHES=name,...``: monkeypatches from :mod:`bench.patches`.
+
+WebSocket connections go straight to the relay's application; the wrapper adds one ``if`` per
+connection, nothing per frame.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections import deque
+
+from transcription_site.asgi import application as relay_application
+
+_pauses: dict[int, deque] = {0: deque(maxlen=5000), 1: deque(maxlen=5000), 2: deque(maxlen=5000)}
+_counts = {0: 0, 1: 0, 2: 0}
+_started = [0.0]
+
+
+def _gc_callback(phase: str, info: dict) -> None:
+    if phase == "start":
+        _started[0] = time.perf_counter()
+    else:
+        gen = info["generation"]
+        _counts[gen] += 1
+        _pauses[gen].append(time.perf_counter() - _started[0])
+
+
+gc.callbacks.append(_gc_callback)
+
+_patches = [p for p in os.environ.get("BENCH_PATCHES", "").split(",") if p]
+if _patches:
+    from bench import patches
+
+    patches.apply(_patches)
+
+if os.environ.get("BENCH_GC_FREEZE") == "1":
+    gc.collect()
+    gc.freeze()
+
+
+def stats() -> dict:
+    from relay import consumers
+
+    out: dict = {"pid": os.getpid(), "active_streams": consumers.active_streams(), "patches": _patches,
+                 "gc_frozen": gc.get_freeze_count(), "gc": {}}
+    for gen, pauses in _pauses.items():
+        values = sorted(pauses)
+        out["gc"][gen] = {
+            "count": _counts[gen],
+            "max_ms": round(values[-1] * 1000, 2) if values else 0.0,
+            "p99_ms": round(values[int(len(values) * 0.99) - 1] * 1000, 2) if len(values) >= 100 else None,
+            "total_ms": round(sum(values) * 1000, 1),
+        }
+    return out
+
+
+def reset() -> None:
+    for gen in _pauses:
+        _pauses[gen].clear()
+        _counts[gen] = 0
+
+
+async def application(scope, receive, send):
+    if scope["type"] == "http" and scope["path"].startswith("/__bench__/"):
+        if scope["path"] == "/__bench__/reset":
+            reset()
+        body = json.dumps(stats()).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await relay_application(scope, receive, send)

@@ -1,0 +1,138 @@
+"""Prototype hot-path changes, applied by bench.asgi when ``BENCH_PATCHES`` names them, so the
+benchmark measures each one against the unpatched relay in the same run before it is proposed
+for relay/ (docs/benchmarks.md gives the exact code change for each).
+
+* ``dispatch``: one task per connection instead of one per message. Channels'
+  ``await_many_dispatch`` creates a task per incoming message and runs ``asyncio.wait`` over two
+  tasks (client socket, channel layer) for each one. When ``receive`` is an ``asyncio.Queue.get``
+  (daphne's), a forwarder task moves channel-layer messages into that same queue and the
+  consumer simply awaits ``receive()`` in a loop: same ordering, handlers still run one at a
+  time.
+* ``dbpool``: the relay's ``a*`` service and selector functions built with
+  ``database_sync_to_async(fn, thread_sensitive=False)``. With the default (thread-sensitive)
+  every ORM call of the whole process queues on asgiref's single thread; unsensitive calls run on
+  the loop's thread pool, each thread with its own (persistent, ``CONN_MAX_AGE``) connection.
+* ``leansql``: fewer round trips and commits per turn and per connection:
+  ``turn_index_allocate`` as one ``UPDATE ... RETURNING`` (was BEGIN, UPDATE, SELECT, COMMIT);
+  ``turn_record`` as one ``INSERT ... ON CONFLICT DO UPDATE`` (was SELECT, SAVEPOINT, INSERT,
+  RELEASE, COMMIT) before its count; ``connection_open`` without a heartbeat commit per
+  connection (the heartbeat loop keeps the process row fresh) and without re-updating a session
+  it has just created.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+_ERROR = "__bench_layer_error__"
+
+
+async def await_many_dispatch(consumer_callables: list[Callable], dispatch: Callable) -> None:
+    receive = consumer_callables[0]
+    queue = getattr(receive, "__self__", None)
+    if not isinstance(queue, asyncio.Queue) or len(consumer_callables) > 2:
+        return await _channels_await_many_dispatch(consumer_callables, dispatch)
+    forwarder = None
+    if len(consumer_callables) == 2:
+        layer_receive = consumer_callables[1]
+
+        async def forward() -> None:
+            try:
+                while True:
+                    queue.put_nowait(await layer_receive())
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # surface it in the consumer, as Channels does
+                queue.put_nowait({"type": _ERROR, "exc": exc})
+
+        forwarder = asyncio.get_running_loop().create_task(forward())
+    try:
+        while True:
+            message: dict[str, Any] = await receive()
+            if message.get("type") == _ERROR:
+                raise message["exc"]
+            await dispatch(message)
+    finally:
+        if forwarder is not None:
+            forwarder.cancel()
+            try:
+                await forwarder
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+_channels_await_many_dispatch: Callable
+
+
+def _lean_services() -> None:
+    import time as _time
+
+    from channels.db import database_sync_to_async
+    from django.conf import settings
+    from django.db import connection
+    from django.utils import timezone
+
+    from relay import services
+    from relay.models import Session, Turn
+
+    heartbeat = services.process_heartbeat
+    last = [0.0]
+
+    def process_heartbeat_at_most_every_few_seconds() -> None:
+        now = _time.monotonic()
+        if now - last[0] >= settings.RELAY_HEARTBEAT_SECONDS / 3:
+            heartbeat()
+            last[0] = now
+
+    sql = (
+        f'UPDATE {connection.ops.quote_name(Session._meta.db_table)} SET "next_turn_index" = "next_turn_index" + 1, '
+        f'"last_activity_at" = %s WHERE "id" = %s RETURNING "next_turn_index" - 1'
+    )
+
+    def turn_index_allocate(*, session_id: str) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [timezone.now(), session_id])
+            return cursor.fetchone()[0]
+
+    update_fields = ["connection", "transcript", "words", "audio_window_start", "audio_window_end", "end_of_turn_confidence", "trigger"]
+
+    def turn_record(*, session_id: str, connection_id: str, index: int, event: Any) -> int:
+        Turn.objects.bulk_create(
+            [Turn(session_id=session_id, index=index, connection_id=connection_id, transcript=event.transcript,
+                  words=[w.as_dict() for w in event.words], audio_window_start=event.audio_window_start,
+                  audio_window_end=event.audio_window_end, end_of_turn_confidence=event.end_of_turn_confidence,
+                  trigger=event.trigger or "model")],
+            update_conflicts=True, unique_fields=["session", "index"], update_fields=update_fields,
+        )
+        return services.Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
+
+    services.process_heartbeat = process_heartbeat_at_most_every_few_seconds
+    services.turn_index_allocate = turn_index_allocate
+    services.turn_record = turn_record
+    services.aturn_index_allocate = database_sync_to_async(turn_index_allocate)
+    services.aturn_record = database_sync_to_async(turn_record)
+
+
+def apply(names: list[str]) -> None:
+    global _channels_await_many_dispatch
+    order = ["leansql", "dbpool", "dispatch"]  # dbpool wraps whatever leansql installed
+    for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
+        if name == "dispatch":
+            import channels.consumer
+
+            _channels_await_many_dispatch = channels.consumer.await_many_dispatch
+            channels.consumer.await_many_dispatch = await_many_dispatch
+        elif name == "leansql":
+            _lean_services()
+        elif name == "dbpool":
+            from channels.db import database_sync_to_async
+
+            from relay import selectors, services
+
+            for module in (services, selectors):
+                for attr in dir(module):
+                    fn = getattr(module, attr)
+                    if attr.startswith("a") and hasattr(fn, "func") and callable(getattr(module, attr[1:], None)):
+                        setattr(module, attr, database_sync_to_async(getattr(module, attr[1:]), thread_sensitive=False))
+        else:
+            raise ValueError(f"unknown bench patch {name!r}")

@@ -1,0 +1,500 @@
+"""``make bench``: the relay benchmark suite, every figure against a baseline measured in the same
+run by the same client.
+
+    python -m bench.run            # full run (about 10-15 minutes on the 2-core machine)
+    python -m bench.run --quick    # small, fast smoke run (CI): a few streams for a few seconds
+    python -m bench.run --only sweep,fanout --out /tmp/bench
+
+Writes ``latest.json``, ``latest.md`` and PNG charts to ``--out`` (default bench/results/).
+Needs PostgreSQL (RELAY_TEST_DATABASE_URL) and Redis (RELAY_TEST_REDIS_URL) for the relay "as
+deployed"; each run makes and drops its own database. docs/benchmarks.md explains every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, proc_cpu, proc_rss
+
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+SECTIONS = ("checks", "sweep", "variants", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def pct(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    a = np.asarray(values) * 1000.0
+    p50, p99 = np.percentile(a, [50, 99])
+    return {"n": int(a.size), "p50": round(float(p50), 2), "p99": round(float(p99), 2), "max": round(float(a.max()), 2)}
+
+
+class Clients:
+    """Load-client processes (bench.wsload) driven over their stdin/stdout."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        self.procs = [
+            subprocess.Popen([PY, "-m", "bench.wsload", json.dumps(c)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for c in configs
+        ]
+
+    def expect(self, event: str, timeout: float = 180.0) -> list[dict[str, Any]]:
+        out = []
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"client did not report {event}")
+                line = p.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"client {p.pid} exited (rc {p.wait()}) before {event}")
+                msg = json.loads(line)
+                if msg["event"] == event:
+                    out.append(msg)
+                    break
+        return out
+
+    def go(self) -> None:
+        for p in self.procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+class Deployment:
+    """A set of server processes plus the shared services whose CPU we also read (Redis)."""
+
+    def __init__(self, label: str, servers: list[Server], *, redis: bool = False) -> None:
+        self.label = label
+        self.servers = servers
+        self.redis_pids = pids_named("redis-server") if redis else []
+
+    @property
+    def targets(self) -> list[list[Any]]:
+        return [["127.0.0.1", s.port] for s in self.servers]
+
+    def start(self) -> "Deployment":
+        for s in self.servers:
+            s.start()
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def cpu(self) -> tuple[float, float]:
+        return sum(s.cpu() for s in self.servers), sum(proc_cpu(p) for p in self.redis_pids)
+
+    def rss(self) -> int:
+        return sum(s.rss() for s in self.servers)
+
+    def __enter__(self) -> "Deployment":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float, listeners: int = 0, settle: float = 2.0,
+                clients: int = 1, stop_reading: bool = False, connect_rate: float = 400.0, turn_s: float = 4.0,
+                extra: dict | None = None) -> dict[str, Any]:
+    """One load level: connect every stream (idle memory), stream in real time, measure a window."""
+    per = [sessions // clients + (1 if i < sessions % clients else 0) for i in range(clients)]
+    configs = [
+        {"mode": "stream", "targets": dep.targets, "sessions": n, "listeners": listeners, "frame_ms": frame_ms,
+         "window_s": window, "settle_s": settle, "turn_s": turn_s, "connect_rate": connect_rate / clients,
+         "connect_concurrency": 64, "connect_timeout_s": 60,
+         "target_offset": i, "seed": i + 1, "stop_reading": stop_reading, **(extra or {})}
+        for i, n in enumerate(per) if n
+    ]
+    for s in dep.servers:
+        s.stats(reset=True)
+    rss0 = dep.rss()
+    cl = Clients(configs)
+    try:
+        connected = cl.expect("connected")
+        time.sleep(0.5)
+        rss_idle = dep.rss()
+        conns = sum(c["speakers"] + c["listeners"] for c in connected)
+        cl.go()
+        cl.expect("window_start")
+        cpu0, redis0 = dep.cpu()
+        machine = MachineCPU()
+        t0 = time.monotonic()
+        rss_w0 = dep.rss()
+        cl.expect("window_end", timeout=window + 120)
+        t1 = time.monotonic()
+        cpu1, redis1 = dep.cpu()
+        busy = machine.busy_cores()
+        rss_w1 = dep.rss()
+        gc_stats = [s.stats() for s in dep.servers]
+        results = cl.expect("result", timeout=120)
+    finally:
+        cl.close()
+    samples: dict[str, list[float]] = {}
+    errors: Counter = Counter()
+    for r in results:
+        for k, v in r.pop("samples").items():
+            samples.setdefault(k, []).extend(v)
+        errors.update(r["errors"])
+    frames_window = sum(r["frames_window"] for r in results)
+    wall = t1 - t0
+    expected = sum(r["expected_fps"] for r in results) * sum(r["window_s"] for r in results) / len(results)
+    server_cpu = cpu1 - cpu0
+    row = {
+        "target": dep.label,
+        "processes": len(dep.servers),
+        "frame_ms": frame_ms,
+        "streams": sum(r["speakers"] for r in results),
+        "listeners": sum(r["listeners"] for r in results),
+        "asked": sessions,
+        "refused": sum(r["refused"] for r in results),
+        "errors": dict(errors),
+        "error_count": sum(errors.values()) + sum(r["lost_mid_stream"] for r in results),
+        "lost_mid_stream": sum(r["lost_mid_stream"] for r in results),
+        "missing_eot": sum(r["missing_eot"] for r in results),
+        "dropped_updates": sum(r["dropped_updates"] for r in results),
+        "frames_skipped": sum(r["frames_skipped"] for r in results),
+        "achieved": round(frames_window / expected, 4) if expected else 0.0,
+        "fps": round(frames_window / wall, 1),
+        "fet_rtt": pct(samples.get("fet_rtt", [])),
+        "upd": pct(samples.get("upd", [])),
+        "lst_upd": pct(samples.get("lst_upd", [])),
+        "lst_eot": pct(samples.get("lst_eot", [])),
+        "fan": pct(samples.get("fan", [])),
+        "server_cores": round(server_cpu / wall, 3),
+        "cpu_per_frame_us": round(server_cpu / frames_window * 1e6, 1) if frames_window else None,
+        "redis_cores": round((redis1 - redis0) / wall, 3),
+        "cpu_per_frame_with_redis_us": round((server_cpu + redis1 - redis0) / frames_window * 1e6, 1) if frames_window else None,
+        "client_cores": round(sum(r["client_cores"] for r in results), 3),
+        "machine_busy_cores": round(busy, 2),
+        "rss_idle_per_conn_kb": round((rss_idle - rss0) / conns / 1024, 1) if conns else None,
+        "rss_mb": round(rss_w1 / 2**20, 1),
+        "rss_growth_mb_per_min": round((rss_w1 - rss_w0) / 2**20 / wall * 60, 2),
+        "handshake": {k: results[0]["handshake"].get(k) for k in ("p50", "p99")},
+        "gc": [g.get("gc") for g in gc_stats if g],
+        "window_s": round(wall, 2),
+    }
+    return row
+
+
+def saturated(row: dict[str, Any]) -> bool:
+    p99 = row["fet_rtt"]["p99"]
+    return row["achieved"] < 0.9 or p99 is None or p99 > 1000 or row["error_count"] > 0.05 * max(1, row["asked"])
+
+
+def fmt_row(row: dict[str, Any]) -> str:
+    return (f"    {row['target']:<28} {row['frame_ms']:>3} ms x {row['streams']:>5}"
+            f"{'+' + str(row['listeners']) if row['listeners'] else '':<6} achieved {row['achieved']:.2f}"
+            f"  EoT p50/p99 {row['fet_rtt']['p50']}/{row['fet_rtt']['p99']} ms  Update p99 {row['upd']['p99']} ms"
+            f"  cpu/frame {row['cpu_per_frame_us']} us  server {row['server_cores']} cores  client {row['client_cores']}"
+            f"  idle {row['rss_idle_per_conn_kb']} KB/conn  err {row['error_count']} drop {row['dropped_updates']}")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.only = set(args.only.split(",")) if args.only else set(SECTIONS) - ({"profile"} if args.quick else set())
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stack = ExitStack()
+        self.redis_url = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+        self.result: dict[str, Any] = {
+            "meta": {
+                "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": "python -m bench.run" + (" --quick" if self.quick else "") + (f" --only {args.only}" if args.only else ""),
+                "quick": self.quick,
+                "load_before": machine_load(),
+                "python": sys.version.split()[0],
+            }
+        }
+        self.started = time.monotonic()
+
+    # -- deployments --------------------------------------------------------------------------
+    def relay_env(self, **extra: str) -> dict[str, str]:
+        env = {"DATABASE_URL": self.db_url, "DATABASE_CONN_MAX_AGE": "60", "RELAY_LOG_LEVEL": "INFO"}
+        env.update(extra)
+        return env
+
+    def baseline(self) -> Deployment:
+        return Deployment("baseline (bare websockets)", [Server("baseline")])
+
+    def relay(self, label: str = "relay (1 daphne)", kind: str = "daphne", env: dict[str, str] | None = None, **kw: Any) -> Deployment:
+        return Deployment(label, [Server(kind, env=self.relay_env(**(env or {})), **kw)])
+
+    def deployed(self, label: str = "relay deployed (2 daphne+Redis)", processes: int = 2, layer: str = "pubsub",
+                 env: dict[str, str] | None = None, redis_url: str | None = None) -> Deployment:
+        backend = {"pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer", "core": "channels_redis.core.RedisChannelLayer"}[layer]
+        e = self.relay_env(REDIS_URL=redis_url or self.redis_url, RELAY_CHANNEL_LAYER_BACKEND=backend, **(env or {}))
+        return Deployment(label, [Server("daphne", env=e, name=f"daphne{i}") for i in range(processes)], redis=True)
+
+    def warm(self, dep: Deployment) -> None:
+        """A few streams first, so lazy imports and first connections are not measured."""
+        stream_step(dep, sessions=4, frame_ms=80, window=1.0, settle=0.5)
+
+    # -- sections -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from tests.services import postgres_database
+
+        self.db_url = self.stack.enter_context(postgres_database())
+        try:
+            for name in SECTIONS:
+                if name in self.only:
+                    say(f"== {name} ({time.monotonic() - self.started:.0f} s elapsed)")
+                    getattr(self, f"section_{name}")()
+        finally:
+            self.stack.close()
+        self.result["meta"]["load_after"] = machine_load()
+        self.result["meta"]["duration_s"] = round(time.monotonic() - self.started, 1)
+        return self.result
+
+    def section_checks(self) -> None:
+        """What each server negotiates when a browser offers permessage-deflate."""
+        out = {}
+        deps = [self.baseline(), self.relay(), self.relay("relay (1 uvicorn, defaults)", kind="uvicorn")]
+        deps[2].servers[0].command = lambda s=deps[2].servers[0]: [  # uvicorn exactly as its defaults are
+            str(Path(PY).parent / "uvicorn"), "bench.asgi:application", "--host", "127.0.0.1", "--port", str(s.port), "--lifespan", "off"]
+        for dep in deps:
+            with dep:
+                r = burst(dep, count=1, burst_s=0.1, deflate=True)
+                ext = [l for l in r.get("first_response_headers", "").split("\r\n") if l.lower().startswith("sec-websocket-extensions")]
+                out[dep.label] = ext[0] if ext else "(none)"
+                say(f"    {dep.label}: permessage-deflate offered -> {out[dep.label]}")
+        self.result["deflate"] = out
+
+    def section_sweep(self) -> None:
+        if self.quick:
+            plan = {80: [5, 20]}
+            window = 2.0
+        else:
+            plan = {40: [10, 100, 300, 600, 1000], 80: [10, 100, 300, 1000, 1500, 2000]}
+            window = 6.0
+        rows = []
+        for make in (self.baseline, self.relay, self.deployed):
+            dep = make()
+            with dep:
+                self.warm(dep)
+                for frame_ms, counts in plan.items():
+                    for n in counts:
+                        row = stream_step(dep, sessions=n, frame_ms=frame_ms, window=window, clients=2 if n >= 1000 else 1)
+                        rows.append(row)
+                        say(fmt_row(row))
+                        if saturated(row):
+                            say(f"    {dep.label} saturated at {n} streams of {frame_ms} ms; skipping larger counts")
+                            break
+        self.result["sweep"] = rows
+
+    ALL = {"BENCH_PATCHES": "dispatch,dbpool,leansql", "BENCH_GC_FREEZE": "1"}
+
+    def section_variants(self) -> None:
+        """One relay process at the issue's reference load, with and without each candidate change."""
+        n, window = (20, 2.0) if self.quick else (300, 8.0)
+        async_commit = self.db_url + "?options=-c%20synchronous_commit%3Doff"
+        big = not self.quick
+        plan = [  # (deployment, also at 1000 streams)
+            (self.baseline(), big),
+            (self.relay("relay, as committed"), big),
+            (self.relay("+ gc.freeze()", env={"BENCH_GC_FREEZE": "1"}), False),
+            (self.relay("+ one task per connection", env={"BENCH_PATCHES": "dispatch"}), False),
+            (self.relay("+ DB calls on the thread pool", env={"BENCH_PATCHES": "dbpool"}), False),
+            (self.relay("+ leaner SQL per turn", env={"BENCH_PATCHES": "leansql"}), False),
+            (self.relay("+ synchronous_commit=off", env={"DATABASE_URL": async_commit}), False),
+            (self.relay("all four (freeze, task, pool, SQL)", env=self.ALL), big),
+            (self.relay("uvicorn (websockets-sansio)", kind="uvicorn"), False),
+            (self.relay("uvicorn + all four", kind="uvicorn", env=self.ALL), big),
+        ]
+        if self.quick:
+            plan = plan[:2] + plan[7:8]
+        rows = []
+        for dep, also_big in plan:
+            with dep:
+                self.warm(dep)
+                for count in (n, 1000) if also_big else (n,):
+                    row = stream_step(dep, sessions=count, frame_ms=80, window=window, clients=2 if count >= 1000 else 1)
+                    rows.append(row)
+                    say(fmt_row(row))
+        self.result["variants"] = rows
+
+    def section_handshakes(self) -> None:
+        """A burst of connections in one second, each answered with Connected (session rows written)."""
+        count = 100 if self.quick else 1000
+        plan = [
+            self.baseline(),
+            self.relay("relay, listen backlog 1024"),
+            self.relay("relay, daphne default backlog (50)", backlog=None),
+            self.relay("relay, DATABASE_CONN_MAX_AGE=0", env={"DATABASE_CONN_MAX_AGE": "0"}),
+            self.relay("relay + DB calls on the thread pool", env={"BENCH_PATCHES": "dbpool"}),
+            self.deployed("deployed (2 daphne, pubsub)"),
+            self.deployed("deployed, Redis pool max_connections=1000", redis_url=self.redis_url + "?max_connections=1000"),
+        ]
+        if self.quick:
+            plan = plan[:2]
+        rows = []
+        for dep in plan:
+            with dep:
+                self.warm(dep)
+                r = burst(dep, count=count, burst_s=1.0)
+                r["target"] = dep.label
+                r["processes"] = len(dep.servers)
+                r["server_errors"] = sum(s.log_errors()["count"] for s in dep.servers)
+                r.pop("first_response_headers", None)
+                rows.append(r)
+                say(f"    {dep.label:<44} {r['ok']}/{count} connected in {r['span_s']:.2f} s = {r['rate']:.0f}/s,"
+                    f" time to Connected p50 {r['handshake'].get('p50')} p99 {r['handshake'].get('p99')} ms,"
+                    f" errors {r['errors']} server errors {r['server_errors']}")
+        self.result["handshakes"] = rows
+
+    def section_replay(self) -> None:
+        turns = 100 if self.quick else 1000
+        repeat = 3 if self.quick else 30
+        session = "bench-history-" + uuid.uuid4().hex[:8]
+        env = {**os.environ, "DATABASE_URL": self.db_url, "DJANGO_DEBUG": "1"}
+        env.pop("DJANGO_SETTINGS_MODULE", None)
+        subprocess.run([PY, "-m", "bench.history", session, str(turns)], cwd=ROOT, env=env, check=True)
+        rows = []
+        for dep in (self.relay(), self.deployed()):
+            with dep:
+                self.warm(dep)
+                for since, expected in ((None, turns), (turns - 11, 10)):
+                    cfg = {"mode": "replay", "targets": dep.targets[-1:], "session": session, "repeat": repeat,
+                           "expected": expected, "since": since}
+                    r = run_client(cfg)
+                    r.update(target=dep.label, turns=turns, since=since, expected=expected)
+                    rows.append(r)
+                    say(f"    {dep.label:<34} history {turns}, since={since}: first replayed turn p50 {r['first'].get('p50')}"
+                        f" p99 {r['first'].get('p99')} ms; all {expected} p50 {r['last'].get('p50')} p99 {r['last'].get('p99')} ms;"
+                        f" errors {r['errors']}")
+        self.result["replay"] = rows
+
+    def section_fanout(self) -> None:
+        window = 3.0 if self.quick else 12.0
+        rows = []
+        plan = [
+            self.relay("in-memory layer (1 daphne)"),
+            self.deployed("Redis pub/sub layer (2 daphne)", layer="pubsub"),
+            self.deployed("Redis core layer (2 daphne)", layer="core"),
+        ]
+        if self.quick:
+            plan = plan[:2]
+        for dep in plan:
+            with dep:
+                self.warm(dep)
+                row = stream_step(dep, sessions=1, listeners=10, frame_ms=80, window=window, settle=1.0)
+                rows.append(row)
+                say(f"    {dep.label:<34} speaker EndOfTurn -> 10 tabs: p50 {row['fan']['p50']} p99 {row['fan']['p99']} ms"
+                    f" (ForceEndTurn -> listener EndOfTurn p99 {row['lst_eot']['p99']} ms, listener Update p99 {row['lst_upd']['p99']} ms,"
+                    f" dropped {row['dropped_updates']})")
+        self.result["fanout"] = rows
+
+    def section_tabs(self) -> None:
+        """Cost of a second tab, pub/sub against core layer, at a fixed number of speakers."""
+        n, window = (10, 2.0) if self.quick else (300, 8.0)
+        rows = []
+        layers = ["pubsub"] if self.quick else ["pubsub", "core"]
+        for layer in layers:
+            dep = self.deployed(f"deployed ({layer})", layer=layer)
+            with dep:
+                self.warm(dep)
+                for listeners in (0, 1):
+                    row = stream_step(dep, sessions=n, listeners=listeners, frame_ms=80, window=window)
+                    row["layer"] = layer
+                    rows.append(row)
+                    say(fmt_row(row) + f"  redis {row['redis_cores']} cores  fan p99 {row['fan']['p99']} ms")
+        self.result["tabs"] = rows
+
+    def section_shedding(self) -> None:
+        """Past capacity: refuse new streams (CAPACITY, 4013), keep the others well; memory bounded."""
+        cap, ask, window = (5, 8, 2.0) if self.quick else (300, 450, 8.0)
+        rows = []
+        dep = self.relay(f"relay, RELAY_MAX_STREAMS_PER_PROCESS={cap}", env={"RELAY_MAX_STREAMS_PER_PROCESS": str(cap)})
+        with dep:
+            self.warm(dep)
+            row = stream_step(dep, sessions=ask, frame_ms=80, window=window)
+            row["cap"] = cap
+            rows.append(row)
+            say(fmt_row(row) + f"  refused {row['refused']} of {ask}")
+        if not self.quick:
+            dep = self.relay("relay, no cap, overloaded (2000 x 40 ms)")
+            with dep:
+                self.warm(dep)
+                row = stream_step(dep, sessions=2000, frame_ms=40, window=window, clients=2)
+                rows.append(row)
+                say(fmt_row(row) + f"  RSS {row['rss_mb']} MB, growing {row['rss_growth_mb_per_min']} MB/min")
+            dep = self.relay("relay, 200 clients that stop reading")
+            with dep:
+                self.warm(dep)
+                row = stream_step(dep, sessions=200, frame_ms=80, window=window * 2, stop_reading=True)
+                rows.append(row)
+                say(fmt_row(row) + f"  RSS {row['rss_mb']} MB, growing {row['rss_growth_mb_per_min']} MB/min")
+        self.result["shedding"] = rows
+
+    def section_profile(self) -> None:
+        """py-spy on one relay process at 300 streams of 80 ms frames."""
+        from bench import profile
+
+        self.result["profile"] = profile.profile_relay(self, self.out)
+
+
+def run_client(cfg: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    cfg = {**cfg, "wait_go": False}
+    out = subprocess.run([PY, "-m", "bench.wsload", json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    for line in out.stdout.splitlines():
+        msg = json.loads(line)
+        if msg["event"] == "result":
+            return msg
+    raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
+
+
+def burst(dep: Deployment, *, count: int, burst_s: float, deflate: bool = False) -> dict[str, Any]:
+    return run_client({"mode": "burst", "targets": dep.targets, "count": count, "burst_s": burst_s, "deflate": deflate})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Relay benchmark suite (docs/benchmarks.md)")
+    parser.add_argument("--quick", action="store_true", help="a small, fast smoke run (CI)")
+    parser.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    parser.add_argument("--out", default=str(RESULTS), help="where latest.json/latest.md/charts go")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    bench = Bench(args)
+    say(f"Relay benchmark ({'quick' if args.quick else 'full'}): load average {bench.result['meta']['load_before']}")
+    result = bench.run()
+    out = Path(args.out)
+    (out / "latest.json").write_text(json.dumps(result, indent=1))
+    from bench import report
+
+    report.write(result, out)
+    say(f"wrote {out / 'latest.md'}, {out / 'latest.json'} and charts in {result['meta']['duration_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
