@@ -23,7 +23,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError
 
-from relay import auth, protocol, selectors, services
+from relay import auth, metrics, protocol, selectors, services
 from relay.audio import SampleAligner
 from relay.engines import EngineStream, EngineWarning, TurnEvent, get_engine
 from relay.exceptions import (
@@ -120,6 +120,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         self.closing = False
         self.finished = False
         self.close_code: int | None = None
+        self.pump_error: RelayError | None = None
+        self.audio_meter: metrics.AudioMeter | None = None
         self.close_reason = ""
         self.audio_bytes = 0
         self.messages_received = 0
@@ -185,6 +187,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
                 session_id=self.session_id, resumed=opened.resumed, connection_id=self.connection_id, engine=engine.alias
             )
         )
+        metrics.connection_opened(resumed=opened.resumed, gap_seconds=opened.gap_seconds)
+        self.audio_meter = metrics.AudioMeter(self.bytes_per_second)
         log.info(
             "client_connected session=%s connection=%s resumed=%s since=%s engine=%s client=%s",
             self.session_id, self.connection_id, opened.resumed, params.since, engine.alias, client[0],
@@ -257,6 +261,12 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             return
         self.finished = True
         await self._drain(flush=flush)
+        if error is None and self.pump_error is not None:
+            error = self.pump_error
+            self.errors += 1
+            self.last_error_code = error.code
+            self.close_code, self.close_reason = error.close_code, error.code
+            metrics.error_sent(code=error.code)
         if error is not None:
             await self._send(protocol.error_body(error.code, error.description))
         await self._record_close()
@@ -284,6 +294,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
     async def _record_close(self) -> None:
         if not self.connection_id:
             return
+        metrics.connection_closed(code=self.close_code, duration_seconds=time.monotonic() - self.started)
+        if self.audio_meter is not None:
+            self.audio_meter.report(self.audio_bytes)
         try:
             await _with_db_retry(
                 "connection_close",
@@ -322,6 +335,7 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             return
         self.closing = True
         self.errors += 1
+        metrics.error_sent(code=exc.code)
         self.last_error_code = exc.code
         self.close_code, self.close_reason = exc.close_code, exc.code
         log.warning("stream_error session=%s connection=%s code=%s description=%r", self.session_id or "-", self.connection_id or "-", exc.code, exc.description)
@@ -398,7 +412,7 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             self.close_code, self.close_reason = 1000, "CloseStream"
             log.info("close_stream session=%s connection=%s", self.session_id, self.connection_id)
             await self._finish(flush=True)
-            await self.close(code=1000)
+            await self.close(code=self.close_code or 1000)
 
     # -- engine -> clients ----------------------------------------------------------------------
     async def _pump_events(self) -> None:
@@ -409,16 +423,26 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
                     await self._send(protocol.warning_body(item.code, item.description))
                 else:
                     await self._on_turn_event(item)
-        except RelayError as exc:
-            asyncio.get_running_loop().create_task(self._fatal(exc))
         except asyncio.CancelledError:
             raise
+        except RelayError as exc:
+            self._pump_failed(exc)
         except (DatabaseError, InterfaceError):
             log.exception("storage_failed session=%s connection=%s", self.session_id, self.connection_id)
-            asyncio.get_running_loop().create_task(self._fatal(StorageUnavailable()))
+            self._pump_failed(StorageUnavailable())
         except Exception:
             log.exception("engine_failed session=%s connection=%s", self.session_id, self.connection_id)
-            asyncio.get_running_loop().create_task(self._fatal(EngineError()))
+            self._pump_failed(EngineError())
+
+    def _pump_failed(self, exc: RelayError) -> None:
+        """The engine stream died: end the connection with its error.
+
+        During a flush (CloseStream, disconnect) _finish is already running; it picks the error
+        up from ``pump_error`` so the client still gets the Error before the close.
+        """
+        self.pump_error = exc
+        if not self.finished:
+            asyncio.get_running_loop().create_task(self._fatal(exc))
 
     async def _on_turn_event(self, event: TurnEvent) -> None:
         if event.turn != self.engine_turn or self.turn_index is None:
@@ -435,6 +459,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
                 session_id=self.session_id, connection_id=self.connection_id, index=index, event=event
             )
             fan_out = fan_out or others > 0
+            metrics.turn_finished(trigger=event.trigger)
+            self.audio_meter.report(self.audio_bytes)
             self.turn_index = None
             self.engine_turn = None
             log.info(

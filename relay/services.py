@@ -67,6 +67,7 @@ class Opened:
     resumed: bool
     engine: str
     others: list[str]
+    gap_seconds: float | None = None
 
 
 def connection_open(
@@ -128,7 +129,7 @@ def connection_open(
             user_agent=user_agent[:256],
         )
         Session.objects.filter(pk=session.pk).update(last_activity_at=now)
-    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, engine=engine, others=others)
+    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, engine=engine, others=others, gap_seconds=gap)
 
 
 def turn_index_allocate(*, session_id: str) -> int:

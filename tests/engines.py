@@ -28,3 +28,17 @@ class BacklogStream(EngineStream):
 class BacklogEngine(Engine):
     name = "backlog"
     stream_class = BacklogStream
+
+
+class FailOnFinishStream(BacklogStream):
+    """Fails while flushing, as an upstream that rejects the stream's end would."""
+
+    async def finish(self) -> None:
+        from relay.exceptions import EngineError
+
+        self.emit(EngineError("The engine failed while finishing the stream."))
+
+
+class FailOnFinishEngine(Engine):
+    name = "fail-on-finish"
+    stream_class = FailOnFinishStream

@@ -231,3 +231,15 @@ async def test_session_row_counts_audio_and_messages():
     session = await sync_to_async(Session.objects.get)(pk="counters")
     assert conn.audio_bytes == len(SPEECH) and abs(session.audio_seconds - len(SPEECH) / 32000) < 1e-6
     assert conn.messages_sent == len(c.messages) and conn.messages_received == -(-len(SPEECH) // 2560)
+
+
+async def test_engine_error_during_close_stream_reaches_the_client(settings):
+    settings.RELAY_ENGINES = {**settings.RELAY_ENGINES, "ff": {"BACKEND": "tests.engines.FailOnFinishEngine", "OPTIONS": {}}}
+    settings.RELAY_ENGINE = "ff"
+    c = Client("/v2/listen?session=fail-finish")
+    await c.connect()
+    await c.send_json({"type": "CloseStream"})
+    code, seen = await c.expect_close()
+    assert code == 4011 and seen[-1]["type"] == "Error" and seen[-1]["code"] == "ENGINE_ERROR"
+    conn = await sync_to_async(Connection.objects.get)(session_id="fail-finish")
+    assert conn.close_code == 4011 and conn.last_error_code == "ENGINE_ERROR"
