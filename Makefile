@@ -9,7 +9,7 @@ PORT ?= 8000
 # oversized frames with its own Error/close code.
 DAPHNE_FLAGS ?= --websocket-max-message-size 4194304 --websocket-max-frame-size 4194304 --application-close-timeout 15
 
-.PHONY: run test install install-dev migrate bench bench-engines clean
+.PHONY: run test install install-dev migrate bench bench-engines soak clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ run: migrate
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The relay benchmark suite (docs/benchmarks.md): bench/results/latest.md, .json and charts.
+# BENCH_ARGS=--quick for a small smoke run. Needs PostgreSQL and Redis (see .ci/run).
+bench: install-dev
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# A bounded soak with reconnect churn: memory over time and the four stability metrics.
+SOAK_ARGS ?= --minutes 10 --streams 50
+soak: install-dev
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

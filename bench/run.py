@@ -292,7 +292,7 @@ class Bench:
 
     def section_sweep(self) -> None:
         if self.quick:
-            plan = {80: [5, 20]}
+            plan = {80: [10]}
             window = 2.0
         else:
             plan = {40: [10, 100, 300, 600, 1000], 80: [10, 100, 300, 1000, 1500, 2000]}
@@ -345,7 +345,7 @@ class Bench:
 
     def section_handshakes(self) -> None:
         """A burst of connections in one second, each answered with Connected (session rows written)."""
-        count = 100 if self.quick else 1000
+        count = 50 if self.quick else 1000
         plan = [
             self.baseline(),
             self.relay("relay, listen backlog 1024"),
@@ -395,7 +395,7 @@ class Bench:
         self.result["replay"] = rows
 
     def section_fanout(self) -> None:
-        window = 3.0 if self.quick else 12.0
+        window = 4.0 if self.quick else 12.0
         rows = []
         plan = [
             self.relay("in-memory layer (1 daphne)"),
@@ -407,7 +407,7 @@ class Bench:
         for dep in plan:
             with dep:
                 self.warm(dep)
-                row = stream_step(dep, sessions=1, listeners=10, frame_ms=80, window=window, settle=1.0)
+                row = stream_step(dep, sessions=1, listeners=10, frame_ms=80, window=window, settle=1.0, turn_s=1.0)
                 rows.append(row)
                 say(f"    {dep.label:<34} speaker EndOfTurn -> 10 tabs: p50 {row['fan']['p50']} p99 {row['fan']['p99']} ms"
                     f" (ForceEndTurn -> listener EndOfTurn p99 {row['lst_eot']['p99']} ms, listener Update p99 {row['lst_upd']['p99']} ms,"
