@@ -223,6 +223,7 @@ class SphinxEngine(OfflineEngine):
 
         pocketsphinx.set_loglevel("FATAL")
         config = {key: self.options[key] for key in ("hmm", "lm", "dict") if self.options.get(key)}
+        config.setdefault("dither", True)
         return pocketsphinx.Decoder(**config)
 
     def acquire_decoder(self) -> Any:

@@ -74,6 +74,7 @@ PAD_FRAMES = 300  # 3 s of padding after the audio in the encoder window
 MAX_FRAMES = 3000
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
+PUNCTUATION = PREPEND_PUNCTUATIONS + APPEND_PUNCTUATIONS
 
 
 # -- model files ------------------------------------------------------------------------------------
@@ -161,6 +162,22 @@ def compression_ratio(text: str) -> float:
     return len(data) / max(1, len(zlib.compress(data)))
 
 
+def _norm_words(text: str) -> list[str]:
+    return [w for w in (w.strip(PUNCTUATION).lower() for w in text.split()) if w]
+
+
+def repeated_tail(words: list[str], shortest: int = 3) -> int:
+    """Length of a block of words the text ends with twice in a row (Whisper's repetition loop)."""
+    for size in range(len(words) // 2, shortest - 1, -1):
+        if words[-size:] == words[-2 * size : -size]:
+            return size
+    return 0
+
+
+def looping(text: str) -> bool:
+    return compression_ratio(text) > 2.4 or repeated_tail(_norm_words(text)) > 0
+
+
 class WhisperModelRunner:
     """The loaded model plus the decode routine; shared by every stream, thread-safe."""
 
@@ -186,10 +203,12 @@ class WhisperModelRunner:
         frames = min(MAX_FRAMES, max(MIN_WINDOW_FRAMES, -(-(n + PAD_FRAMES) // 100) * 100))
         tokens, result, encoded = self._generate(features, frames, final, hotwords, seconds)
         text = self.tokenizer.decode(tokens).strip()
-        if frames < MAX_FRAMES and compression_ratio(text) > 2.4:
+        if looping(text) and frames < MAX_FRAMES:
             # A repetition loop: decode once more in Whisper's native 30 s window.
-            tokens, result, encoded = self._generate(features, MAX_FRAMES, final, hotwords, seconds)
+            frames = MAX_FRAMES
+            tokens, result, encoded = self._generate(features, frames, final, hotwords, seconds)
             text = self.tokenizer.decode(tokens).strip()
+        tokens, text = self._trim_repeats(tokens, text)
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if result.scores else -10.0
         if not tokens or (result.no_speech_prob > 0.6 and avg_logprob < -1.0):
             return Decoded(seconds=seconds)
@@ -204,6 +223,20 @@ class WhisperModelRunner:
             if w["word"].strip()
         ]
         return Decoded(text, words, confidence, seconds)
+
+    def _trim_repeats(self, tokens: list[int], text: str) -> tuple[list[int], str]:
+        """Drop a repeated tail ("a b c. a b c") down to its first occurrence."""
+        words = _norm_words(text)
+        while (size := repeated_tail(words)) > 0:
+            words = words[:-size]
+            for k in range(len(tokens) - 1, 0, -1):
+                if _norm_words(self.tokenizer.decode(tokens[:k])) == words:
+                    tokens = tokens[:k]
+                    break
+            else:
+                break
+            text = self.tokenizer.decode(tokens).strip()
+        return tokens, text
 
     def _generate(self, features: np.ndarray, frames: int, final: bool, hotwords: str | None, seconds: float):
         window = np.zeros((self.n_mels, frames), dtype=np.float32)

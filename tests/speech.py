@@ -1,0 +1,97 @@
+"""The committed espeak-ng speech set (tests/fixtures/speech, made by scripts/make_test_audio.py)
+and helpers to run a real engine over it through the engine interface."""
+from __future__ import annotations
+
+import asyncio
+import json
+import wave
+from functools import cache
+from pathlib import Path
+
+import jiwer
+
+from relay.engines.base import EngineStream, TurnEvent
+
+SPEECH = Path(__file__).resolve().parent / "fixtures" / "speech"
+
+_NORMALIZE = jiwer.Compose(
+    [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()]
+)
+
+
+@cache
+def manifest() -> dict:
+    return json.loads((SPEECH / "manifest.json").read_text())
+
+
+def pcm(name: str) -> bytes:
+    """16 kHz mono Int16 samples of a committed clip."""
+    with wave.open(str(SPEECH / name)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+        return w.readframes(w.getnframes())
+
+
+def silence(seconds: float, rate: int = 16000) -> bytes:
+    return bytes(2 * int(seconds * rate))
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    """Word error rate after lower-casing and removing punctuation."""
+    return jiwer.wer(references, hypotheses, reference_transform=_NORMALIZE, hypothesis_transform=_NORMALIZE)
+
+
+def finals(events: list) -> list[TurnEvent]:
+    return [e for e in events if isinstance(e, TurnEvent) and e.event == "EndOfTurn"]
+
+
+async def run_stream(stream: EngineStream, audio: bytes, *, chunk: int = 2560) -> list:
+    """Start ``stream``, feed ``audio`` in 80 ms frames as fast as it takes them, finish, collect."""
+    warnings = await stream.start()
+    events: list = list(warnings)
+
+    async def collect() -> None:
+        async for item in stream.events():
+            events.append(item)
+
+    pump = asyncio.get_running_loop().create_task(collect())
+    for i in range(0, len(audio), chunk):
+        stream.feed(audio[i : i + chunk])
+        await asyncio.sleep(0)
+    await stream.finish()
+    await pump
+    return events
+
+
+async def settle(stream: EngineStream, timeout: float = 30.0) -> None:
+    """Wait until the stream has processed everything fed so far (polls a condition, no fixed sleep)."""
+    async with asyncio.timeout(timeout):
+        while stream.backlog_seconds > 0:
+            await asyncio.sleep(0.005)
+
+
+def check_turn_grammar(events: list) -> None:
+    """Flux's turn state machine: StartOfTurn, Updates, EagerEndOfTurn/TurnResumed pairs, EndOfTurn."""
+    turns: dict[int, list[TurnEvent]] = {}
+    order: list[int] = []
+    for e in events:
+        if isinstance(e, TurnEvent):
+            if e.turn not in turns:
+                order.append(e.turn)
+            turns.setdefault(e.turn, []).append(e)
+    assert order == sorted(order), "turns interleave"
+    for turn, evs in turns.items():
+        names = [e.event for e in evs]
+        assert names[0] == "StartOfTurn" and names[-1] == "EndOfTurn" and names.count("EndOfTurn") == 1, (turn, names)
+        eager = None
+        for e in evs[1:-1]:
+            assert e.event in {"Update", "EagerEndOfTurn", "TurnResumed"}, (turn, names)
+            if e.event == "EagerEndOfTurn":
+                assert eager is None, names
+                eager = e
+            elif e.event == "TurnResumed":
+                assert eager is not None, names
+                eager = None
+            else:
+                assert eager is None, f"Update after EagerEndOfTurn: {names}"
+        if eager is not None:
+            assert evs[-1].transcript == eager.transcript
