@@ -18,6 +18,10 @@ for relay/ (docs/benchmarks.md gives the exact code change for each).
   RELEASE, COMMIT) before its count; ``connection_open`` without a heartbeat commit per
   connection (the heartbeat loop keeps the process row fresh) and without re-updating a session
   it has just created.
+* ``ownfirst``: the speaker's own TurnInfo goes to its socket before the turn is written, so
+  its EndOfTurn does not wait for the database; the write (and the count of other connections
+  that decides the fan-out) still happens before the group_send, which is what keeps replay
+  gap-free for the other tabs.
 """
 from __future__ import annotations
 
@@ -113,15 +117,46 @@ def _lean_services() -> None:
     services.aturn_record = database_sync_to_async(turn_record)
 
 
+def _own_first() -> None:
+    from relay import consumers, protocol, services
+
+    async def _on_turn_event(self, event):
+        if event.turn != self.engine_turn or self.turn_index is None:
+            self.engine_turn = event.turn
+            self.turn_index = await services.aturn_index_allocate(session_id=self.session_id)
+        index = self.turn_index
+        body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id)
+        final = event.event == "EndOfTurn"
+        fan_out = bool(self.peers)
+        await self._send(body)
+        if final:
+            self.turn_index = None
+            self.engine_turn = None
+            others = await services.aturn_record(session_id=self.session_id, connection_id=self.connection_id, index=index, event=event)
+            fan_out = fan_out or others > 0
+            consumers.log.info(
+                "turn_finished session=%s connection=%s turn_index=%d trigger=%s words=%d",
+                self.session_id, self.connection_id, index, event.trigger, len(event.words),
+            )
+        if fan_out:
+            await self.channel_layer.group_send(
+                self.group, {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final}
+            )
+
+    consumers.TranscriptionConsumer._on_turn_event = _on_turn_event
+
+
 def apply(names: list[str]) -> None:
     global _channels_await_many_dispatch
-    order = ["leansql", "dbpool", "dispatch"]  # dbpool wraps whatever leansql installed
+    order = ["leansql", "dbpool", "dispatch", "ownfirst"]  # dbpool wraps whatever leansql installed
     for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
         if name == "dispatch":
             import channels.consumer
 
             _channels_await_many_dispatch = channels.consumer.await_many_dispatch
             channels.consumer.await_many_dispatch = await_many_dispatch
+        elif name == "ownfirst":
+            _own_first()
         elif name == "leansql":
             _lean_services()
         elif name == "dbpool":

@@ -30,6 +30,7 @@ from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, pr
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
+ALL_LABEL = "all (freeze, task, DB pool+SQL, own-first)"
 SECTIONS = ("checks", "sweep", "variants", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
 
 
@@ -295,14 +296,17 @@ class Bench:
             plan = {80: [10]}
             window = 2.0
         else:
-            plan = {40: [10, 100, 300, 600, 1000], 80: [10, 100, 300, 1000, 1500, 2000]}
-            window = 6.0
+            plan = {40: [10, 100, 300, 1000], 80: [10, 100, 300, 1000, 2000]}
+            window = 5.0
         rows = []
-        for make in (self.baseline, self.relay, self.deployed):
+        proposed = lambda: self.deployed("relay deployed + proposed changes", env=self.ALL)
+        for make in (self.baseline, self.relay, self.deployed, proposed):
             dep = make()
             with dep:
                 self.warm(dep)
                 for frame_ms, counts in plan.items():
+                    if make is proposed and frame_ms != 80:
+                        continue
                     for n in counts:
                         row = stream_step(dep, sessions=n, frame_ms=frame_ms, window=window, clients=2 if n >= 1000 else 1)
                         rows.append(row)
@@ -312,11 +316,13 @@ class Bench:
                             break
         self.result["sweep"] = rows
 
-    ALL = {"BENCH_PATCHES": "dispatch,dbpool,leansql", "BENCH_GC_FREEZE": "1"}
+    ALL = {"BENCH_PATCHES": "dispatch,dbpool,leansql,ownfirst", "BENCH_GC_FREEZE": "1"}
 
     def section_variants(self) -> None:
-        """One relay process at the issue's reference load, with and without each candidate change."""
-        n, window = (20, 2.0) if self.quick else (300, 8.0)
+        """One relay process at the issue's reference load (300 streams of 80 ms), with and without
+        each candidate change; once with audio only (the per-frame path) and once with a turn
+        every 4 s per stream (adds two database writes per turn)."""
+        n, window = (20, 2.0) if self.quick else (300, 6.0)
         async_commit = self.db_url + "?options=-c%20synchronous_commit%3Doff"
         big = not self.quick
         plan = [  # (deployment, also at 1000 streams)
@@ -324,23 +330,25 @@ class Bench:
             (self.relay("relay, as committed"), big),
             (self.relay("+ gc.freeze()", env={"BENCH_GC_FREEZE": "1"}), False),
             (self.relay("+ one task per connection", env={"BENCH_PATCHES": "dispatch"}), False),
-            (self.relay("+ DB calls on the thread pool", env={"BENCH_PATCHES": "dbpool"}), False),
-            (self.relay("+ leaner SQL per turn", env={"BENCH_PATCHES": "leansql"}), False),
-            (self.relay("+ synchronous_commit=off", env={"DATABASE_URL": async_commit}), False),
-            (self.relay("all four (freeze, task, pool, SQL)", env=self.ALL), big),
+            (self.relay("+ DB pool and leaner SQL", env={"BENCH_PATCHES": "dbpool,leansql"}), False),
+            (self.relay("+ own EndOfTurn before the write", env={"BENCH_PATCHES": "ownfirst"}), False),
+            (self.relay(ALL_LABEL, env=self.ALL), big),
+            (self.relay("all + synchronous_commit=off", env={**self.ALL, "DATABASE_URL": async_commit}), False),
             (self.relay("uvicorn (websockets-sansio)", kind="uvicorn"), False),
-            (self.relay("uvicorn + all four", kind="uvicorn", env=self.ALL), big),
+            (self.relay("uvicorn + all", kind="uvicorn", env=self.ALL), big),
         ]
         if self.quick:
-            plan = plan[:2] + plan[7:8]
+            plan = plan[:2] + plan[6:7]
         rows = []
         for dep, also_big in plan:
             with dep:
                 self.warm(dep)
-                for count in (n, 1000) if also_big else (n,):
-                    row = stream_step(dep, sessions=count, frame_ms=80, window=window, clients=2 if count >= 1000 else 1)
+                loads = [(n, 3600.0), (n, 4.0)] + ([(1000, 4.0)] if also_big else [])
+                for count, turn_s in loads:
+                    row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=turn_s, clients=2 if count >= 1000 else 1)
+                    row["turn_s"] = turn_s
                     rows.append(row)
-                    say(fmt_row(row))
+                    say(fmt_row(row) + ("  (audio only)" if turn_s > 60 else ""))
         self.result["variants"] = rows
 
     def section_handshakes(self) -> None:
