@@ -11,6 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,6 +72,24 @@ def start_server(tmp_path_factory, static_root: Path, engine: str, **extra: str)
 def fake_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
     """daphne with the fake engine: tone bursts become "one two three ..." turns."""
     server = start_server(tmp_path_factory, static_root, "fake")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def whisper_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
+    """daphne with the default engine (whisper), once its model is loaded (/healthz says ready)."""
+    server = start_server(tmp_path_factory, static_root, "whisper")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(server.http_url + "/healthz", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except urllib.error.HTTPError as exc:  # 503 while the model loads
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"whisper never became ready: {exc.read()[:500]!r}\n{server.output()[-3000:]}")
+        time.sleep(0.2)
     yield server
     server.stop()
 
