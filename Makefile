@@ -45,5 +45,10 @@ SOAK_ARGS ?= --minutes 10 --streams 50
 soak: install-dev
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
+# The embedded engines (docs/engines.md): WER, CPU, latency, RSS, concurrent real-time streams;
+# writes bench/results/engines.json and engines.png. BENCH_ENGINES_ARGS=--quick for fewer steps.
+bench-engines: install-dev
+	$(PY) -m bench.engines $(BENCH_ENGINES_ARGS)
+
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

@@ -154,11 +154,21 @@ def pct(values: list[float], q: float) -> float | None:
 async def latency(engine) -> dict[str, Any]:
     audio, turns = conversation()
     loop = asyncio.get_running_loop()
+    timings = getattr(getattr(engine, "runner", None), "timings", None)
+    if timings:
+        timings[True].clear()
+        timings[False].clear()
+    load_before = os.getloadavg()[0]
     cpu0, wall0 = time.process_time(), time.monotonic()
     result = await realtime_stream(engine, audio, turns, loop.time() + 0.2)
     cpu = time.process_time() - cpu0
     seconds = len(audio) / 32000
+    extra = {}
+    if timings:
+        extra = {"final_decode_p50": pct(timings[True], 50), "update_decode_p50": pct(timings[False], 50)}
     return {
+        **extra,
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "audio_seconds": round(seconds, 2),
         "cpu_per_audio_second": round(cpu / seconds, 4),
         "eot_p50": pct(result["eot"], 50),
@@ -199,6 +209,7 @@ async def concurrency(engine, counts: list[int]) -> list[dict[str, Any]]:
             "max_backlog": round(backlog, 3),
             "all_turns_ended": ended,
             "cpu_cores_used": round(cpu / (len(audio) / 32000 + n * 0.37), 2),
+            "load_average_1m": round(os.getloadavg()[0], 2),
         }
         row["sustained"] = bool(ended and backlog <= SUSTAIN_BACKLOG_S and (row["eot_p95"] or 99) <= SUSTAIN_EOT_P95_S)
         progress(f"{engine.name}: {row}")

@@ -102,9 +102,13 @@ class WorkerPool:
         """Jobs are queueing behind busy workers for longer than ``max_wait``."""
         return self.queued >= self.workers and self.oldest_wait() > self.max_wait
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         for _ in self._threads:
             self._queue.put((-1, next(self._order), 0.0, None))
+        if wait:
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join(30)
 
 
 class _Control:

@@ -192,9 +192,20 @@ class WhisperModelRunner:
         self.tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=language)
         self.suppress = list(get_suppressed_tokens(self.tokenizer, [-1]))
         self.beam_size = beam_size
+        self.timings: dict[bool, list[float]] = {True: [], False: []}  # final? -> decode seconds (bench)
         self.n_mels = self.model.feature_extractor.mel_filters.shape[0]
 
     def decode(self, audio: np.ndarray, final: bool, hotwords: str | None) -> Decoded:
+        started = time.perf_counter()
+        try:
+            return self._decode(audio, final, hotwords)
+        finally:
+            times = self.timings[final]
+            times.append(time.perf_counter() - started)
+            if len(times) > 10000:
+                del times[:5000]
+
+    def _decode(self, audio: np.ndarray, final: bool, hotwords: str | None) -> Decoded:
         from faster_whisper.transcribe import merge_punctuations
 
         seconds = audio.size / RATE
@@ -588,3 +599,5 @@ class WhisperEngine(OfflineEngine):
     def close(self) -> None:
         self.pool.shutdown()
         self.frontend.shutdown()
+        if self._loaded.done() and self._loaded.exception() is None:
+            del self.runner  # free CTranslate2's threads before interpreter shutdown
