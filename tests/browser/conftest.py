@@ -56,7 +56,7 @@ def collectstatic(static_root: Path) -> None:
     subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def static_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("staticfiles")
     collectstatic(root)
@@ -68,7 +68,7 @@ def start_server(tmp_path_factory, static_root: Path, engine: str, **extra: str)
     return LiveServer({**env, **production_env(static_root), "RELAY_ENGINE": engine, **extra}, log_name=f"daphne-{engine}").start()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fake_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
     """daphne with the fake engine: tone bursts become "one two three ..." turns."""
     server = start_server(tmp_path_factory, static_root, "fake")
@@ -76,7 +76,7 @@ def fake_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def whisper_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
     """daphne with the default engine (whisper), once its model is loaded (/healthz says ready)."""
     server = start_server(tmp_path_factory, static_root, "whisper")
@@ -94,7 +94,7 @@ def whisper_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright_instance() -> Iterator[Playwright]:
     with sync_playwright() as p:
         yield p
