@@ -230,15 +230,19 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         after = since if since is not None else -1
         page_size = settings.RELAY_REPLAY_PAGE_SIZE
         count = 0
+        last: int | None = None
         while True:
             page = await selectors.aturn_page(session_id=self.session_id, after_index=after, limit=page_size)
             for record in page:
                 self.replayed.add(record["index"])
                 await self._send(protocol.turn_info_from_record(record))
             count += len(page)
+            if page:
+                last = page[-1]["index"]
             if len(page) < page_size:
                 break
             after = page[-1]["index"]
+        await self._send(protocol.history_body(turns=count, last_turn_index=last, since=since))
         if count:
             log.info("history_replayed session=%s connection=%s turns=%d since=%s", self.session_id, self.connection_id, count, since)
 

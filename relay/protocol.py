@@ -306,7 +306,14 @@ def turn_info_from_record(record: dict[str, Any]) -> str:
         "speaker": record["speaker"],
         "replayed": True,
     }
+    if record.get("created_at") is not None:
+        body["created_at"] = record["created_at"].isoformat().replace("+00:00", "Z")
     return dumps(body)
+
+
+def history_body(*, turns: int, last_turn_index: int | None, since: int | None) -> str:
+    """Relay extension: the replay of finished turns is complete; live events follow."""
+    return dumps({"type": "History", "turns": turns, "last_turn_index": last_turn_index, "since": since})
 
 
 def warning_body(code: str, description: str) -> str:

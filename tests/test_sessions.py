@@ -114,8 +114,11 @@ async def test_since_replays_only_later_turns_and_pages(settings):
     await a.disconnect()
     b = Client("/v2/listen?session=pages&since=2")
     await b.connect()
-    got = [(await b.recv())["turn_index"] for _ in range(4)]
-    assert got == [3, 4, 5, 6]
+    replay = [await b.recv() for _ in range(4)]
+    assert [m["turn_index"] for m in replay] == [3, 4, 5, 6]
+    assert all(m["created_at"].endswith("Z") for m in replay)
+    done = await b.recv()
+    assert done["type"] == "History" and done["turns"] == 4 and done["last_turn_index"] == 6 and done["since"] == 2
     await b.disconnect()
 
 
