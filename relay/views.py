@@ -26,6 +26,7 @@ def websocket_info(request: HttpRequest) -> JsonResponse:
         },
         status=426,
     )
+    response.reason_phrase = "Upgrade Required"
     response["Upgrade"] = "websocket"
     response["Connection"] = "Upgrade"
     return response
