@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -37,18 +37,22 @@ class WorkerPool:
 
     ``concurrent.futures.ThreadPoolExecutor`` is first-in first-out; under load that lets a
     stream's interim re-decodes delay another stream's final transcript. Here finals jump the
-    queue, and :meth:`saturated` tells when jobs are waiting longer than ``max_wait`` so the
-    engine can turn new streams away instead of letting every stream fall behind.
+    queue, and low-priority jobs (Updates) may occupy at most ``workers - 1`` threads, so with
+    two or more workers a final never waits for an Update to finish. :meth:`saturated` tells
+    when jobs wait longer than ``max_wait``, so the engine can turn new streams away instead of
+    letting every stream fall behind.
     """
 
     def __init__(self, workers: int, name: str, *, max_wait: float = 1.0) -> None:
         self.workers = max(1, int(workers))
+        self.low_limit = max(1, self.workers - 1)
         self.max_wait = max_wait
-        self._queue: queue.PriorityQueue[tuple[int, int, float, Any]] = queue.PriorityQueue()
+        self._heap: list[tuple[int, int, float, Any]] = []
         self._order = itertools.count()
-        self._lock = threading.Lock()
-        self._waiting: dict[int, float] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
         self.busy = 0
+        self.busy_low = 0
         self.busy_seconds = 0.0
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(self.workers)
@@ -58,25 +62,28 @@ class WorkerPool:
 
     def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        order = next(self._order)
-        now = time.monotonic()
-        with self._lock:
-            self._waiting[order] = now
-        self._queue.put((priority, order, now, (future, fn, args)))
+        with self._cond:
+            heapq.heappush(self._heap, (priority, next(self._order), time.monotonic(), (future, fn, args)))
+            self._cond.notify()
         return future
 
     async def run(self, priority: int, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.submit(priority, fn, *args))
 
+    def _runnable(self) -> bool:
+        return bool(self._heap) and (self._heap[0][0] < PRIORITY_UPDATE or self.busy_low < self.low_limit)
+
     def _work(self) -> None:
         while True:
-            _, order, _, job = self._queue.get()
-            if job is None:
-                return
-            future, fn, args = job
-            with self._lock:
-                self._waiting.pop(order, None)
+            with self._cond:
+                while not self._stopping and not self._runnable():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                priority, _, _, (future, fn, args) = heapq.heappop(self._heap)
+                low = priority >= PRIORITY_UPDATE
                 self.busy += 1
+                self.busy_low += low
             started = time.monotonic()
             try:
                 if future.set_running_or_notify_cancel():
@@ -85,17 +92,20 @@ class WorkerPool:
                     except BaseException as exc:  # handed to the awaiting stream
                         future.set_exception(exc)
             finally:
-                with self._lock:
+                with self._cond:
                     self.busy -= 1
+                    self.busy_low -= low
                     self.busy_seconds += time.monotonic() - started
+                    self._cond.notify_all()
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        with self._cond:
+            return sum(1 for item in self._heap if not item[3][0].cancelled())
 
     def oldest_wait(self) -> float:
-        with self._lock:
-            oldest = min(self._waiting.values(), default=None)
+        with self._cond:
+            oldest = min((item[2] for item in self._heap if not item[3][0].cancelled()), default=None)
         return 0.0 if oldest is None else time.monotonic() - oldest
 
     def saturated(self) -> bool:
@@ -103,8 +113,12 @@ class WorkerPool:
         return self.queued >= self.workers and self.oldest_wait() > self.max_wait
 
     def shutdown(self, wait: bool = True) -> None:
-        for _ in self._threads:
-            self._queue.put((-1, next(self._order), 0.0, None))
+        with self._cond:
+            self._stopping = True
+            for _, _, _, (future, _, _) in self._heap:
+                future.cancel()
+            self._heap.clear()
+            self._cond.notify_all()
         if wait:
             for thread in self._threads:
                 if thread is not threading.current_thread():

@@ -314,10 +314,11 @@ class WhisperStream(OfflineStream):
         self.carry = np.zeros(0, dtype=np.float32)
         self.windows_done = 0
         self.turn = 0
+        self.update_task: asyncio.Task | None = None
+        self.spec: asyncio.Future | None = None
         self._reset_turn()
         self.preroll: list[np.ndarray] = []
         self.speech_run = 0
-        self.update_task: asyncio.Task | None = None
 
     # -- options --------------------------------------------------------------------------------
     def _limits(self) -> tuple[float, str, float | None]:
@@ -361,6 +362,10 @@ class WhisperStream(OfflineStream):
 
     # -- turn state -----------------------------------------------------------------------------
     def _reset_turn(self) -> None:
+        # Queued decodes of a finished turn would only be thrown away: take them off the pool.
+        if self.update_task is not None and not self.update_task.done():
+            self.update_task.cancel()
+        self._drop_spec()
         self.in_turn = False
         self.ending = False
         self.turn_audio: list[np.ndarray] = []
@@ -441,8 +446,7 @@ class WhisperStream(OfflineStream):
         if speaking:
             self.silence = 0.0
             self.speech_since_update += WINDOW_S
-            if self.spec is not None:
-                self.spec = None  # speech went on: the speculative final is stale
+            self._drop_spec()  # speech went on: a speculative final is stale
             if self.eager_sent:
                 self.eager_sent = False
                 self.emit(self._turn_event("TurnResumed", self.last_decoded))
@@ -461,6 +465,11 @@ class WhisperStream(OfflineStream):
             self._send_eager(self.spec)
         if self.silence >= eot:
             await self.end_turn_now(trigger)
+
+    def _drop_spec(self) -> None:
+        if self.spec is not None and not self.spec.done():
+            self.spec.cancel()  # still queued: never runs; running: its result is ignored
+        self.spec = None
 
     def _maybe_update(self) -> None:
         if self.ending or self.eager_sent:
@@ -513,7 +522,7 @@ class WhisperStream(OfflineStream):
     async def flush(self) -> None:
         await self.process_audio(b"", last=True)
         await self.end_turn_now(TRIGGER_END_OF_STREAM)
-        if self.update_task is not None:
+        if self.update_task is not None and not self.update_task.done():
             self.update_task.cancel()
 
 
@@ -531,7 +540,7 @@ class WhisperEngine(OfflineEngine):
         self.workers = int(opts.get("workers") or os.cpu_count() or 1)
         self.max_streams = int(opts.get("max_streams") or 2 * self.workers)
         self.update_interval_s = float(opts.get("update_interval_ms", 600)) / 1000
-        self.first_update_s = float(opts.get("first_update_ms", 450)) / 1000
+        self.first_update_s = float(opts.get("first_update_ms", 350)) / 1000
         self.speculate_s = float(opts.get("speculate_ms", 128)) / 1000
         self.max_turn_s = float(opts.get("max_turn_s", 25.0))
         self.pool = WorkerPool(self.workers, f"whisper-{alias}", max_wait=float(opts.get("max_queue_wait_s", 1.5)))
