@@ -512,3 +512,151 @@ def test_engine_failure_is_an_error_and_the_stream_recovers(pg, tmp_path):
     env = {"DJANGO_SETTINGS_MODULE": "tests.fault_settings", "RELAY_ENGINE": "faulty"}
     with running(pg, tmp_path, env=env) as s:
         run(engine_scenario(s))
+
+
+# --- a client that stops reading ------------------------------------------------------------------
+#: What one connection may make a daphne process hold for a client that does not read. The
+#: kernel's socket buffers and nginx take the first few MB; past that, the relay must refuse to
+#: queue more (close the connection) instead of growing.
+SLOW_READER_BUDGET_MB = 32
+
+
+def vm(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in MB, from /proc."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, value = line.split(":")
+            out[key] = int(value.split()[0]) // 1024
+    return out
+
+
+async def slow_reader_scenario(s: Stack) -> dict[str, float]:
+    d1 = s.daphnes[0]
+    warm = await ResumingClient(s.nginx.ws_url, "warm-up", ssl=s.nginx.ssl).start()
+    await warm.say(8, tone(2.0) + silence(0.7))
+    await warm.close()
+    before = vm(d1.pid)
+
+    # Six minutes of speech with no pause: one turn whose Updates grow with every word (the
+    # last ones are ~100 kB each), some 70 MB of TurnInfo for a client that reads none of it.
+    sid = "slow-" + uuid.uuid4().hex[:6]
+    ws = await websockets.connect(f"{s.nginx.ws_url}/v2/listen?session={sid}", ssl=s.nginx.ssl,
+                                  ping_interval=None, max_queue=1, max_size=None)
+    await ws.recv()  # Connected; from here on the client reads nothing
+    log_at = len(d1.output())
+    audio = tone(360.0) + silence(0.7)
+    sent = 0
+    try:
+        for i in range(0, len(audio), 2560):
+            await ws.send(audio[i : i + 2560])
+            sent += 2560
+    except websockets.ConnectionClosed:
+        pass  # the relay gave up on this client: that is one way to stay bounded
+    await wait_log(d1, f"turn_finished session={sid}", after=log_at, timeout=120)
+    during = vm(d1.pid)
+    ws.transport.abort()
+    await wait_log(d1, f"client_disconnected session={sid}", after=log_at, timeout=60)
+    after = vm(d1.pid)
+    stats = {
+        "audio_mb": sent / 1e6,
+        "baseline_rss_mb": before["VmRSS"],
+        "peak_rss_mb": during["VmHWM"],
+        "growth_mb": during["VmHWM"] - max(before["VmHWM"], before["VmRSS"]),
+        "rss_after_drop_mb": after["VmRSS"],
+    }
+    print(f"slow reader: {stats}")
+    assert d1.alive()
+    assert stats["growth_mb"] < SLOW_READER_BUDGET_MB, (
+        f"daphne grew by {stats['growth_mb']} MB (peak {stats['peak_rss_mb']} MB from {stats['baseline_rss_mb']} MB) "
+        f"for one client that stopped reading: the relay queues every TurnInfo for it without bound"
+    )
+    return stats
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_client_that_stops_reading_keeps_server_memory_bounded(pg, tmp_path):
+    with running(pg, tmp_path, processes=1) as s:
+        run(slow_reader_scenario(s))
+
+
+async def ghost_scenario(s: Stack, pg: Postgres) -> None:
+    d1, _ = s.daphnes
+    sid = "pgghost-" + uuid.uuid4().hex[:6]
+    c = await s.client_on(d1, sid)
+    await c.say(1, turn(1))
+    log_at = len(d1.output())
+    pg.stop("fast")
+    await c.close()  # the client leaves while the database is down
+    await wait_log(d1, "close_not_recorded", after=log_at)
+    pg.start()
+    # Once the database is back the process must account for the connection it no longer has,
+    # at the latest by the time a dead process's connections would stop counting (3 heartbeats).
+    deadline = asyncio.get_running_loop().time() + 15
+    while (live := await asyncio.to_thread(live_connections, s, sid)) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+    assert live == 0, (
+        "a connection whose close could not be written during a database outage still counts as "
+        "live after the database came back (its process keeps heartbeating): presence counts and "
+        "RELAY_MAX_CONNECTIONS_PER_SESSION see a ghost"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_connection_closed_during_a_database_outage_stops_counting_as_live(pg, tmp_path):
+    with running(pg, tmp_path, env={"RELAY_DB_RETRY_SECONDS": "1"}) as s:
+        run(ghost_scenario(s, pg))
+
+
+async def worker_crash_flush_scenario(s: Stack) -> None:
+    from tests.fault_engines import WORKER_CRASH
+
+    d1, _ = s.daphnes
+    c = await s.client_on(d1, "workerflush-" + uuid.uuid4().hex[:6], resend=False)
+    await c.say(1, turn(1))
+    await c.speak(tone(1.0))
+    await c.wait_for(lambda m: m.get("event") == "Update" and m["transcript"] == words(4), what="open turn")
+    await c.send_raw(WORKER_CRASH)
+    await c.reconnected(2)
+    await c.close()
+    assert c.errors[-1]["code"] == "ENGINE_ERROR"
+    # docs/protocol.md: "Before the relay closes for an error it finishes and stores the open
+    # turn". The engine can still flush (finish() works), but the relay has stopped reading its
+    # events by then, so the EndOfTurn it produces is dropped.
+    assert [(t, trig) for _, t, trig in s.turns(c.session)] == [(words(1), "model"), (words(4), "end_of_stream")]
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_engine_event_stream_failure_still_stores_the_open_turn(pg, tmp_path):
+    env = {"DJANGO_SETTINGS_MODULE": "tests.fault_settings", "RELAY_ENGINE": "faulty"}
+    with running(pg, tmp_path, env=env) as s:
+        run(worker_crash_flush_scenario(s))
+
+
+async def sigterm_scenario(s: Stack) -> None:
+    d1, d2 = s.daphnes
+    c = await s.client_on(d1, "sigterm-" + uuid.uuid4().hex[:6], resend=False)
+    await c.say(2, turn(2))
+    await c.speak(tone(1.0))
+    await c.wait_for(lambda m: m.get("event") == "Update" and m["transcript"] == words(4), what="open turn")
+    first = c.connection_id
+    d1.proc.terminate()  # what systemctl stop/restart (a deploy) does
+    await asyncio.to_thread(d1.proc.wait, 30)
+    await c.reconnected()
+    await c.close()
+    assert await asyncio.to_thread(s.daphne_of, c.connection_id) is d2
+    # A restart is planned: the relay has time to do what it does on any close, flush the open
+    # turn and record the close, instead of dropping the streams like a crash.
+    assert s.transcripts(c.session) == [words(2), words(4)], "the open turn was lost on SIGTERM"
+    closed = s.query("SELECT closed_at IS NOT NULL FROM relay_connection WHERE id = %s", first)[0][0]
+    assert closed, "the connection's close was not recorded on SIGTERM"
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_sigterm_restart_stores_open_turns_like_a_close(pg, tmp_path):
+    with running(pg, tmp_path) as s:
+        run(sigterm_scenario(s))
