@@ -23,7 +23,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError
 
-from relay import auth, metrics, protocol, selectors, services
+from relay import auth, metrics, protocol, selectors, services, shutdown
 from relay.audio import SampleAligner
 from relay.engines import EngineStream, EngineWarning, TurnEvent, get_engine
 from relay.exceptions import (
@@ -43,6 +43,10 @@ from relay.limits import SlidingWindowLimiter
 log = logging.getLogger("relay.consumer")
 
 _heartbeat_task: asyncio.Task | None = None
+#: Connection closes the database refused (outage past RELAY_DB_RETRY_SECONDS). The heartbeat
+#: loop writes them once it can; until then those connections count as live for as long as this
+#: process heartbeats.
+_unrecorded_closes: dict[str, dict[str, Any]] = {}
 _active_streams = 0
 _connect_limiter: SlidingWindowLimiter | None = None
 
@@ -64,6 +68,9 @@ async def _heartbeat_loop() -> None:
     while True:
         try:
             await services.aprocess_heartbeat()
+            for connection_id, close in list(_unrecorded_closes.items()):
+                await services.aconnection_flush(**close)
+                _unrecorded_closes.pop(connection_id, None)
         except Exception:  # the database may be restarting; try again next beat
             log.warning("heartbeat_failed process=%s", services.process_id(), exc_info=True)
         await asyncio.sleep(settings.RELAY_HEARTBEAT_SECONDS)
@@ -213,6 +220,7 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         for warning in warnings:
             await self._send(protocol.warning_body(warning.code, warning.description))
         self.pump = asyncio.get_running_loop().create_task(self._pump_events())
+        shutdown.register(self)
 
     async def _authenticate(self):
         """The Django user of the connection: from a login session or an API token."""
@@ -287,7 +295,11 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
                     await asyncio.wait_for(stream.finish(), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
                 else:
                     await stream.abort()
-                if pump is not None:
+                if pump is not None and flush and self.pump_error is not None and not isinstance(self.pump_error, StorageUnavailable):
+                    # The pump died with the engine's event stream, but what finish() produced
+                    # (the open turn's EndOfTurn) is queued: deliver and store it here.
+                    await asyncio.wait_for(self._deliver_remaining(), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
+                elif pump is not None:
                     await asyncio.wait_for(asyncio.shield(pump), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
             except (asyncio.TimeoutError, Exception):
                 log.warning("flush_incomplete session=%s connection=%s", self.session_id, self.connection_id, exc_info=True)
@@ -295,25 +307,31 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
                 if pump is not None:
                     pump.cancel()
 
+    async def _deliver_remaining(self) -> None:
+        assert self.stream is not None
+        async for item in self.stream.events():
+            if not isinstance(item, EngineWarning):
+                await self._on_turn_event(item)
+
     async def _record_close(self) -> None:
         if not self.connection_id:
             return
         metrics.connection_closed(code=self.close_code, duration_seconds=time.monotonic() - self.started)
         if self.audio_meter is not None:
             self.audio_meter.report(self.audio_bytes)
+        close = dict(
+            connection_id=self.connection_id,
+            session_id=self.session_id,
+            closed=True,
+            close_code=self.close_code,
+            close_reason=self.close_reason,
+            **self._counters(),
+        )
         try:
-            await _with_db_retry(
-                "connection_close",
-                services.aconnection_flush,
-                connection_id=self.connection_id,
-                session_id=self.session_id,
-                closed=True,
-                close_code=self.close_code,
-                close_reason=self.close_reason,
-                **self._counters(),
-            )
+            await _with_db_retry("connection_close", services.aconnection_flush, **close)
         except Exception:
             log.exception("close_not_recorded session=%s connection=%s", self.session_id, self.connection_id)
+            _unrecorded_closes[self.connection_id] = close
         if self.group:
             await self._layer("group_discard", self.group, self.channel_name)
             if self.peers:

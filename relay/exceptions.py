@@ -88,6 +88,14 @@ class SessionFull(RelayError):
     description = "This session already has the maximum number of connections; try again later."
 
 
+class ServerRestarting(RelayError):
+    """The process is stopping (a restart or deploy); reconnect and another one serves you."""
+
+    code = "SERVER_RESTARTING"
+    close_code = 4012
+    description = "The relay is restarting; reconnect to continue."
+
+
 class SessionEnded(RelayError):
     """The session was ended by an operator and takes no more connections."""
 
@@ -172,4 +180,5 @@ ALL_ERRORS: list[type[RelayError]] = [
     EngineUnavailable,
     UpstreamAuthFailed,
     StorageUnavailable,
+    ServerRestarting,
 ]

@@ -14,8 +14,14 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from relay import send_limit, shutdown  # noqa: E402
 from relay.middleware import OriginCheckMiddleware  # noqa: E402
 from relay.routing import websocket_urlpatterns  # noqa: E402
+
+from django.conf import settings  # noqa: E402
+
+send_limit.install(settings.RELAY_MAX_SEND_BUFFER_BYTES)
+shutdown.install(settings.RELAY_SHUTDOWN_TIMEOUT_SECONDS)
 
 application = ProtocolTypeRouter(
     {
