@@ -3,7 +3,9 @@ plus a ``/__bench__/stats`` HTTP endpoint (garbage-collector pauses, active stre
 asked through the environment, prototype changes to measure before they go into the relay:
 
 * ``BENCH_GC_FREEZE=1``: ``gc.collect(); gc.freeze()`` once the application is built;
-* ``BENCH_PATCHES=name,...``: monkeypatches from :mod:`bench.patches`.
+* ``BENCH_PATCHES=name,...``: monkeypatches from :mod:`bench.patches`;
+* ``BENCH_TRACEMALLOC=1``: trace allocations; ``/__bench__/tracemalloc`` lists the allocation
+  sites that grew most since the first call (used to chase memory growth in a soak).
 
 WebSocket connections go straight to the relay's application; the wrapper adds one ``if`` per
 connection, nothing per frame.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import tracemalloc
 import os
 import time
 from collections import deque
@@ -40,9 +43,30 @@ if _patches:
 
     patches.apply(_patches)
 
+if os.environ.get("BENCH_TRACEMALLOC") == "1":
+    tracemalloc.start(8)
+
 if os.environ.get("BENCH_GC_FREEZE") == "1":
     gc.collect()
     gc.freeze()
+
+
+_first_snapshot: list = []
+
+
+def tracemalloc_growth(top: int = 25) -> dict:
+    if not tracemalloc.is_tracing():
+        return {"error": "start the server with BENCH_TRACEMALLOC=1"}
+    gc.collect()
+    snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+    if not _first_snapshot:
+        _first_snapshot.append(snap)
+        return {"baseline": True, "traced_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 2)}
+    diff = snap.compare_to(_first_snapshot[0], "traceback")
+    return {
+        "traced_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 2),
+        "top": [{"kb": round(d.size_diff / 1024, 1), "count": d.count_diff, "where": d.traceback.format()[-6:]} for d in diff[:top]],
+    }
 
 
 def stats() -> dict:
@@ -71,7 +95,8 @@ async def application(scope, receive, send):
     if scope["type"] == "http" and scope["path"].startswith("/__bench__/"):
         if scope["path"] == "/__bench__/reset":
             reset()
-        body = json.dumps(stats()).encode()
+        payload = tracemalloc_growth() if scope["path"] == "/__bench__/tracemalloc" else stats()
+        body = json.dumps(payload).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
         return

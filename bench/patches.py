@@ -16,16 +16,22 @@ for relay/ (docs/benchmarks.md gives the exact code change for each).
   ``turn_index_allocate`` as one ``UPDATE ... RETURNING`` (was BEGIN, UPDATE, SELECT, COMMIT);
   ``turn_record`` as one ``INSERT ... ON CONFLICT DO UPDATE`` (was SELECT, SAVEPOINT, INSERT,
   RELEASE, COMMIT) before its count; ``connection_open`` without a heartbeat commit per
-  connection (the heartbeat loop keeps the process row fresh) and without re-updating a session
-  it has just created.
+  connection (the heartbeat loop keeps the process row fresh) and, for a new session (no
+  ``session`` asked for: a fresh uuid4 cannot exist yet), just two INSERTs in one transaction
+  (was SELECT, SAVEPOINT, INSERT, RELEASE, SELECT live connections, INSERT, UPDATE).
 * ``ownfirst``: the speaker's own TurnInfo goes to its socket before the turn is written, so
   its EndOfTurn does not wait for the database; the write (and the count of other connections
   that decides the fan-out) still happens before the group_send, which is what keeps replay
   gap-free for the other tabs.
+* ``autobahn``: daphne's WebSocket library (autobahn 26) formats debug-log arguments eagerly,
+  whether or not debug logging is on: ``hltype``/``hlval`` (click styling) on every incoming
+  read and outgoing message, ``pformat`` of its whole configuration on every connection. This
+  replaces those helpers in autobahn's modules with a no-op (the log lines are never emitted).
 """
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, Callable
 
 _ERROR = "__bench_layer_error__"
@@ -110,6 +116,28 @@ def _lean_services() -> None:
         )
         return services.Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
 
+    from django.db import transaction
+
+    from relay.models import Connection
+
+    connection_open = services.connection_open
+
+    def connection_open_lean(*, session_id, user, engine, since, client_addr="", user_agent=""):
+        if session_id is not None:
+            return connection_open(session_id=session_id, user=user, engine=engine, since=since,
+                                   client_addr=client_addr, user_agent=user_agent)
+        process_heartbeat_at_most_every_few_seconds()
+        authenticated = bool(user is not None and getattr(user, "is_authenticated", False))
+        now = timezone.now()
+        with transaction.atomic():
+            session = Session.objects.create(pk=str(uuid.uuid4()), owner=user if authenticated else None, engine=engine,
+                                             created_at=now, last_activity_at=now)
+            conn = Connection.objects.create(session=session, process_id=services.process_id(), engine=engine, resumed=False,
+                                             since=since, client_addr=client_addr[:64], user_agent=user_agent[:256])
+        return services.Opened(session_id=session.pk, connection_id=str(conn.pk), resumed=False, engine=engine, others=[], gap_seconds=None)
+
+    services.connection_open = connection_open_lean
+    services.aconnection_open = database_sync_to_async(connection_open_lean)
     services.process_heartbeat = process_heartbeat_at_most_every_few_seconds
     services.turn_index_allocate = turn_index_allocate
     services.turn_record = turn_record
@@ -118,32 +146,53 @@ def _lean_services() -> None:
 
 
 def _own_first() -> None:
-    from relay import consumers, protocol, services
+    """TranscriptionConsumer._on_turn_event as committed, with ``await self._send(body)`` moved
+    before the turn write."""
+    from relay import consumers, metrics, protocol, services
 
     async def _on_turn_event(self, event):
         if event.turn != self.engine_turn or self.turn_index is None:
             self.engine_turn = event.turn
-            self.turn_index = await services.aturn_index_allocate(session_id=self.session_id)
+            self.turn_index = await consumers._with_db_retry("turn_index", services.aturn_index_allocate, session_id=self.session_id)
         index = self.turn_index
         body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id)
         final = event.event == "EndOfTurn"
         fan_out = bool(self.peers)
-        await self._send(body)
+        await self._send(body)  # moved up: the speaker's own events never wait for the database
         if final:
+            others = await consumers._with_db_retry(
+                "turn_record", services.aturn_record,
+                session_id=self.session_id, connection_id=self.connection_id, index=index, event=event,
+            )
+            fan_out = fan_out or others > 0
+            metrics.turn_finished(trigger=event.trigger)
+            self.audio_meter.report(self.audio_bytes)
             self.turn_index = None
             self.engine_turn = None
-            others = await services.aturn_record(session_id=self.session_id, connection_id=self.connection_id, index=index, event=event)
-            fan_out = fan_out or others > 0
             consumers.log.info(
                 "turn_finished session=%s connection=%s turn_index=%d trigger=%s words=%d",
                 self.session_id, self.connection_id, index, event.trigger, len(event.words),
             )
         if fan_out:
-            await self.channel_layer.group_send(
-                self.group, {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final}
+            await self._layer(
+                "group_send", self.group,
+                {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final},
             )
 
     consumers.TranscriptionConsumer._on_turn_event = _on_turn_event
+
+
+def _quiet_autobahn() -> None:
+    import autobahn.twisted.websocket as twisted_ws
+    import autobahn.websocket.protocol as ws_protocol
+
+    def quiet(*args: Any, **kwargs: Any) -> str:
+        return ""
+
+    for module in (ws_protocol, twisted_ws):
+        module.hltype = quiet
+        module.hlval = quiet
+    ws_protocol.pformat = quiet
 
 
 def apply(names: list[str]) -> None:
@@ -155,6 +204,8 @@ def apply(names: list[str]) -> None:
 
             _channels_await_many_dispatch = channels.consumer.await_many_dispatch
             channels.consumer.await_many_dispatch = await_many_dispatch
+        elif name == "autobahn":
+            _quiet_autobahn()
         elif name == "ownfirst":
             _own_first()
         elif name == "leansql":

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 REF_STREAMS, REF_FRAME = 300, 80
-ALL_LABEL = "all (freeze, task, DB pool+SQL, own-first)"
+ALL_LABEL = "all (freeze, task, autobahn, DB pool+SQL, own-first)"
 
 
 def _v(x: Any, unit: str = "") -> str:

@@ -30,7 +30,7 @@ from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, pr
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-ALL_LABEL = "all (freeze, task, DB pool+SQL, own-first)"
+ALL_LABEL = "all (freeze, task, autobahn, DB pool+SQL, own-first)"
 SECTIONS = ("checks", "sweep", "variants", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
 
 
@@ -297,7 +297,7 @@ class Bench:
             window = 2.0
         else:
             plan = {40: [10, 100, 300, 1000], 80: [10, 100, 300, 1000, 2000]}
-            window = 5.0
+            window = 4.0
         rows = []
         proposed = lambda: self.deployed("relay deployed + proposed changes", env=self.ALL)
         for make in (self.baseline, self.relay, self.deployed, proposed):
@@ -316,34 +316,35 @@ class Bench:
                             break
         self.result["sweep"] = rows
 
-    ALL = {"BENCH_PATCHES": "dispatch,dbpool,leansql,ownfirst", "BENCH_GC_FREEZE": "1"}
+    ALL = {"BENCH_PATCHES": "dispatch,dbpool,leansql,ownfirst,autobahn", "BENCH_GC_FREEZE": "1"}
 
     def section_variants(self) -> None:
-        """One relay process at the issue's reference load (300 streams of 80 ms), with and without
-        each candidate change; once with audio only (the per-frame path) and once with a turn
-        every 4 s per stream (adds two database writes per turn)."""
+        """One relay process at the issue's reference load (300 streams of 80 ms) with and without
+        each candidate change, a turn every 4 s per stream (two database writes per turn); the
+        main rows also with audio only (the per-frame path) and at 1,000 streams."""
         n, window = (20, 2.0) if self.quick else (300, 6.0)
         async_commit = self.db_url + "?options=-c%20synchronous_commit%3Doff"
-        big = not self.quick
-        plan = [  # (deployment, also at 1000 streams)
-            (self.baseline(), big),
-            (self.relay("relay, as committed"), big),
+        main = not self.quick
+        plan = [  # (deployment, main row: also audio only and 1,000 streams)
+            (self.baseline(), main),
+            (self.relay("relay, as committed"), main),
             (self.relay("+ gc.freeze()", env={"BENCH_GC_FREEZE": "1"}), False),
             (self.relay("+ one task per connection", env={"BENCH_PATCHES": "dispatch"}), False),
+            (self.relay("+ quiet autobahn", env={"BENCH_PATCHES": "autobahn"}), False),
             (self.relay("+ DB pool and leaner SQL", env={"BENCH_PATCHES": "dbpool,leansql"}), False),
             (self.relay("+ own EndOfTurn before the write", env={"BENCH_PATCHES": "ownfirst"}), False),
-            (self.relay(ALL_LABEL, env=self.ALL), big),
+            (self.relay(ALL_LABEL, env=self.ALL), main),
             (self.relay("all + synchronous_commit=off", env={**self.ALL, "DATABASE_URL": async_commit}), False),
             (self.relay("uvicorn (websockets-sansio)", kind="uvicorn"), False),
-            (self.relay("uvicorn + all", kind="uvicorn", env=self.ALL), big),
+            (self.relay("uvicorn + all", kind="uvicorn", env=self.ALL), main),
         ]
         if self.quick:
-            plan = plan[:2] + plan[6:7]
+            plan = plan[:2] + plan[7:8]
         rows = []
-        for dep, also_big in plan:
+        for dep, is_main in plan:
             with dep:
                 self.warm(dep)
-                loads = [(n, 3600.0), (n, 4.0)] + ([(1000, 4.0)] if also_big else [])
+                loads = [(n, 3600.0), (n, 4.0), (1000, 4.0)] if is_main else [(n, 4.0)]
                 for count, turn_s in loads:
                     row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=turn_s, clients=2 if count >= 1000 else 1)
                     row["turn_s"] = turn_s
@@ -359,9 +360,10 @@ class Bench:
             self.relay("relay, listen backlog 1024"),
             self.relay("relay, daphne default backlog (50)", backlog=None),
             self.relay("relay, DATABASE_CONN_MAX_AGE=0", env={"DATABASE_CONN_MAX_AGE": "0"}),
-            self.relay("relay + DB calls on the thread pool", env={"BENCH_PATCHES": "dbpool"}),
+            self.relay("relay + DB pool, leaner SQL, quiet autobahn", env={"BENCH_PATCHES": "dbpool,leansql,autobahn"}),
             self.deployed("deployed (2 daphne, pubsub)"),
             self.deployed("deployed, Redis pool max_connections=1000", redis_url=self.redis_url + "?max_connections=1000"),
+            self.deployed("deployed + proposed changes", env=self.ALL),
         ]
         if self.quick:
             plan = plan[:2]

@@ -297,9 +297,11 @@ class Conn(asyncio.Protocol):
 
 
 # -- modes --------------------------------------------------------------------------------------
-async def open_conn(run: Run, host: str, port: int, path: str, *, speaker: Conn | None = None, timeout: float = 30.0, deflate: bool = False) -> Conn:
+async def open_conn(run: Run, host: str, port: int, path: str, *, speaker: Conn | None = None, timeout: float = 30.0,
+                    deflate: bool = False, turn_log: list[int] | None = None) -> Conn:
     loop = asyncio.get_running_loop()
     conn = Conn(run, handshake_request(host, port, path, deflate=deflate), speaker=speaker)
+    conn.turn_log = turn_log  # set before connecting: replayed turns may share a read with Connected
     try:
         await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), timeout)
         await asyncio.wait_for(asyncio.shield(conn.connected), timeout)
@@ -580,7 +582,7 @@ async def mode_soak(cfg: dict[str, Any]) -> dict[str, Any]:
             host, port = targets[(i + attempt) % len(targets)]
             attempt += 1
             try:
-                conn = await open_conn(run, host, port, path, timeout=15)
+                conn = await open_conn(run, host, port, path, timeout=15, turn_log=seen)
             except Exception:
                 counters["connect_failed"] += 1
                 await asyncio.sleep(1.0)
@@ -590,7 +592,6 @@ async def mode_soak(cfg: dict[str, Any]) -> dict[str, Any]:
                 reconnects.append(opened - dropped_at)
             counters["connections"] += 1
             counters["live"] += 1
-            conn.turn_log = seen
             session = sessions[i] = conn.session_id
             life = min(max(rng.expovariate(1 / cfg.get("mean_life_s", 60.0)), 3.0), cfg.get("max_life_s", 180.0))
             stop = min(opened + life, end - 1)
