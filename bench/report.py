@@ -93,8 +93,8 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None) -> list[str]:
     lines = [
-        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare | server cores | client cores | idle KB/conn | errors | dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare | server cores | client cores | machine busy cores | idle KB/conn | errors | dropped | server busy after s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         match = {"turn_s": r["turn_s"]} if "turn_s" in r else {}
@@ -104,7 +104,8 @@ def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | N
         lines.append(
             f"| {r['target']} | {r['frame_ms']} ms | {tabs} | {r['achieved']:.2f} | {_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} "
             f"| {_v(r['upd']['p50'])} / {_v(r['upd']['p99'])} | {_v(r['cpu_per_frame_us'])} | {_v(ratio)} | {r['server_cores']} "
-            f"| {r['client_cores']} | {_v(r['rss_idle_per_conn_kb'])} | {r['error_count']} | {r['dropped_updates'] + r['missing_eot']} |"
+            f"| {r['client_cores']} | {r['machine_busy_cores']} | {_v(r['rss_idle_per_conn_kb'])} | {r['error_count']} | {r['dropped_updates'] + r['missing_eot']} "
+            f"| {r.get('busy_after_s', '–')} |"
         )
     return lines
 

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +124,21 @@ class Deployment:
         self.stop()
 
 
+def wait_idle(dep: Deployment, limit: float = 120.0) -> float:
+    """Seconds until the servers stop working (under 5% of a core) after the clients left: an
+    overloaded server goes on chewing through what it buffered, and the next step must not
+    measure that."""
+    start = time.monotonic()
+    last = dep.cpu()[0]
+    while time.monotonic() - start < limit:
+        time.sleep(0.5)
+        now = dep.cpu()[0]
+        if now - last < 0.025:
+            break
+        last = now
+    return round(time.monotonic() - start, 1)
+
+
 def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float, listeners: int = 0, settle: float = 2.0,
                 clients: int = 1, stop_reading: bool = False, connect_rate: float = 400.0, turn_s: float = 4.0,
                 extra: dict | None = None) -> dict[str, Any]:
@@ -159,6 +175,7 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         results = cl.expect("result", timeout=120)
     finally:
         cl.close()
+    drain = wait_idle(dep)
     samples: dict[str, list[float]] = {}
     errors: Counter = Counter()
     for r in results:
@@ -202,6 +219,7 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         "handshake": {k: results[0]["handshake"].get(k) for k in ("p50", "p99")},
         "gc": [g.get("gc") for g in gc_stats if g],
         "window_s": round(wall, 2),
+        "busy_after_s": drain,
     }
     return row
 
@@ -216,7 +234,8 @@ def fmt_row(row: dict[str, Any]) -> str:
             f"{'+' + str(row['listeners']) if row['listeners'] else '':<6} achieved {row['achieved']:.2f}"
             f"  EoT p50/p99 {row['fet_rtt']['p50']}/{row['fet_rtt']['p99']} ms  Update p99 {row['upd']['p99']} ms"
             f"  cpu/frame {row['cpu_per_frame_us']} us  server {row['server_cores']} cores  client {row['client_cores']}"
-            f"  idle {row['rss_idle_per_conn_kb']} KB/conn  err {row['error_count']} drop {row['dropped_updates']}")
+            f"  idle {row['rss_idle_per_conn_kb']} KB/conn  err {row['error_count']} drop {row['dropped_updates']}"
+            f"  machine {row['machine_busy_cores']} cores  busy after {row['busy_after_s']} s")
 
 
 class Bench:
@@ -487,7 +506,12 @@ def burst(dep: Deployment, *, count: int, burst_s: float, deflate: bool = False)
     return run_client({"mode": "burst", "targets": dep.targets, "count": count, "burst_s": burst_s, "deflate": deflate})
 
 
+def _terminate(signum, frame):  # SIGTERM: stop our servers and drop the database on the way out
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description="Relay benchmark suite (docs/benchmarks.md)")
     parser.add_argument("--quick", action="store_true", help="a small, fast smoke run (CI)")
     parser.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")

@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,7 +145,12 @@ def write_md(r: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(L))
 
 
+def _terminate(signum, frame):  # SIGTERM: stop our servers and drop the database on the way out
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     p = argparse.ArgumentParser(description="Bounded soak of the relay as deployed (docs/benchmarks.md)")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--streams", type=int, default=50)
