@@ -15,9 +15,9 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.audio import silence, tone, wav_bytes
-from tests.browser.conftest import PHONE, new_page, page_errors, screenshot
+from tests.browser.conftest import PHONE, new_page, page_errors, production_env, screenshot
 from tests.browser.proxy import CuttableProxy
-from tests.live import ROOT
+from tests.live import ROOT, LiveServer, sqlite_env
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 
@@ -100,6 +100,17 @@ def wait_for_queued_audio(page: Page, ms: int) -> None:
     page.wait_for_function(f"Number(document.body.dataset.queuedMs || 0) >= {ms}")
 
 
+def word_count_at_least(page: Page, n: int) -> None:
+    """Wait until the finished turns hold ``n`` words and nothing is provisional."""
+    page.wait_for_function(
+        f"""() => {{
+            const words = [...document.querySelectorAll('#turns .turn-text')]
+                .reduce((n, e) => n + e.textContent.split(' ').length, 0);
+            return words >= {n} && !document.querySelector('#interims .turn');
+        }}"""
+    )
+
+
 def test_connection_dropped_mid_speech_reconnects_without_losing_or_repeating_words(fake_server, launch, tmp_path):
     bursts = 5
     browser = launch(bursts_wav(tmp_path / "bursts.wav", bursts, gap=2.0))
@@ -120,23 +131,24 @@ def test_connection_dropped_mid_speech_reconnects_without_losing_or_repeating_wo
         page.evaluate("window.dispatchEvent(new Event('online'))")  # what a returning network fires
         expect(page.locator("body")).to_have_attribute("data-reconnects", "1")
 
-        # Drop 2, inside a turn: cut as soon as a burst's first word shows, reconnect at once.
+        # Drop 2, inside a turn of live speech (burst 3, once burst 2's catch-up is done): cut as
+        # soon as its first word shows, reconnect at once.
         page.wait_for_function(
-            "() => /^one/.test(document.querySelector('#interims .turn-text')?.textContent || '')",
+            """() => document.querySelectorAll('#turns .turn').length >= 2
+                && /^one$/.test(document.querySelector('#interims .turn-text')?.textContent || '')""",
             polling="raf",
         )
         proxy.cut()
         expect(page.locator("body")).to_have_attribute("data-reconnects", "2")
+        # The process lived and finished the open turn itself (end_of_stream): the page drops the
+        # audio that turn covers and sends only what the relay never took.
+        expect(page.locator("body")).to_have_attribute("data-resume", "finished")
+        assert int(page.locator("body").get_attribute("data-covered-ms")) >= 250
         # Wait for the end of the recording: every burst's words are in and nothing is provisional.
-        page.wait_for_function(
-            f"""() => {{
-                const words = [...document.querySelectorAll('#turns .turn-text')]
-                    .reduce((n, e) => n + e.textContent.split(' ').length, 0);
-                return words >= {3 * bursts - 1} && !document.querySelector('#interims .turn');
-            }}"""
-        )
+        word_count_at_least(page, 3 * bursts - 1)
         page.locator("#mic").click()  # deliberate stop: CloseStream, then the page listens on
         expect(page.locator("body")).to_have_attribute("data-recording", "false")
+        expect(page.locator("#mic")).to_be_enabled()  # finished, and listening again
         expect(page.locator("body")).to_have_attribute("data-state", "open")
         screenshot(page, "reconnect-final")
 
@@ -145,16 +157,17 @@ def test_connection_dropped_mid_speech_reconnects_without_losing_or_repeating_wo
         assert indexes == sorted(set(indexes)), turns  # no turn twice, in order
         texts = [t["text"] for t in turns]
         # Every burst is whole, burst 2 included (spoken entirely while disconnected), except the
-        # one cut mid-turn: the relay finished its open part, the rest came from the page's
-        # buffer as a new turn. The fake engine counts one word per full 250 ms of each part, so
-        # that split may cost one word; real speech engines see the same audio either way.
+        # one cut mid-turn: the relay finished its open part (end_of_stream), and the page sent
+        # only the audio after the end of that turn, then the rest as a new turn; nothing twice.
+        # The fake engine counts one word per full 250 ms of each part, so that split may cost one
+        # word; real speech engines see the same audio either way.
         split = [i for i, t in enumerate(texts) if t != BURST]
         if split:
             assert texts.count(BURST) == bursts - 1, texts
             assert split == list(range(split[0], split[0] + len(split))) and len(split) <= 2, texts
             assert all(re.fullmatch(r"one( two)?", texts[i]) for i in split), texts
             assert 2 <= sum(len(texts[i].split()) for i in split) <= 3, texts
-        else:  # the cut landed after the burst's last word
+        else:  # the cut landed (a slow machine) after the burst's last word
             assert texts == [BURST] * bursts, texts
 
         # The relay kept the same turns: a fresh page on the share link replays exactly them.
@@ -163,6 +176,72 @@ def test_connection_dropped_mid_speech_reconnects_without_losing_or_repeating_wo
         expect(fresh.locator("#turns .turn")).to_have_count(len(turns))
         assert [(t["index"], t["text"]) for t in finals(fresh)] == [(t["index"], t["text"]) for t in turns]
         assert page_errors(page) == []
+
+
+def test_relay_process_killed_mid_turn_the_page_sends_the_open_turn_again(static_root, launch, tmp_path, tmp_path_factory):
+    # A daphne of its own (the shared one must live): killed with SIGKILL inside a turn, then a
+    # new process on the same port and the same database, as a supervisor would restart it.
+    env = {**sqlite_env(tmp_path_factory.mktemp("db-kill")), **production_env(static_root), "RELAY_ENGINE": "fake"}
+    first = LiveServer(env, log_name="daphne-killed").start()
+    second = None
+    bursts = 4
+    try:
+        browser = launch(bursts_wav(tmp_path / "bursts.wav", bursts, gap=2.0))
+        page = new_page(browser)
+        page.goto(demo_url(first.http_url))
+        expect(page.locator("body")).to_have_attribute("data-state", "open")
+        page.locator("#mic").click()
+        expect(page.locator("#turns .turn")).to_have_count(1)
+
+        # Burst 2's first word is on screen: its audio reached the relay, whose open turn now
+        # lives only in the process. Kill it.
+        page.wait_for_function(
+            "() => /^one/.test(document.querySelector('#interims .turn-text')?.textContent || '')",
+            polling="raf",
+        )
+        first.kill()
+        expect(page.locator("body")).to_have_attribute("data-state", re.compile("retrying|reconnecting"))
+        second = LiveServer(env, port=first.port, log_name="daphne-restarted").start()
+        page.evaluate("window.dispatchEvent(new Event('online'))")
+        expect(page.locator("body")).to_have_attribute("data-reconnects", "1")
+
+        # The dead connection still counts as live (its process's heartbeat is fresh), so the page
+        # cannot tell a crash from a slow flush: it waits out the grace, then sends the audio the
+        # dead process never finished, before the audio captured meanwhile.
+        expect(page.locator("body")).to_have_attribute("data-state", "resuming")
+        expect(page.locator("#status-text")).to_contain_text("checking what the relay kept")
+        screenshot(page, "killed-resuming")
+        expect(page.locator("body")).to_have_attribute("data-resume", "grace")
+        assert int(page.locator("body").get_attribute("data-resent-ms")) >= 250  # at least burst 2's first word
+        assert page.locator("body").get_attribute("data-covered-ms") == "0"
+        expect(page.locator("#notice")).to_contain_text("Reconnected: sending again the")
+
+        word_count_at_least(page, 3 * bursts)
+        page.locator("#mic").click()  # deliberate stop
+        expect(page.locator("body")).to_have_attribute("data-recording", "false")
+        expect(page.locator("#mic")).to_be_enabled()
+        expect(page.locator("body")).to_have_attribute("data-state", "open")
+        screenshot(page, "killed-final")
+
+        # Every word once: burst 2 is whole (its start re-sent, its rest live), nothing twice.
+        turns = finals(page)
+        indexes = [t["index"] for t in turns]
+        assert indexes == sorted(set(indexes)), turns
+        assert [t["text"] for t in turns] == [BURST] * bursts, turns
+        assert {t["speaker"] for t in turns} == {"You"}
+
+        # The new process stored exactly these turns: a fresh page replays them.
+        fresh = new_page(launch())
+        fresh.goto(page.locator("#share-link").input_value())
+        expect(fresh.locator("body")).to_have_attribute("data-history", str(len(turns)))
+        assert [(t["index"], t["text"]) for t in finals(fresh)] == [(t["index"], t["text"]) for t in turns]
+        assert all(t["replayed"] and re.fullmatch(r"\d\d:\d\d:\d\d", t["time"]) for t in finals(fresh))
+        screenshot(fresh, "killed-replayed-elsewhere")
+        assert page_errors(page) == [] and page_errors(fresh) == []
+    finally:
+        first.kill()
+        if second is not None:
+            second.stop()
 
 
 def test_reload_and_share_link_show_the_history(fake_server, launch, tmp_path):

@@ -94,6 +94,9 @@ function renderStatus() {
     case "reconnecting":
       [text, tone] = [`Reconnecting…${waiting}`, "wait"];
       break;
+    case "resuming":
+      [text, tone] = [`Reconnected · checking what the relay kept…${waiting}`, "wait"];
+      break;
     case "failed":
       [text, tone] = ["Stopped by an error", "bad"];
       break;
@@ -108,6 +111,9 @@ function renderStatus() {
   body.dataset.state = s.state;
   body.dataset.queuedMs = String(Math.round((s.queuedSeconds || 0) * 1000));
   body.dataset.reconnects = String(s.reconnects || 0);
+  body.dataset.resentMs = String(Math.round((s.resentSeconds || 0) * 1000));
+  body.dataset.coveredMs = String(Math.round((s.coveredSeconds || 0) * 1000));
+  if (s.lastResume) body.dataset.resume = s.lastResume.why;
   renderPresence();
   renderStats();
 }
@@ -121,17 +127,31 @@ function renderStats() {
 
 let countdown = null;
 let droppedShown = 0;
+let lateShown = 0;
 let relayError = null;
 function onStatus(status) {
   lastStatus = status;
   clearInterval(countdown);
   if (status.state === "retrying") countdown = setInterval(renderStatus, 200);
-  if (status.reconnected) {
+  if (status.reconnected && status.state !== "resuming") {
     notice(
       status.backlogSeconds > 0.1
         ? `Reconnected. Sending the ${seconds(status.backlogSeconds)} of audio recorded while the connection was down.`
         : "Reconnected.",
     );
+  } else if (status.resumed) {
+    const { resentBytes, coveredBytes } = status.resumed;
+    const resent = resentBytes / connection.bytesPerSecond;
+    const parts = [];
+    if (coveredBytes > 0) parts.push("the relay had kept your last words");
+    if (resent > 0.1) parts.push(`sending again the ${seconds(resent)} the relay had not finished`);
+    const waiting = status.backlogSeconds - resent;
+    if (waiting > 0.1) parts.push(`then the ${seconds(waiting)} recorded while the connection was down`);
+    notice(parts.length ? `Reconnected: ${parts.join(", ")}.` : "Reconnected.");
+  }
+  if (status.lateFinishes > lateShown) {
+    lateShown = status.lateFinishes;
+    notice("The relay finished your last words after this page had sent them again, so a few may show twice.", { keep: true });
   }
   if (status.droppedSeconds > droppedShown + 0.5) {
     droppedShown = status.droppedSeconds;
@@ -151,7 +171,7 @@ function onStatus(status) {
 
 function renderPresence() {
   const n = Number(body.dataset.connections || 0);
-  const live = ["open", "finishing"].includes(lastStatus.state);
+  const live = ["open", "resuming", "finishing"].includes(lastStatus.state);
   $("presence").textContent = !live || !n ? "Not connected" : n === 1 ? "Just you" : n === 2 ? "You + 1 other" : `You + ${n - 1} others`;
 }
 
@@ -176,6 +196,10 @@ function onMessage(message) {
       break;
     case "Presence":
       onPresence(message);
+      break;
+    case "History":
+      // The replay is complete: every finished turn this page had not seen is on screen.
+      body.dataset.history = String(message.turns);
       break;
     case "TurnInfo":
       onTurn(message);
