@@ -185,13 +185,13 @@ RELAY_ENGINES: dict[str, dict] = {
             "beam_size": env_int("RELAY_WHISPER_BEAM_SIZE", 5),
             "eot_silence_ms": env_int("RELAY_WHISPER_EOT_SILENCE_MS", 500),
             "update_interval_ms": env_int("RELAY_WHISPER_UPDATE_INTERVAL_MS", 600),
-            "speculate_ms": env_int("RELAY_WHISPER_SPECULATE_MS", 128),
+            "speculate_ms": env_int("RELAY_WHISPER_SPECULATE_MS", 64),
         },
     },
     "sphinx": {
         "BACKEND": "relay.engines.sphinx.SphinxEngine",
         "OPTIONS": {
-            "workers": env_int("RELAY_SPHINX_WORKERS", 0),  # 0 = one thread per CPU core
+            "workers": env_int("RELAY_SPHINX_WORKERS", 1),  # pocketsphinx holds the GIL: more threads only contend
             "max_streams": env_int("RELAY_SPHINX_MAX_STREAMS", 16),
             "eot_window_ms": env_int("RELAY_SPHINX_EOT_WINDOW_MS", 300),
             "update_interval_ms": env_int("RELAY_SPHINX_UPDATE_INTERVAL_MS", 250),

@@ -98,6 +98,11 @@ class WorkerPool:
                     self.busy_seconds += time.monotonic() - started
                     self._cond.notify_all()
 
+    def idle(self) -> bool:
+        """A worker is free and nothing is waiting."""
+        with self._cond:
+            return self.busy < self.workers and not self._heap
+
     @property
     def queued(self) -> int:
         with self._cond:

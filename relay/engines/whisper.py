@@ -11,8 +11,9 @@ How a turn is made:
 * **Updates**: the open turn is re-decoded greedily about every ``update_interval_ms`` of audio,
   at low priority and at most one in flight per stream, so under load the cadence stretches
   instead of the streams falling behind.
-* **Speculative final**: ``speculate_ms`` into a pause, the turn is decoded with beam search and
-  word alignment while the end-of-turn silence is still being waited for. When the silence
+* **Speculative final**: ``speculate_ms`` into a pause (longer when the pool is busy), the turn
+  is decoded with beam search and word alignment while the end-of-turn silence is still being
+  waited for. When the silence
   reaches ``eot_silence_ms`` (scaled by ``eot_threshold``) the EndOfTurn goes out with that
   result at once; if speech resumes the result is dropped. With ``eager_eot_threshold`` the same
   result is sent early as EagerEndOfTurn (and TurnResumed if speech comes back), so the
@@ -375,7 +376,6 @@ class WhisperStream(OfflineStream):
         self.speech_since_update = 0.0
         self.updates_started = False
         self.eager_sent = False
-        self.spec: asyncio.Future | None = None
         self.last_decoded: Decoded | None = None
 
     def _now(self) -> float:
@@ -457,12 +457,16 @@ class WhisperStream(OfflineStream):
         if self.turn_samples / RATE >= self.engine.max_turn_s:
             await self.end_turn_now("max_duration")
             return
-        if self.silence >= self.engine.speculate_s and self.spec is None:
+        # Speculate early while a worker is idle; on a busy pool wait a little longer, since a
+        # final decoded at a mere pause between words takes a worker from the other streams.
+        spec_after = self.engine.speculate_s if self.engine.pool.idle() else self.engine.speculate_busy_s
+        if self.silence >= spec_after and self.spec is None:
             self.spec = self._launch(final=True)
             if eager is not None:
                 self.spec.add_done_callback(self._spec_done)
-        if eager is not None and not self.eager_sent and self.silence >= eager and self.spec is not None and self.spec.done():
-            self._send_eager(self.spec)
+        spec = self.spec
+        if eager is not None and not self.eager_sent and self.silence >= eager and spec is not None and spec.done() and not spec.cancelled() and spec.exception() is None:
+            self._send_eager(spec)
         if self.silence >= eot:
             await self.end_turn_now(trigger)
 
@@ -528,7 +532,8 @@ class WhisperStream(OfflineStream):
 
 class WhisperEngine(OfflineEngine):
     """Options: model_dir, model_sha256, cache_dir, compute_type, workers, cpu_threads, max_streams,
-    beam_size, eot_silence_ms, update_interval_ms, first_update_ms, speculate_ms, max_turn_s."""
+    beam_size, eot_silence_ms, update_interval_ms, first_update_ms, speculate_ms, speculate_busy_ms,
+    max_turn_s."""
 
     name = "whisper"
     stream_class = WhisperStream
@@ -541,7 +546,8 @@ class WhisperEngine(OfflineEngine):
         self.max_streams = int(opts.get("max_streams") or 2 * self.workers)
         self.update_interval_s = float(opts.get("update_interval_ms", 600)) / 1000
         self.first_update_s = float(opts.get("first_update_ms", 350)) / 1000
-        self.speculate_s = float(opts.get("speculate_ms", 128)) / 1000
+        self.speculate_s = float(opts.get("speculate_ms", 64)) / 1000
+        self.speculate_busy_s = max(self.speculate_s, float(opts.get("speculate_busy_ms", 160)) / 1000)
         self.max_turn_s = float(opts.get("max_turn_s", 25.0))
         self.pool = WorkerPool(self.workers, f"whisper-{alias}", max_wait=float(opts.get("max_queue_wait_s", 1.5)))
         self.frontend = WorkerPool(1, f"whisper-{alias}-vad")
