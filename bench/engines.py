@@ -41,8 +41,8 @@ CHUNK = int(16000 * 2 * CHUNK_S)
 GAP_S = 1.0
 SUSTAIN_BACKLOG_S = 1.0
 SUSTAIN_EOT_P95_S = 1.5
-STREAM_COUNTS = {"whisper": [1, 2, 3, 4, 5], "sphinx": [2, 4, 8, 12, 16]}
-QUICK_COUNTS = {"whisper": [1, 3], "sphinx": [4, 8]}
+STREAM_COUNTS = {"whisper": [1, 2, 3, 4, 5, 6], "sphinx": [2, 3, 4, 5, 6, 8]}
+QUICK_COUNTS = {"whisper": [1, 3], "sphinx": [2, 4]}
 
 
 def progress(message: str) -> None:

@@ -30,6 +30,7 @@ sized by ``workers``. New streams get ``Capacity`` past ``max_streams`` or when 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import importlib.util
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from relay.audio import Resampler
-from relay.exceptions import Capacity, EngineUnavailable
+from relay.exceptions import Capacity, EngineError, EngineUnavailable
 
 from ._offline import PRIORITY_FINAL, PRIORITY_STREAM, PRIORITY_UPDATE, OfflineEngine, OfflineStream, WorkerPool
 from .base import TRIGGER_END_OF_STREAM, EngineWarning, StreamOptions, TurnEvent, Word
@@ -315,6 +316,10 @@ class WhisperStream(OfflineStream):
         self.carry = np.zeros(0, dtype=np.float32)
         self.windows_done = 0
         self.turn = 0
+        # Events leave in order; an EndOfTurn still being decoded holds back the next turn's.
+        self._outbox: collections.deque[TurnEvent | asyncio.Future] = collections.deque()
+        self._out_idle = asyncio.Event()
+        self._out_idle.set()
         self.update_task: asyncio.Task | None = None
         self.spec: asyncio.Future | None = None
         self._reset_turn()
@@ -368,7 +373,6 @@ class WhisperStream(OfflineStream):
             self.update_task.cancel()
         self._drop_spec()
         self.in_turn = False
-        self.ending = False
         self.turn_audio: list[np.ndarray] = []
         self.turn_samples = 0
         self.turn_start = 0.0  # stream seconds of the first sample in turn_audio
@@ -381,20 +385,48 @@ class WhisperStream(OfflineStream):
     def _now(self) -> float:
         return self.windows_done * WINDOW_S
 
-    def _turn_event(self, name: str, decoded: Decoded | None = None, **extra: Any) -> TurnEvent:
+    def _turn_event(
+        self, name: str, decoded: Decoded | None = None, *, window: tuple[int, float, float] | None = None, **extra: Any
+    ) -> TurnEvent:
+        turn, start, end = window or (self.turn, self.turn_start, self._now())
         words = [
-            Word(w.word, w.confidence, None if w.start is None else self.turn_start + w.start, None if w.end is None else self.turn_start + w.end)
+            Word(w.word, w.confidence, None if w.start is None else start + w.start, None if w.end is None else start + w.end)
             for w in (decoded.words if decoded else [])
         ]
         return TurnEvent(
             event=name,  # type: ignore[arg-type]
-            turn=self.turn,
+            turn=turn,
             transcript=decoded.text if decoded else "",
             words=words,
-            audio_window_start=round(self.turn_start, 3),
-            audio_window_end=round(self._now(), 3),
+            audio_window_start=round(start, 3),
+            audio_window_end=round(end, 3),
             **extra,
         )
+
+    def _out(self, item: TurnEvent | asyncio.Future) -> None:
+        self._outbox.append(item)
+        if isinstance(item, asyncio.Future):
+            self._out_idle.clear()
+            item.add_done_callback(self._drain_out)
+        self._drain_out()
+
+    def _drain_out(self, _: object = None) -> None:
+        while self._outbox:
+            head = self._outbox[0]
+            if isinstance(head, asyncio.Future):
+                if not head.done():
+                    return
+                self._outbox.popleft()
+                if head.cancelled():
+                    continue
+                if head.exception() is not None:
+                    log.error("whisper_final_failed", exc_info=head.exception())
+                    self.emit(EngineError("The Whisper decoder failed."))
+                    continue
+                self.emit(head.result())
+            else:
+                self.emit(self._outbox.popleft())
+        self._out_idle.set()
 
     def _turn_pcm(self) -> np.ndarray:
         return np.concatenate(self.turn_audio) if self.turn_audio else np.zeros(0, dtype=np.float32)
@@ -437,7 +469,7 @@ class WhisperStream(OfflineStream):
                 self.preroll = []
                 self.speech_run = 0
                 self.speech_since_update = START_WINDOWS * WINDOW_S
-                self.emit(self._turn_event("StartOfTurn"))
+                self._out(self._turn_event("StartOfTurn"))
             return
 
         self.turn_audio.append(window)
@@ -449,7 +481,7 @@ class WhisperStream(OfflineStream):
             self._drop_spec()  # speech went on: a speculative final is stale
             if self.eager_sent:
                 self.eager_sent = False
-                self.emit(self._turn_event("TurnResumed", self.last_decoded))
+                self._out(self._turn_event("TurnResumed", self.last_decoded))
             self._maybe_update()
         else:
             self.silence += WINDOW_S
@@ -476,7 +508,7 @@ class WhisperStream(OfflineStream):
         self.spec = None
 
     def _maybe_update(self) -> None:
-        if self.ending or self.eager_sent:
+        if self.eager_sent:
             return
         interval = self.engine.update_interval_s if self.updates_started else self.engine.first_update_s
         if self.speech_since_update < interval:
@@ -493,14 +525,14 @@ class WhisperStream(OfflineStream):
         except Exception:
             log.exception("whisper_update_failed")
             return
-        if turn != self.turn or not self.in_turn or self.ending or self.eager_sent or self._closed:
+        if turn != self.turn or not self.in_turn or self.eager_sent or self._closed:
             return
         self.last_decoded = decoded
         confidence = min(0.99, self.silence / max(self._limits()[0], 1e-3))
-        self.emit(self._turn_event("Update", decoded, end_of_turn_confidence=round(confidence, 3)))
+        self._out(self._turn_event("Update", decoded, end_of_turn_confidence=round(confidence, 3)))
 
     def _spec_done(self, future: asyncio.Future) -> None:
-        if future is not self.spec or self.ending or self.eager_sent or future.cancelled() or future.exception():
+        if future is not self.spec or self.eager_sent or future.cancelled() or future.exception():
             return
         eager = self._limits()[2]
         if eager is not None and self.silence >= eager:
@@ -510,16 +542,26 @@ class WhisperStream(OfflineStream):
         decoded: Decoded = future.result()
         self.eager_sent = True
         self.last_decoded = decoded
-        self.emit(self._turn_event("EagerEndOfTurn", decoded, end_of_turn_confidence=self.options.eager_eot_threshold or 0.5))
+        self._out(self._turn_event("EagerEndOfTurn", decoded, end_of_turn_confidence=self.options.eager_eot_threshold or 0.5))
 
     async def end_turn_now(self, trigger: str) -> None:
+        """Close the turn now; its EndOfTurn leaves when its final decode is done.
+
+        Audio processing goes on meanwhile (the next turn may start), but the next turn's events
+        queue behind this EndOfTurn, so clients always see turns in order.
+        """
         if not self.in_turn:
             return
-        self.ending = True
         job = self.spec if self.spec is not None else self._launch(final=True)
-        decoded: Decoded = await job
+        self.spec = None  # handed over: _reset_turn must not cancel it
         confidence = {"model": max(self.options.eot_threshold or 0.7, 0.9), "timeout": 0.5}.get(trigger, 1.0)
-        self.emit(self._turn_event("EndOfTurn", decoded, end_of_turn_confidence=confidence, trigger=trigger))
+        window = (self.turn, self.turn_start, self._now())
+
+        async def final() -> TurnEvent:
+            decoded: Decoded = await job
+            return self._turn_event("EndOfTurn", decoded, window=window, end_of_turn_confidence=confidence, trigger=trigger)
+
+        self._out(asyncio.ensure_future(final()))
         self.turn += 1
         self._reset_turn()
 
@@ -528,6 +570,7 @@ class WhisperStream(OfflineStream):
         await self.end_turn_now(TRIGGER_END_OF_STREAM)
         if self.update_task is not None and not self.update_task.done():
             self.update_task.cancel()
+        await self._out_idle.wait()
 
 
 class WhisperEngine(OfflineEngine):
