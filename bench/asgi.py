@@ -74,6 +74,10 @@ def stats() -> dict:
 
     out: dict = {"pid": os.getpid(), "active_streams": consumers.active_streams(), "patches": _patches,
                  "gc_frozen": gc.get_freeze_count(), "gc": {}}
+    if "dispatch" in _patches:
+        from bench import patches
+
+        out["inbound"] = patches.inbound_stats()
     for gen, pauses in _pauses.items():
         values = sorted(pauses)
         out["gc"][gen] = {

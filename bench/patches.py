@@ -8,6 +8,10 @@ for relay/ (docs/benchmarks.md gives the exact code change for each).
   (daphne's), a forwarder task moves channel-layer messages into that same queue and the
   consumer simply awaits ``receive()`` in a loop: same ordering, handlers still run one at a
   time.
+* ``inbound``: (with ``dispatch``) bound what daphne buffers for a connection the relay cannot
+  keep up with: daphne queues every incoming frame in an unbounded ``asyncio.Queue``; past
+  ``INBOUND_LIMIT`` queued messages the stream ends with the relay's BacklogExceeded error
+  instead of the process growing without bound.
 * ``dbpool``: the relay's ``a*`` service and selector functions built with
   ``database_sync_to_async(fn, thread_sensitive=False)``. With the default (thread-sensitive)
   every ORM call of the whole process queues on asgiref's single thread; unsensitive calls run on
@@ -32,9 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from typing import Any, Callable
 
 _ERROR = "__bench_layer_error__"
+INBOUND_LIMIT = 64  # messages, about 5 s of 80 ms frames
+_bound_inbound = False
+_queues: "weakref.WeakSet[asyncio.Queue]" = None  # type: ignore[assignment]
 
 
 async def await_many_dispatch(consumer_callables: list[Callable], dispatch: Callable) -> None:
@@ -42,6 +50,7 @@ async def await_many_dispatch(consumer_callables: list[Callable], dispatch: Call
     queue = getattr(receive, "__self__", None)
     if not isinstance(queue, asyncio.Queue) or len(consumer_callables) > 2:
         return await _channels_await_many_dispatch(consumer_callables, dispatch)
+    _queues.add(queue)
     forwarder = None
     if len(consumer_callables) == 2:
         layer_receive = consumer_callables[1]
@@ -61,6 +70,12 @@ async def await_many_dispatch(consumer_callables: list[Callable], dispatch: Call
             message: dict[str, Any] = await receive()
             if message.get("type") == _ERROR:
                 raise message["exc"]
+            if _bound_inbound and queue.qsize() > INBOUND_LIMIT:
+                consumer = dispatch.__self__
+                if not getattr(consumer, "closing", True):
+                    from relay.exceptions import BacklogExceeded
+
+                    await consumer._fatal(BacklogExceeded(f"The relay fell {queue.qsize()} messages behind this stream."))
             await dispatch(message)
     finally:
         if forwarder is not None:
@@ -195,8 +210,14 @@ def _quiet_autobahn() -> None:
     ws_protocol.pformat = quiet
 
 
+def inbound_stats() -> dict:
+    sizes = [q.qsize() for q in list(_queues or [])]
+    return {"connections": len(sizes), "queued": sum(sizes), "max": max(sizes, default=0)}
+
+
 def apply(names: list[str]) -> None:
-    global _channels_await_many_dispatch
+    global _channels_await_many_dispatch, _bound_inbound, _queues
+    _queues = weakref.WeakSet()
     order = ["leansql", "dbpool", "dispatch", "ownfirst"]  # dbpool wraps whatever leansql installed
     for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
         if name == "dispatch":
@@ -204,6 +225,8 @@ def apply(names: list[str]) -> None:
 
             _channels_await_many_dispatch = channels.consumer.await_many_dispatch
             channels.consumer.await_many_dispatch = await_many_dispatch
+        elif name == "inbound":
+            _bound_inbound = True
         elif name == "autobahn":
             _quiet_autobahn()
         elif name == "ownfirst":

@@ -32,7 +32,7 @@ from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, pr
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 ALL_LABEL = "all (freeze, task, autobahn, DB pool+SQL, own-first)"
-SECTIONS = ("checks", "sweep", "variants", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
+SECTIONS = ("checks", "sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
 
 
 def say(text: str) -> None:
@@ -371,6 +371,22 @@ class Bench:
                     say(fmt_row(row) + ("  (audio only)" if turn_s > 60 else ""))
         self.result["variants"] = rows
 
+    def section_memory(self) -> None:
+        """Idle memory per connection on a fresh server: RSS with N streams connected and idle."""
+        n = 50 if self.quick else 1000
+        rows = []
+        plan = [self.baseline(), self.relay("relay, as committed"), self.relay(ALL_LABEL, env=self.ALL),
+                self.relay("uvicorn (websockets-sansio)", kind="uvicorn")]
+        if self.quick:
+            plan = plan[:2]
+        for dep in plan:
+            with dep:
+                self.warm(dep)
+                row = stream_step(dep, sessions=n, frame_ms=80, window=0.5, settle=0.0, turn_s=3600.0, clients=2 if n >= 1000 else 1)
+                rows.append(row)
+                say(f"    {dep.label:<44} {row['streams']} idle connections: {row['rss_idle_per_conn_kb']} KB each")
+        self.result["memory"] = rows
+
     def section_handshakes(self) -> None:
         """A burst of connections in one second, each answered with Connected (session rows written)."""
         count = 50 if self.quick else 1000
@@ -445,7 +461,7 @@ class Bench:
 
     def section_tabs(self) -> None:
         """Cost of a second tab, pub/sub against core layer, at a fixed number of speakers."""
-        n, window = (10, 2.0) if self.quick else (300, 8.0)
+        n, window = (10, 2.0) if self.quick else (100, 8.0)
         rows = []
         layers = ["pubsub"] if self.quick else ["pubsub", "core"]
         for layer in layers:
@@ -472,6 +488,12 @@ class Bench:
             say(fmt_row(row) + f"  refused {row['refused']} of {ask}")
         if not self.quick:
             dep = self.relay("relay, no cap, overloaded (2000 x 40 ms)")
+            with dep:
+                self.warm(dep)
+                row = stream_step(dep, sessions=2000, frame_ms=40, window=window, clients=2)
+                rows.append(row)
+                say(fmt_row(row) + f"  RSS {row['rss_mb']} MB, growing {row['rss_growth_mb_per_min']} MB/min")
+            dep = self.relay("relay + proposed changes, overloaded (2000 x 40 ms)", env=self.ALL)
             with dep:
                 self.warm(dep)
                 row = stream_step(dep, sessions=2000, frame_ms=40, window=window, clients=2)
