@@ -18,6 +18,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+def saturated(r: dict[str, Any]) -> bool:
+    """A step the server did not keep up with: its CPU per frame counts frames it had not yet
+    processed, its latencies grow with the window."""
+    p99 = r["fet_rtt"]["p99"] if r["fet_rtt"]["n"] else r["upd"]["p99"]
+    return r["achieved"] < 0.9 or p99 is None or p99 > 1000 or r.get("busy_after_s", 0) >= 5
+
+
 def _find(rows: list[dict], **match: Any) -> dict | None:
     for r in rows:
         if all(r.get(k) == v for k, v in match.items()):
@@ -93,14 +100,15 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None) -> list[str]:
     lines = [
-        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare | server cores | client cores | machine busy cores | errors | dropped | server busy after s |",
+        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare | server cores | client cores | machine busy cores | errors | lost or >3 s late | server busy after s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         match = {"turn_s": r["turn_s"]} if "turn_s" in r else {}
         b = _find(base_rows or [], target="baseline (bare websockets)", streams=r["streams"], frame_ms=r["frame_ms"], **match)
         ratio = _ratio(r["cpu_per_frame_us"], b["cpu_per_frame_us"]) if b else None
-        tabs = f"{r['streams']}" + (f" (+{r['listeners']})" if r["listeners"] else "") + (" audio only" if r.get("turn_s", 0) > 60 else "")
+        tabs = (f"{r['streams']}" + (f" (+{r['listeners']})" if r["listeners"] else "") + (" audio only" if r.get("turn_s", 0) > 60 else "")
+                + (" **not keeping up**" if saturated(r) else ""))
         lines.append(
             f"| {r['target']} | {r['frame_ms']} ms | {tabs} | {r['achieved']:.2f} | {_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} "
             f"| {_v(r['upd']['p50'])} / {_v(r['upd']['p99'])} | {_v(r['cpu_per_frame_us'])} | {_v(ratio)} | {r['server_cores']} "
@@ -125,10 +133,14 @@ def charts(res: dict[str, Any], out: Path) -> list[str]:
             for label in dict.fromkeys(r["target"] for r in sweep):
                 rows = [r for r in sweep if r["target"] == label and r["frame_ms"] == fms]
                 xs = [r["streams"] for r in rows]
-                axes[0][col].plot(xs, [r["fet_rtt"]["p99"] for r in rows], marker="o", label=label)
-                axes[1][col].plot(xs, [r["cpu_per_frame_us"] for r in rows], marker="o", label=label)
+                line = axes[0][col].plot(xs, [r["fet_rtt"]["p99"] for r in rows], marker="o", label=label)[0]
+                axes[1][col].plot(xs, [r["cpu_per_frame_us"] for r in rows], marker="o", label=label, color=line.get_color())
+                sat = [r for r in rows if saturated(r)]
+                axes[0][col].scatter([r["streams"] for r in sat], [r["fet_rtt"]["p99"] or r["upd"]["p99"] for r in sat],
+                                     marker="x", s=90, color="black", zorder=5)
+                axes[1][col].scatter([r["streams"] for r in sat], [r["cpu_per_frame_us"] for r in sat], marker="x", s=90, color="black", zorder=5)
             axes[0][col].axhline(50, color="grey", ls="--", lw=1)
-            axes[0][col].set(title=f"{fms} ms frames: ForceEndTurn→EndOfTurn p99", xlabel="streams", ylabel="ms", xscale="log", yscale="log")
+            axes[0][col].set(title=f"{fms} ms frames: ForceEndTurn→EndOfTurn p99 (x: not keeping up)", xlabel="streams", ylabel="ms", xscale="log", yscale="log")
             axes[1][col].set(title=f"{fms} ms frames: server CPU per audio frame", xlabel="streams", ylabel="µs", xscale="log")
             for ax in axes[:, col]:
                 ax.grid(True, which="both", alpha=0.3)
@@ -140,19 +152,22 @@ def charts(res: dict[str, Any], out: Path) -> list[str]:
     variants = res.get("variants", [])
     if variants:
         loads = sorted({(r["streams"], r.get("turn_s", 4.0)) for r in variants}, key=lambda x: (x[0], -x[1]))
-        fig, axes = plt.subplots(1, len(loads), figsize=(7 * len(loads), 4.5), squeeze=False)
+        fig, axes = plt.subplots(len(loads), 1, figsize=(9, 1.2 + 0.45 * max(len([r for r in variants if (r["streams"], r.get("turn_s", 4.0)) == l]) for l in loads) * len(loads)), squeeze=False)
+        axes = axes.T
         for col, (n, turn_s) in enumerate(loads):
             rows = [r for r in variants if r["streams"] == n and r.get("turn_s", 4.0) == turn_s]
             fms = rows[0]["frame_ms"]
             ax = axes[0][col]
-            ax.barh([r["target"] for r in rows], [r["cpu_per_frame_us"] or 0 for r in rows], color="tab:blue")
+            ax.barh([r["target"] for r in rows], [r["cpu_per_frame_us"] or 0 for r in rows],
+                    color=["tab:gray" if saturated(r) else "tab:blue" for r in rows])
             base = _find(rows, target="baseline (bare websockets)")
             if base and base["cpu_per_frame_us"]:
                 ax.axvline(2 * base["cpu_per_frame_us"], color="tab:red", ls="--", lw=1, label="2x bare")
                 ax.legend(fontsize=8)
             ax.invert_yaxis()
             what = "audio only" if turn_s > 60 else f"a turn every {turn_s:g} s"
-            ax.set(title=f"server CPU per frame, {n} x {fms} ms, {what}", xlabel="µs")
+            ax.set_title(f"server CPU per frame, {n} x {fms} ms, {what}; grey: not keeping up", fontsize=9)
+            ax.set_xlabel("µs")
             ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "variants.png", dpi=90)
@@ -266,6 +281,60 @@ def write(res: dict[str, Any], out: Path) -> None:
     (out / "latest.md").write_text("\n".join(L))
 
 
+def docs_block(res: dict[str, Any], rel: str = "../bench/results/") -> str:
+    """The figures docs/benchmarks.md shows (between its figures markers)."""
+    meta = res["meta"]
+    L = [f"Figures from `{meta['command']}` run on {meta['started']} ({meta.get('duration_s', 0):.0f} s; load average "
+         f"{meta['load_before']['load1']} before, {meta.get('load_after', {}).get('load1')} after, on {meta['load_before']['cores']} cores "
+         f"shared with other work). Every table: [latest.md]({rel}latest.md).", "",
+         "| target | measured | verdict |", "|---|---|---|"]
+    L += [f"| {a} | {b} | **{c}** |" for a, b, c in targets(res)]
+    v = res.get("variants", [])
+    if v:
+        L += ["", "One relay process, 300 streams of 80 ms frames, a turn every 4 s per stream (audio-only rows: no turns):", "",
+              "| variant | CPU/frame µs | x bare | EoT rtt p50 / p99 ms | audio→Update p99 ms | server cores | machine busy cores |", "|---|---|---|---|---|---|---|"]
+        for r in v:
+            if r["streams"] != REF_STREAMS:
+                continue
+            b = _find(v, target="baseline (bare websockets)", streams=r["streams"], turn_s=r.get("turn_s"))
+            what = " (audio only)" if r.get("turn_s", 0) > 60 else ""
+            L.append(f"| {r['target']}{what} | {r['cpu_per_frame_us']} | {_v(_ratio(r['cpu_per_frame_us'], b and b['cpu_per_frame_us']))} | "
+                     f"{_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} | {_v(r['upd']['p99'])} | {r['server_cores']} | {r['machine_busy_cores']} |")
+    hs = res.get("handshakes", [])
+    if hs:
+        L += ["", "Connection bursts (1,000 connections offered in one second; time to `Connected`, rows written):", "",
+              "| target | per second | p50 / p99 ms | errors |", "|---|---|---|---|"]
+        L += [f"| {r['target']} | {r['rate']:.0f} | {r['handshake'].get('p50')} / {r['handshake'].get('p99')} | {sum(r['errors'].values()) + r['server_errors']} |" for r in hs]
+    if res.get("replay") or res.get("fanout"):
+        L += ["", "Reconnect + replay and fan-out (issue 4):", "", "| measurement | p50 ms | p99 ms |", "|---|---|---|"]
+        for r in res.get("replay", []):
+            what = "all history" if r["since"] is None else f"since={r['since']}"
+            L.append(f"| {r['target']}: reconnect → first replayed turn, {r['turns']}-turn history, {what} | {r['first'].get('p50')} | {r['first'].get('p99')} |")
+            L.append(f"| {r['target']}: reconnect → last of {r['expected']} replayed turns | {r['last'].get('p50')} | {r['last'].get('p99')} |")
+        for r in res.get("fanout", []):
+            L.append(f"| {r['target']}: speaker's EndOfTurn → 10 listening tabs | {r['fan']['p50']} | {r['fan']['p99']} |")
+    mem = res.get("memory", [])
+    if mem:
+        L += ["", "Idle memory per connection (fresh server, 1,000 idle streams): " +
+              "; ".join(f"{r['target']} {r['rss_idle_per_conn_kb']} KB" for r in mem) + "."]
+    charts_ = [c for c in ("sweep.png", "variants.png", "fanout.png") if c]
+    L += [""] + [f"![{c}]({rel}{c})" for c in charts_]
+    return "\n".join(L)
+
+
+def update_docs(res: dict[str, Any], doc: Path) -> None:
+    start, end = "<!-- figures:start -->", "<!-- figures:end -->"
+    text = doc.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        doc.write_text(f"{head}{start}\n{docs_block(res)}\n{end}{tail}")
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest.json")
-    write(json.loads(path.read_text()), path.parent)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    path = Path(args[0] if args else "bench/results/latest.json")
+    res = json.loads(path.read_text())
+    write(res, path.parent)
+    if "--docs" in sys.argv:
+        update_docs(res, Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md")
