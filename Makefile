@@ -30,7 +30,7 @@ migrate: install
 
 run: migrate
 	@echo "Relay demo: http://$(HOST):$(PORT)/demo/ai-voice/   WebSocket: ws://$(HOST):$(PORT)/v2/listen"
-	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_FLAGS) transcription_site.asgi:application
+	$(VENV)/bin/daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=1024 $(DAPHNE_FLAGS) transcription_site.asgi:application
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -9,9 +9,9 @@ import hashlib
 import secrets
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.utils import timezone
 
+from relay.db import db_async
 from relay.exceptions import Unauthorized
 from relay.models import ApiToken
 
@@ -56,4 +56,4 @@ def token_authenticate(*, key: str) -> ApiToken:
     return token
 
 
-atoken_authenticate = database_sync_to_async(token_authenticate)
+atoken_authenticate = db_async(token_authenticate)

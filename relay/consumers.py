@@ -163,6 +163,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         user = await self._authenticate()
         if _active_streams >= settings.RELAY_MAX_STREAMS_PER_PROCESS:
             raise Capacity()
+        # Reserve the slot before the first await, or a burst of connects all pass the check.
+        _active_streams += 1
+        self.counted = True
         engine = get_engine()
         if params.options.encoding not in engine.supported_encodings():
             raise UnsupportedEncoding(f"The {engine.name} engine does not accept {params.options.encoding}.")
@@ -186,8 +189,6 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
 
         # The stream opens before Connected so a full engine pool refuses the stream up front.
         self.stream = engine.open_stream(params.options)
-        _active_streams += 1
-        self.counted = True
         warnings = await self.stream.start()
         await self._send(
             protocol.connected_body(
@@ -475,6 +476,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         final = event.event == "EndOfTurn"
         fan_out = bool(self.peers)
         if final:
+            # Committed before anyone hears of it, the speaker included: an EndOfTurn is the
+            # client's receipt (a re-sending client drops the audio it covers), and other tabs
+            # rely on it for gap-free replay. The write is retried through database blips.
             others = await _with_db_retry(
                 "turn_record",
                 services.aturn_record,

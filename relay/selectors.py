@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from channels.db import database_sync_to_async
 
+from relay.db import db_async
 from relay.models import Connection, Session, Turn
 
 TURN_FIELDS = (
@@ -54,5 +54,5 @@ def session_get(*, session_id: str) -> Session | None:
     return Session.objects.filter(pk=session_id).first()
 
 
-aturn_page = database_sync_to_async(turn_page)
-asession_live_connection_count = database_sync_to_async(session_live_connection_count)
+aturn_page = db_async(turn_page)
+asession_live_connection_count = db_async(session_live_connection_count)

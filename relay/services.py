@@ -9,18 +9,19 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from relay.db import db_async
 from relay.engines.base import TurnEvent
 from relay.exceptions import Forbidden, SessionEnded, SessionFull
 from relay.models import Connection, RelayProcess, Session, Turn
@@ -55,6 +56,18 @@ def process_heartbeat() -> None:
         )
 
 
+_last_beat = 0.0
+
+
+def _heartbeat_if_due() -> None:
+    """Make sure this process's row exists and is fresh, without an UPDATE on every connect."""
+    global _last_beat
+    now = time.monotonic()
+    if now - _last_beat > settings.RELAY_HEARTBEAT_SECONDS / 3:
+        process_heartbeat()
+        _last_beat = now
+
+
 def process_stopped() -> None:
     RelayProcess.objects.filter(pk=process_id()).update(stopped_at=timezone.now())
 
@@ -84,7 +97,7 @@ def connection_open(
     The connection row is written before the consumer joins the group and reads history, which
     is what makes replay gap-free (see relay.consumers).
     """
-    process_heartbeat()
+    _heartbeat_if_due()
     created = False
     if session_id is None:
         session_id = str(uuid.uuid4())
@@ -133,10 +146,21 @@ def connection_open(
 
 
 def turn_index_allocate(*, session_id: str) -> int:
-    """Next session-wide turn index; the row update serialises concurrent allocations."""
-    with transaction.atomic():
-        Session.objects.filter(pk=session_id).update(next_turn_index=F("next_turn_index") + 1, last_activity_at=timezone.now())
-        return Session.objects.values_list("next_turn_index", flat=True).get(pk=session_id) - 1
+    """Next session-wide turn index: one UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL).
+
+    The row lock serialises concurrent allocations from any tab on any process.
+    """
+    table = connection.ops.quote_name(Session._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f'UPDATE {table} SET "next_turn_index" = "next_turn_index" + 1, "last_activity_at" = %s '
+            'WHERE "id" = %s RETURNING "next_turn_index" - 1',
+            [timezone.now(), session_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Session.DoesNotExist(session_id)
+    return row[0]
 
 
 def turn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent) -> int:
@@ -145,18 +169,23 @@ def turn_record(*, session_id: str, connection_id: str, index: int, event: TurnE
     The count is read after the turn is committed: a joining connection that is not counted
     committed its row later, so its history read sees this turn (no gap).
     """
-    Turn.objects.update_or_create(
-        session_id=session_id,
-        index=index,
-        defaults={
-            "connection_id": connection_id,
-            "transcript": event.transcript,
-            "words": [w.as_dict() for w in event.words],
-            "audio_window_start": event.audio_window_start,
-            "audio_window_end": event.audio_window_end,
-            "end_of_turn_confidence": event.end_of_turn_confidence,
-            "trigger": event.trigger or "model",
-        },
+    Turn.objects.bulk_create(
+        [
+            Turn(
+                session_id=session_id,
+                index=index,
+                connection_id=connection_id,
+                transcript=event.transcript,
+                words=[w.as_dict() for w in event.words],
+                audio_window_start=event.audio_window_start,
+                audio_window_end=event.audio_window_end,
+                end_of_turn_confidence=event.end_of_turn_confidence,
+                trigger=event.trigger or "model",
+            )
+        ],
+        update_conflicts=True,
+        unique_fields=["session", "index"],
+        update_fields=["connection", "transcript", "words", "audio_window_start", "audio_window_end", "end_of_turn_confidence", "trigger"],
     )
     return Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
 
@@ -210,9 +239,9 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
     return bool(updated)
 
 
-aconnection_open = database_sync_to_async(connection_open)
-aturn_index_allocate = database_sync_to_async(turn_index_allocate)
-aturn_record = database_sync_to_async(turn_record)
-aconnection_flush = database_sync_to_async(connection_flush)
-aprocess_heartbeat = database_sync_to_async(process_heartbeat)
-aprocess_stopped = database_sync_to_async(process_stopped)
+aconnection_open = db_async(connection_open)
+aturn_index_allocate = db_async(turn_index_allocate)
+aturn_record = db_async(turn_record)
+aconnection_flush = db_async(connection_flush)
+aprocess_heartbeat = db_async(process_heartbeat)
+aprocess_stopped = db_async(process_stopped)

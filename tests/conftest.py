@@ -13,7 +13,8 @@ def _fake_engine_by_default(settings):
 
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
-    from relay import consumers
+    from relay import consumers, services
 
     consumers._connect_limiter = None
+    services._last_beat = 0.0  # each test starts with an empty database
     yield
