@@ -53,13 +53,13 @@ def build(name: str, max_streams: int):
     if name == "whisper":
         from relay.engines.whisper import WhisperEngine
 
-        engine = WhisperEngine("bench-whisper", {"max_streams": max_streams})
+        engine = WhisperEngine("bench-whisper", {"max_streams": max_streams, "max_queue_wait_s": 600})
         engine.wait_loaded_sync(300)
         return engine
     if name == "sphinx":
         from relay.engines.sphinx import SphinxEngine
 
-        return SphinxEngine("bench-sphinx", {"max_streams": max_streams})
+        return SphinxEngine("bench-sphinx", {"max_streams": max_streams, "max_queue_wait_s": 600})
     raise SystemExit(f"unknown engine {name}")
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = SphinxEngine("sphinx-test", {"max_streams": 4})
+    engine = SphinxEngine("sphinx-test", {"max_streams": 4, "max_queue_wait_s": 600})
     yield engine
     engine.close()
 

@@ -22,7 +22,8 @@ slow = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = WhisperEngine("whisper-test", {"max_streams": 3})
+    # Tests feed audio faster than real time, which queues decodes on purpose: no saturation refusals.
+    engine = WhisperEngine("whisper-test", {"max_streams": 3, "max_queue_wait_s": 600})
     engine.wait_loaded_sync(120)
     yield engine
     engine.close()
@@ -163,3 +164,41 @@ def test_bundled_model_is_assembled_once_and_hash_checked(tmp_path):
     mtime = (path / "model.bin").stat().st_mtime_ns
     assert bundled_model_dir(tmp_path) == path and (path / "model.bin").stat().st_mtime_ns == mtime
     check_model_dir(path, BUNDLED_MODEL_SHA256)
+
+
+def test_worker_pool_runs_finals_first_and_reports_saturation():
+    import threading
+
+    from relay.engines._offline import PRIORITY_FINAL, PRIORITY_UPDATE, WorkerPool
+
+    pool = WorkerPool(1, "test", max_wait=0.0)
+    gate, started = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def block() -> None:
+        started.set()
+        gate.wait(10)
+
+    try:
+        blocker = pool.submit(PRIORITY_UPDATE, block)
+        assert started.wait(10)
+        update = pool.submit(PRIORITY_UPDATE, order.append, "update")
+        final = pool.submit(PRIORITY_FINAL, order.append, "final")
+        assert pool.queued == 2 and pool.saturated()
+        update.cancel()
+        assert pool.queued == 1
+        gate.set()
+        blocker.result(10)
+        final.result(10)
+        assert order == ["final"] and not pool.saturated()
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+@slow
+def test_saturated_pool_refuses_new_streams(engine, monkeypatch):
+    monkeypatch.setattr(engine.pool, "saturated", lambda: True)
+    with pytest.raises(Capacity, match="saturated"):
+        engine.open_stream(StreamOptions())
+    assert engine.readiness() == (False, "decoders saturated")
