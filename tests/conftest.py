@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# In-process tests import the ASGI application with the fake engine; don't load Whisper for them.
+# (Live servers started by tests/live.py set it back to 1.)
+os.environ["RELAY_PRELOAD_ENGINE"] = "0"
 
 
 @pytest.fixture(autouse=True)

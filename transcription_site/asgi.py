@@ -31,6 +31,20 @@ application = ProtocolTypeRouter(
     }
 )
 
+# Build the engine now, not at the first connection: the Whisper model loads in a background
+# thread and /healthz reports it loading meanwhile. Tests that import this module in-process
+# set RELAY_PRELOAD_ENGINE=0.
+if os.environ.get("RELAY_PRELOAD_ENGINE", "1") == "1":
+    import logging
+
+    from relay.engines import get_engine
+    from relay.exceptions import EngineUnavailable
+
+    try:
+        get_engine()
+    except EngineUnavailable as exc:
+        logging.getLogger("relay.engine").error("engine_unavailable engine=%s reason=%r", settings.RELAY_ENGINE, exc.description)
+
 # Django, the URLconf, the models and the engines' modules never become garbage: keep them out of
 # the collector's generations so full collections stay short (docs/benchmarks.md).
 gc.collect()
