@@ -363,7 +363,8 @@ class Bench:
         for dep, is_main in plan:
             with dep:
                 self.warm(dep)
-                loads = [(n, 3600.0), (n, 4.0), (1000, 4.0)] if is_main else [(n, 4.0)]
+                small = [] if self.quick else [(100, 4.0)]
+                loads = ([(n, 3600.0), *small, (n, 4.0), (1000, 4.0)] if is_main else [*small, (n, 4.0)])
                 for count, turn_s in loads:
                     row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=turn_s, clients=2 if count >= 1000 else 1)
                     row["turn_s"] = turn_s
