@@ -159,8 +159,6 @@ class ConfigureRejected(RelayError):
     close_code = 4008
 
 
-#: Close codes used outside the error classes.
-CLOSE_NORMAL = 1000
 
 ALL_ERRORS: list[type[RelayError]] = [
     RelayError,

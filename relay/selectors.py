@@ -1,12 +1,11 @@
 """Reads: session history and live membership. Keyword-only, typed, no writes."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 
 from relay.db import db_async
-from relay.models import Connection, Session, Turn
+from relay.models import Connection, Turn
 
 TURN_FIELDS = (
     "index",
@@ -32,26 +31,14 @@ def turn_page(*, session_id: str, after_index: int, limit: int) -> list[dict[str
     return [_record(row) for row in rows]
 
 
-def turn_iter(*, session_id: str, after_index: int = -1, page_size: int = 500) -> Iterator[dict[str, Any]]:
-    """Every finished turn after ``after_index``, read page by page (exports, CLI)."""
-    while True:
-        page = turn_page(session_id=session_id, after_index=after_index, limit=page_size)
-        yield from page
-        if len(page) < page_size:
-            return
-        after_index = page[-1]["index"]
 
 
 def session_live_connection_count(*, session_id: str) -> int:
     return Connection.objects.live().filter(session_id=session_id).count()
 
 
-def session_other_live_connections(*, session_id: str, connection_id: str) -> int:
-    return Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
 
 
-def session_get(*, session_id: str) -> Session | None:
-    return Session.objects.filter(pk=session_id).first()
 
 
 aturn_page = db_async(turn_page)

@@ -5,6 +5,8 @@ environment (database URL, engine, Redis). Migrations run first with the same en
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -102,3 +104,24 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
     env.pop("DJANGO_SETTINGS_MODULE", None)
     migrate(env)
     return {"DATABASE_URL": env["DATABASE_URL"]}
+
+
+async def stream_audio(url: str, audio: bytes, *, chunk: int = 2560, pace: float = 0.0) -> list[dict]:
+    """Stream ``audio`` over a real WebSocket, CloseStream, read every message until the close.
+
+    ``pace`` is the sleep per chunk (0: as fast as the relay takes it).
+    """
+    import websockets
+
+    messages = []
+    async with websockets.connect(url, max_size=None) as ws:
+        messages.append(json.loads(await ws.recv()))
+        for i in range(0, len(audio), chunk):
+            await ws.send(audio[i : i + chunk])
+            if pace:
+                await asyncio.sleep(pace)
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        async for raw in ws:
+            messages.append(json.loads(raw))
+        assert ws.close_code == 1000
+    return messages

@@ -2,43 +2,27 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 
 import pytest
-import websockets
 
-from tests.audio import chunks, silence, tone
-from tests.live import LiveServer, sqlite_env
+from tests.audio import silence, tone
+from tests.live import LiveServer, sqlite_env, stream_audio
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
-
-async def stream(url: str, audio: bytes, *, realtime: bool = False) -> list[dict]:
-    messages = []
-    async with websockets.connect(url, max_size=None) as ws:
-        messages.append(json.loads(await ws.recv()))
-        for chunk in chunks(audio):
-            await ws.send(chunk)
-            if realtime:
-                await asyncio.sleep(len(chunk) / 32000)
-        await ws.send(json.dumps({"type": "CloseStream"}))
-        async for raw in ws:
-            messages.append(json.loads(raw))
-        assert ws.close_code == 1000
-    return messages
 
 
 def test_daphne_streams_turns_and_persists_history(tmp_path):
     env = sqlite_env(tmp_path)
     audio = (tone(0.75) + silence(0.7)) * 3 + tone(0.5)
     with LiveServer(env) as server:
-        first = asyncio.run(stream(server.ws_url + "/v2/listen?session=live-1", audio))
+        first = asyncio.run(stream_audio(server.ws_url + "/v2/listen?session=live-1", audio))
         assert first[0]["type"] == "Connected" and first[0]["session_id"] == "live-1"
         ends = [m for m in first if m.get("event") == "EndOfTurn"]
         assert [e["transcript"] for e in ends] == ["one two three"] * 3 + ["one two"]
         assert [e["trigger"] for e in ends] == ["model"] * 3 + ["end_of_stream"]
-        again = asyncio.run(stream(server.ws_url + "/demo/api/ai/transcription?session=live-1&since=1", b""))
+        again = asyncio.run(stream_audio(server.ws_url + "/demo/api/ai/transcription?session=live-1&since=1", b""))
         assert again[0]["resumed"] is True
         assert [m["turn_index"] for m in again if m.get("type") == "TurnInfo"] == [2, 3]
     db = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite:///"))

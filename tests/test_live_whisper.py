@@ -2,41 +2,25 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
-import websockets
 
 from relay.audio import audioop
-from tests.live import LiveServer, sqlite_env
+from tests.live import LiveServer, sqlite_env, stream_audio
 from tests.speech import manifest, pcm, silence, wer
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
-
-async def stream(url: str, audio: bytes, *, chunk: int, bytes_per_second: int) -> list[dict]:
-    """Send at about five times real time (the relay's backlog limit is 30 s), then CloseStream."""
-    messages = []
-    async with websockets.connect(url, max_size=None) as ws:
-        messages.append(json.loads(await ws.recv()))
-        for i in range(0, len(audio), chunk):
-            await ws.send(audio[i : i + chunk])
-            await asyncio.sleep(chunk / bytes_per_second / 5)
-        await ws.send(json.dumps({"type": "CloseStream"}))
-        async for raw in ws:
-            messages.append(json.loads(raw))
-        assert ws.close_code == 1000
-    return messages
 
 
 def test_daphne_transcribes_the_long_clip_with_whisper(tmp_path):
     turns = manifest()["long"]["turns"]
     clip = manifest()["clips"][10]
     with LiveServer({**sqlite_env(tmp_path), "RELAY_ENGINE": "whisper"}, log_name="daphne-whisper") as server:
-        messages = asyncio.run(stream(server.ws_url + "/v2/listen?session=whisper-live", pcm("long.wav"), chunk=2560, bytes_per_second=32000))
+        messages = asyncio.run(stream_audio(server.ws_url + "/v2/listen?session=whisper-live", pcm("long.wav"), chunk=2560, pace=2560 / 32000 / 5))
         narrow = audioop.lin2ulaw(audioop.ratecv(pcm(clip["file"]) + silence(0.8), 2, 1, 16000, 8000, None)[0], 2)
         phone = asyncio.run(
-            stream(server.ws_url + "/v2/listen?encoding=mulaw&sample_rate=8000", narrow, chunk=800, bytes_per_second=8000)
+            stream_audio(server.ws_url + "/v2/listen?encoding=mulaw&sample_rate=8000", narrow, chunk=800, pace=800 / 8000 / 5)
         )
     assert messages[0]["type"] == "Connected"
     infos = [m for m in messages if m.get("type") == "TurnInfo"]
