@@ -11,16 +11,18 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from relay.batching import Batcher
 from relay.db import db_async
 from relay.engines.base import TurnEvent
 from relay.exceptions import Forbidden, SessionEnded, SessionFull
@@ -95,13 +97,14 @@ def connection_open(
     """Join or create the session and record the connection (before joining its group).
 
     The connection row is written before the consumer joins the group and reads history, which
-    is what makes replay gap-free (see relay.consumers).
+    is what makes replay gap-free (see relay.consumers). With no session asked for, this is the
+    new-session path of :func:`connections_open_new` for one connection.
     """
+    if session_id is None:
+        return connections_open_new([NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent)])[0]
     _heartbeat_if_due()
     created = False
-    if session_id is None:
-        session_id = str(uuid.uuid4())
-    authenticated = bool(user is not None and getattr(user, "is_authenticated", False))
+    authenticated = _authenticated(user)
     now = timezone.now()
     with transaction.atomic():
         session = Session.objects.filter(pk=session_id).first()
@@ -141,53 +144,153 @@ def connection_open(
             client_addr=client_addr[:64],
             user_agent=user_agent[:256],
         )
-        Session.objects.filter(pk=session.pk).update(last_activity_at=now)
+        if not created:
+            Session.objects.filter(pk=session.pk).update(last_activity_at=now)
     return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, engine=engine, others=others, gap_seconds=gap)
 
 
-def turn_index_allocate(*, session_id: str) -> int:
-    """Next session-wide turn index: one UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL).
+def _authenticated(user: Any) -> bool:
+    return bool(user is not None and getattr(user, "is_authenticated", False))
 
-    The row lock serialises concurrent allocations from any tab on any process.
+
+@dataclass(slots=True)
+class NewConnection:
+    """A connection that asked for no session: it gets a fresh one."""
+
+    user: Any
+    engine: str
+    since: int | None
+    client_addr: str = ""
+    user_agent: str = ""
+
+
+def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
+    """Create a fresh session and its first connection for each request: two INSERTs, one commit.
+
+    A fresh uuid4 cannot exist yet, so there is nothing to read: no owner or end to check, no
+    other connections, no gap.
     """
-    table = connection.ops.quote_name(Session._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f'UPDATE {table} SET "next_turn_index" = "next_turn_index" + 1, "last_activity_at" = %s '
-            'WHERE "id" = %s RETURNING "next_turn_index" - 1',
-            [timezone.now(), session_id],
+    _heartbeat_if_due()
+    now = timezone.now()
+    pid = process_id()
+    sessions = []
+    connections = []
+    for request in requests:
+        session = Session(
+            pk=str(uuid.uuid4()),
+            owner=request.user if _authenticated(request.user) else None,
+            engine=request.engine,
+            created_at=now,
+            last_activity_at=now,
         )
-        row = cursor.fetchone()
-    if row is None:
-        raise Session.DoesNotExist(session_id)
-    return row[0]
+        sessions.append(session)
+        connections.append(
+            Connection(
+                id=uuid.uuid4(),
+                session=session,
+                process_id=pid,
+                engine=request.engine,
+                opened_at=now,
+                resumed=False,
+                since=request.since,
+                client_addr=request.client_addr[:64],
+                user_agent=request.user_agent[:256],
+            )
+        )
+    with transaction.atomic():
+        Session.objects.bulk_create(sessions)
+        Connection.objects.bulk_create(connections)
+    return [
+        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, engine=c.engine, others=[], gap_seconds=None)
+        for s, c in zip(sessions, connections)
+    ]
+
+
+def turn_indexes_allocate(session_ids: list[str]) -> list[int | Exception]:
+    """The next session-wide turn index for each entry, in one transaction.
+
+    One ``UPDATE ... RETURNING`` per distinct session (SQLite 3.35+, PostgreSQL) reserves as many
+    consecutive indexes as the list asks of it; the row lock serialises allocations from any tab
+    on any process. Sessions are locked in sorted order so two processes cannot deadlock.
+    """
+    wanted = Counter(session_ids)
+    table = connection.ops.quote_name(Session._meta.db_table)
+    now = timezone.now()
+    first: dict[str, int | None] = {}
+    with transaction.atomic(), connection.cursor() as cursor:
+        for session_id in sorted(wanted):
+            count = wanted[session_id]
+            cursor.execute(
+                f'UPDATE {table} SET "next_turn_index" = "next_turn_index" + %s, "last_activity_at" = %s '
+                'WHERE "id" = %s RETURNING "next_turn_index" - %s',
+                [count, now, session_id, count],
+            )
+            row = cursor.fetchone()
+            first[session_id] = None if row is None else row[0]
+    results: list[int | Exception] = []
+    for session_id in session_ids:
+        index = first[session_id]
+        if index is None:
+            results.append(Session.DoesNotExist(session_id))
+        else:
+            results.append(index)
+            first[session_id] = index + 1
+    return results
+
+
+def turn_index_allocate(*, session_id: str) -> int:
+    """Next session-wide turn index of one session (see :func:`turn_indexes_allocate`)."""
+    result = turn_indexes_allocate([session_id])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@dataclass(slots=True)
+class FinishedTurn:
+    session_id: str
+    connection_id: str
+    index: int
+    event: TurnEvent
+
+
+_TURN_UPDATE_FIELDS = ["connection", "transcript", "words", "audio_window_start", "audio_window_end", "end_of_turn_confidence", "trigger"]
+
+
+def turns_record(turns: list[FinishedTurn]) -> list[int]:
+    """Persist finished turns in one INSERT (an upsert: a retried write is harmless).
+
+    Returns, for each turn, how many other live connections its session has, read after the
+    commit: a joining connection that is not counted committed its row later, so its history read
+    sees the turn (no gap).
+    """
+    rows: dict[tuple[str, int], Turn] = {}
+    for turn in turns:  # the same turn twice in a batch (a retry) is written once
+        event = turn.event
+        rows[(turn.session_id, turn.index)] = Turn(
+            session_id=turn.session_id,
+            index=turn.index,
+            connection_id=turn.connection_id,
+            transcript=event.transcript,
+            words=[w.as_dict() for w in event.words],
+            audio_window_start=event.audio_window_start,
+            audio_window_end=event.audio_window_end,
+            end_of_turn_confidence=event.end_of_turn_confidence,
+            trigger=event.trigger or "model",
+        )
+    Turn.objects.bulk_create(
+        list(rows.values()), update_conflicts=True, unique_fields=["session", "index"], update_fields=_TURN_UPDATE_FIELDS
+    )
+    live: dict[str, set[str]] = defaultdict(set)
+    sessions = {turn.session_id for turn in turns}
+    for session_id, pk in Connection.objects.live().filter(session_id__in=sessions).values_list("session_id", "pk"):
+        live[session_id].add(str(pk))
+    return [len(live[turn.session_id] - {turn.connection_id}) for turn in turns]
 
 
 def turn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent) -> int:
-    """Persist a finished turn; returns how many other live connections the session has.
-
-    The count is read after the turn is committed: a joining connection that is not counted
-    committed its row later, so its history read sees this turn (no gap).
-    """
-    Turn.objects.bulk_create(
-        [
-            Turn(
-                session_id=session_id,
-                index=index,
-                connection_id=connection_id,
-                transcript=event.transcript,
-                words=[w.as_dict() for w in event.words],
-                audio_window_start=event.audio_window_start,
-                audio_window_end=event.audio_window_end,
-                end_of_turn_confidence=event.end_of_turn_confidence,
-                trigger=event.trigger or "model",
-            )
-        ],
-        update_conflicts=True,
-        unique_fields=["session", "index"],
-        update_fields=["connection", "transcript", "words", "audio_window_start", "audio_window_end", "end_of_turn_confidence", "trigger"],
-    )
-    return Connection.objects.live().filter(session_id=session_id).exclude(pk=connection_id).count()
+    """Persist one finished turn (see :func:`turns_record`)."""
+    return turns_record([FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event)])[0]
 
 
 def connection_flush(
@@ -239,9 +342,35 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
     return bool(updated)
 
 
-aconnection_open = db_async(connection_open)
-aturn_index_allocate = db_async(turn_index_allocate)
-aturn_record = db_async(turn_record)
+# Group commit (relay.batching): connects that start a session, turn indexes and finished turns
+# arriving together share one transaction. Errors one item can cause are retried one by one.
+_ITEM_ERRORS = (IntegrityError, DataError)
+_new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
+_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
+_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS)
+_aconnection_open_existing = db_async(connection_open)
+
+
+async def aconnection_open(
+    *, session_id: str | None, user: Any, engine: str, since: int | None, client_addr: str = "", user_agent: str = ""
+) -> Opened:
+    if session_id is None:
+        return await _new_connections.submit(
+            NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent)
+        )
+    return await _aconnection_open_existing(
+        session_id=session_id, user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent
+    )
+
+
+async def aturn_index_allocate(*, session_id: str) -> int:
+    return await _turn_indexes.submit(session_id)
+
+
+async def aturn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent) -> int:
+    return await _finished_turns.submit(FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event))
+
+
 aconnection_flush = db_async(connection_flush)
 aprocess_heartbeat = db_async(process_heartbeat)
 aprocess_stopped = db_async(process_stopped)
