@@ -64,6 +64,9 @@ TURNS = Counter("relay_turns", "Finished turns (EndOfTurn), by trigger.", ["trig
 AUDIO_BYTES = Counter("relay_audio_received_bytes", "Audio bytes received from clients.")
 AUDIO_SECONDS = Counter("relay_audio_received_seconds", "Audio received from clients, in seconds of audio.")
 ERRORS = Counter("relay_errors", "Errors sent to clients, by stable error code.", ["code"])
+INBOUND_PAUSES = Counter(
+    "relay_inbound_pauses", "Times daphne stopped reading a client's socket because the relay was behind it (relay/flow.py)."
+)
 
 
 def close_outcome(code: int | None) -> str:

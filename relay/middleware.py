@@ -4,8 +4,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
+from channels.auth import AuthMiddleware
 from channels.security.websocket import OriginValidator
+from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
 from django.http.request import is_same_domain
 
 
@@ -44,3 +47,23 @@ class OriginCheckMiddleware(OriginValidator):
             if pattern.startswith("[") and host_port.lower() in (pattern, pattern.strip("[]")):
                 return True
         return False
+
+
+class SessionCookieAuthMiddleware(AuthMiddleware):
+    """Channels' AuthMiddleware, without a database thread hop for clients with no login cookie.
+
+    Channels resolves ``scope["user"]`` through ``database_sync_to_async`` on every connect, on
+    asgiref's single thread, even when there is no session cookie to look up, so a burst of SDK
+    or CLI connects queued on that one thread. Without the cookie the user is anonymous anyway.
+    """
+
+    async def resolve_scope(self, scope: dict) -> None:
+        if settings.SESSION_COOKIE_NAME not in scope.get("cookies", {}):
+            scope["user"]._wrapped = AnonymousUser()
+            return
+        await super().resolve_scope(scope)
+
+
+def RelayAuthMiddlewareStack(inner: Any) -> Any:
+    """Channels' AuthMiddlewareStack with :class:`SessionCookieAuthMiddleware`."""
+    return CookieMiddleware(SessionMiddleware(SessionCookieAuthMiddleware(inner)))

@@ -19,7 +19,11 @@ WORKER_CRASH = b"FAULT:WORKERDIES"
 #: The worker dies but the engine restarts it itself and only warns; the stream goes on.
 WORKER_RESTART = b"FAULT:WORKER-RST"
 
-MARKERS = (FEED_CRASH, WORKER_CRASH, WORKER_RESTART)
+#: The next ForceEndTurn takes a second, as a handler stuck behind a busy process would: frames
+#: the client sends meanwhile queue up in daphne.
+SLOW_CONTROL = b"FAULT:SLOW-CTRL!"
+
+MARKERS = (FEED_CRASH, WORKER_CRASH, WORKER_RESTART, SLOW_CONTROL)
 
 
 def _worker_crash() -> None:
@@ -27,8 +31,19 @@ def _worker_crash() -> None:
 
 
 class FaultyStream(FakeStream):
+    slow_control = 0.0
+
+    async def force_end_turn(self) -> None:
+        if self.slow_control:
+            await asyncio.sleep(self.slow_control)
+            self.slow_control = 0.0
+        await super().force_end_turn()
+
     def feed(self, audio: bytes) -> None:
         marker = audio[: len(FEED_CRASH)]
+        if marker == SLOW_CONTROL:
+            self.slow_control = 1.0
+            return
         if marker == FEED_CRASH:
             raise RuntimeError("fault injected: feed crashed")
         if marker == WORKER_CRASH:

@@ -38,7 +38,8 @@ class LiveServer:
     def __init__(self, env: dict[str, str] | None = None, port: int | None = None, log_name: str = "daphne") -> None:
         self.port = port or free_port()
         self.env = {**os.environ, "DJANGO_DEBUG": "1", "RELAY_ENGINE": "fake", "PYTHONUNBUFFERED": "1", "RELAY_PRELOAD_ENGINE": "1", **(env or {})}
-        self.env.pop("DJANGO_SETTINGS_MODULE", None)
+        if "DJANGO_SETTINGS_MODULE" not in (env or {}):  # pytest's own settings are not the server's
+            self.env.pop("DJANGO_SETTINGS_MODULE", None)
         self.proc: subprocess.Popen | None = None
         self.log = tempfile.NamedTemporaryFile(prefix=f"{log_name}-", suffix=".log", delete=False)
 

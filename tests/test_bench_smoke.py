@@ -15,21 +15,37 @@ pytestmark = [pytest.mark.slow, pytest.mark.live, pytest.mark.redis, pytest.mark
 
 
 def test_bench_quick_writes_the_report(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=600)
+    from bench.report import BASE, BEFORE, DEP_NOW, NOW, OWNFIRST
+
+    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=900)
     result = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("sweep", "variants", "handshakes", "replay", "fanout", "tabs", "shedding"):
+    for section in ("sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding"):
         assert result[section], section
-    targets = {row["target"] for row in result["sweep"]}
-    assert any(t.startswith("baseline") for t in targets) and any(t.startswith("relay deployed") for t in targets)
-    for row in result["sweep"] + result["fanout"]:
-        assert row["streams"] > 0 and row["fps"] > 0
-        assert row["dropped_updates"] == 0  # every Update of a finished turn arrived (a count, not a time)
+    assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
+    sweep = {row["target"] for row in result["sweep"]}
+    assert {BASE, NOW, DEP_NOW} <= sweep and any(t.startswith("deployed before") for t in sweep)
+    assert {BASE, BEFORE, NOW, OWNFIRST} <= {row["target"] for row in result["variants"]}
+    assert {BASE, BEFORE, NOW} <= {row["target"] for row in result["memory"]}
+    assert {BASE, BEFORE, NOW} <= {row["target"] for row in result["handshakes"]}
+    for row in result["sweep"] + result["variants"] + result["fanout"] + result["tabs"]:
+        assert row["streams"] > 0 and row["fps"] > 0, row["target"]
+        assert row["dropped_updates"] == 0, row["target"]  # a speaker gets every Update of a finished turn (a count, not a time)
+        assert row["listener_missing_eot"] == 0, row["target"]  # every listening tab got every EndOfTurn
+        assert row["error_count"] == 0, row["target"]
+    for row in result["handshakes"]:
+        assert row["ok"] + row["refused"] == row["count"] and not row["errors"], row["target"]
     assert all(r["first"]["n"] == r["repeat"] for r in result["replay"])
     assert all(row["fan"]["n"] > 0 for row in result["fanout"])
+    assert any(row["listeners"] and row["fan"]["n"] > 0 for row in result["tabs"])
+    shed = result["shedding"][0]
+    assert shed["refused"] == shed["asked"] - 5 and shed["streams"] == 5  # over the cap: CAPACITY, not an error
     report = (tmp_path / "latest.md").read_text()
-    assert "## Targets" in report and "## Streams sweep" in report
-    for chart in ("sweep.png", "variants.png", "fanout.png"):
-        assert (tmp_path / chart).stat().st_size > 1000
+    for heading in ("## Targets", "## Before and now", "## Streams sweep", "## Connection bursts", "## Past capacity"):
+        assert heading in report, heading
+    for chart in ("sweep.png", "variants.png", "fanout.png", "before_now.png"):
+        assert (tmp_path / chart).stat().st_size > 1000, chart
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "relay-bench-before-" not in worktrees  # the before tree was removed
 
 
 def test_soak_short_writes_memory_and_stability(tmp_path):

@@ -1,15 +1,17 @@
 """Security and limits: API tokens, required auth, Origin, rate limits, caps, production settings."""
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 
-from relay import auth
+from relay import auth, load
 from relay.models import ApiToken, Session
 from tests.audio import silence, tone
 from tests.live import ROOT
@@ -69,6 +71,41 @@ async def test_streams_per_process_are_capped_and_existing_ones_unharmed(setting
     await again.disconnect()
 
 
+async def block_loop(seconds: float, times: int) -> None:
+    """Keep the event loop busy, as a process with more work than CPU would."""
+    for _ in range(times):
+        time.sleep(seconds)
+        await asyncio.sleep(0.11)  # let the lag watcher take a (late) sample
+
+
+async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(settings):
+    settings.RELAY_MAX_LOOP_LAG_MS = 50
+    first = Client("/v2/listen?session=lag-a")
+    await first.connect()  # starts the watch
+    assert not load.overloaded()
+    await block_loop(0.3, 4)
+    assert load.lag_ms() > 50 and load.overloaded()
+    code, seen = await refused_with(Client("/v2/listen?session=lag-b"))
+    assert (code, seen["code"]) == (4013, "CAPACITY") and "overloaded" in seen["description"]
+    await first.send_audio(tone(0.5) + silence(0.7))  # the open stream goes on
+    assert (await first.recv_turn_end())["transcript"] == "one two"
+    settings.RELAY_MAX_LOOP_LAG_MS = 0  # off: the same lag refuses no one
+    assert load.lag_ms() > 50 and not load.overloaded()
+    settings.RELAY_MAX_LOOP_LAG_MS = 50
+    await asyncio.sleep(load.WINDOW + 0.3)  # the late samples age out
+    assert not load.overloaded()
+    again = Client("/v2/listen?session=lag-b")
+    assert (await again.connect())["type"] == "Connected"
+    await again.disconnect()
+    await first.disconnect()
+
+
+async def refused_with(client: Client) -> tuple[int, dict]:
+    await client.comm.connect()
+    code, seen = await client.expect_close()
+    return code, seen[-1]
+
+
 async def test_configure_rate_is_limited(settings):
     settings.RELAY_CONFIGURES_PER_MINUTE = 2
     c = Client()
@@ -110,3 +147,24 @@ def test_admin_is_staff_only(client, django_user_model):
     django_user_model.objects.create_user("plain", password="x-Relay-123")
     client.login(username="plain", password="x-Relay-123")
     assert client.get("/admin/").status_code == 302
+
+
+async def test_connects_without_a_login_cookie_skip_the_user_lookup(monkeypatch):
+    import channels.auth
+
+    looked_up = []
+    real = channels.auth.get_user
+
+    async def counting(scope):
+        looked_up.append(scope.get("cookies"))
+        return await real(scope)
+
+    monkeypatch.setattr(channels.auth, "get_user", counting)
+    c = Client("/v2/listen")
+    assert (await c.connect())["type"] == "Connected"
+    await c.disconnect()
+    assert looked_up == []  # anonymous without a database hop
+    c = Client("/v2/listen", headers=[(b"cookie", b"sessionid=not-a-real-session")])
+    assert (await c.connect())["type"] == "Connected"
+    await c.disconnect()
+    assert len(looked_up) == 1  # a login cookie is still resolved the usual way

@@ -23,7 +23,8 @@ def finals(client: Client) -> list[dict]:
     return [m for m in client.messages if m.get("type") == "TurnInfo" and m["event"] == "EndOfTurn"]
 
 
-async def test_second_tab_sees_live_updates_of_the_first_with_speaker():
+async def test_second_tab_sees_live_updates_of_the_first_with_speaker(settings):
+    settings.RELAY_LISTENER_UPDATE_SECONDS = 0  # every Update, to check each one
     a = Client("/v2/listen?session=tabs")
     ha = await a.connect()
     b = Client("/v2/listen?session=tabs")
@@ -46,6 +47,53 @@ async def test_second_tab_sees_live_updates_of_the_first_with_speaker():
     left = await a.recv_until(lambda m: m.get("type") == "Presence" and m["event"] == "leave")
     assert left["event"] == "leave" and left["connections"] == 1
     await a.disconnect()
+
+
+async def test_listening_tabs_get_interim_updates_coalesced_and_every_final(settings):
+    """At most one Update per RELAY_LISTENER_UPDATE_SECONDS of audio reaches other tabs; the
+    speaker still gets every one, and the listener every StartOfTurn and EndOfTurn."""
+    settings.RELAY_LISTENER_UPDATE_SECONDS = 0.5
+    a = Client("/v2/listen?session=coalesce")
+    await a.connect()
+    b = Client("/v2/listen?session=coalesce")
+    await b.connect()
+    await a.recv_until(lambda m: m.get("type") == "Presence" and m["event"] == "join" and m["connections"] == 2)
+    await a.send_audio(tone(1.6) + silence(0.7) + tone(0.3) + silence(0.7))  # 6 Updates, then 1
+    await a.recv_until(lambda m: m.get("type") == "TurnInfo" and m["event"] == "EndOfTurn" and m["turn_index"] == 1)
+    await b.recv_until(lambda m: m.get("type") == "TurnInfo" and m["event"] == "EndOfTurn" and m["turn_index"] == 1)
+
+    def updates(client: Client, turn: int) -> list[float]:
+        return [m["audio_window_end"] for m in client.messages if m.get("type") == "TurnInfo" and m["event"] == "Update" and m["turn_index"] == turn]
+
+    assert len(updates(a, 0)) == 6 and len(updates(a, 1)) == 1
+    heard = updates(b, 0)
+    assert heard == [t for t in updates(a, 0) if t in heard]  # a subsequence, in order
+    assert 2 <= len(heard) <= 4 and all(later - earlier >= 0.5 for earlier, later in zip(heard, heard[1:]))
+    assert len(updates(b, 1)) == 1  # a new turn starts afresh
+    for turn in (0, 1):
+        b_events = [m["event"] for m in b.messages if m.get("type") == "TurnInfo" and m["turn_index"] == turn]
+        assert b_events[0] == "StartOfTurn" and b_events[-1] == "EndOfTurn"
+    assert [m["transcript"] for m in finals(b)] == [m["transcript"] for m in finals(a)]
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_a_held_back_update_reaches_listeners_when_the_speaker_pauses(settings):
+    settings.RELAY_LISTENER_UPDATE_SECONDS = 0.5
+    a = Client("/v2/listen?session=pause")
+    await a.connect()
+    b = Client("/v2/listen?session=pause")
+    await b.connect()
+    await a.recv_until(lambda m: m.get("type") == "Presence" and m["event"] == "join" and m["connections"] == 2)
+    await a.send_audio(tone(1.0))  # four Updates, the turn still open: the last ones are held back
+    last = await a.recv_until(lambda m: m.get("event") == "Update" and m["transcript"] == "one two three four")
+    # Within about the interval the listener has the turn as far as it goes.
+    seen = await b.recv_until(lambda m: m.get("event") == "Update" and m["transcript"] == "one two three four", timeout=3)
+    assert seen["audio_window_end"] == last["audio_window_end"]
+    heard = [m["transcript"] for m in b.messages if m.get("event") == "Update"]
+    assert len(heard) < 4 and heard[-1] == "one two three four"
+    await a.disconnect()
+    await b.disconnect()
 
 
 async def test_own_presence_comes_with_connected():

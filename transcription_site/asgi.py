@@ -12,22 +12,22 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "transcription_site.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from relay import send_limit, shutdown  # noqa: E402
-from relay.middleware import OriginCheckMiddleware  # noqa: E402
+from relay import autobahn_logs, flow, shutdown  # noqa: E402
+from relay.middleware import OriginCheckMiddleware, RelayAuthMiddlewareStack  # noqa: E402
 from relay.routing import websocket_urlpatterns  # noqa: E402
 
 from django.conf import settings  # noqa: E402
 
-send_limit.install(settings.RELAY_MAX_SEND_BUFFER_BYTES)
+autobahn_logs.install()
+flow.install(send_limit_bytes=settings.RELAY_MAX_SEND_BUFFER_BYTES, inbound_limit=settings.RELAY_MAX_INBOUND_MESSAGES)
 shutdown.install(settings.RELAY_SHUTDOWN_TIMEOUT_SECONDS)
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": OriginCheckMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": OriginCheckMiddleware(RelayAuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
 

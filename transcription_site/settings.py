@@ -231,6 +231,12 @@ RELAY_MAX_CONNECTIONS_PER_SESSION = env_int("RELAY_MAX_CONNECTIONS_PER_SESSION",
 RELAY_FLUSH_TIMEOUT_SECONDS = env_float("RELAY_FLUSH_TIMEOUT_SECONDS", 8.0)
 RELAY_HEARTBEAT_SECONDS = env_float("RELAY_HEARTBEAT_SECONDS", 15.0)
 RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
+# New streams are refused (CAPACITY) while the event loop runs this late on average (relay/load.py); 0 = off.
+RELAY_MAX_LOOP_LAG_MS = env_float("RELAY_MAX_LOOP_LAG_MS", 75.0)
+# daphne stops reading a client's socket while this many of its messages wait for the relay (relay/flow.py).
+RELAY_MAX_INBOUND_MESSAGES = env_int("RELAY_MAX_INBOUND_MESSAGES", 50)
+# Listening tabs get at most one interim Update per this many seconds of a turn; 0 = every one.
+RELAY_LISTENER_UPDATE_SECONDS = env_float("RELAY_LISTENER_UPDATE_SECONDS", 0.5)
 RELAY_CONNECTS_PER_MINUTE = env_int("RELAY_CONNECTS_PER_MINUTE", 600)  # per client address, per process
 RELAY_CONFIGURES_PER_MINUTE = env_int("RELAY_CONFIGURES_PER_MINUTE", 60)  # per connection
 RELAY_DB_RETRY_SECONDS = env_float("RELAY_DB_RETRY_SECONDS", 30.0)  # keep retrying a turn write this long

@@ -1,0 +1,54 @@
+"""Make daphne's WebSocket library format its debug-log arguments only when they are logged.
+
+autobahn builds the arguments of its debug lines eagerly, whether or not debug logging is on:
+``hltype``/``hlval`` (terminal colouring through click) on every read and every message sent,
+``pformat`` of the protocol's whole configuration on every connection. On the relay's audio
+path that was 5-10% of the CPU per frame and about half the cost of a connect beyond the
+database (docs/benchmarks.md). Here those helpers, as autobahn's protocol modules see them,
+return a small object that does the same formatting when a log line actually renders it; what
+a debug log shows is unchanged.
+"""
+from __future__ import annotations
+
+import pprint
+from typing import Any, Callable
+
+
+class _Deferred:
+    __slots__ = ("fn", "args", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __str__(self) -> str:
+        return str(self.fn(*self.args, **self.kwargs))
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _deferring(fn: Callable[..., Any]) -> Callable[..., _Deferred]:
+    def deferred(*args: Any, **kwargs: Any) -> _Deferred:
+        return _Deferred(fn, args, kwargs)
+
+    deferred.relay_deferred = fn  # type: ignore[attr-defined]
+    return deferred
+
+
+def install() -> None:
+    try:
+        import autobahn.twisted.websocket as twisted_websocket
+        import autobahn.util as util
+        import autobahn.websocket.protocol as websocket_protocol
+    except ImportError:  # not under daphne
+        return
+    if hasattr(websocket_protocol.hltype, "relay_deferred"):
+        return
+    for module in (websocket_protocol, twisted_websocket):
+        module.hltype = _deferring(util.hltype)
+        module.hlval = _deferring(util.hlval)
+    websocket_protocol.pformat = _deferring(pprint.pformat)
+    # Timings.__str__ returns pformat(...) and must stay a real str.
+    websocket_protocol.Timings.__str__ = lambda self: pprint.pformat(self._timings)
