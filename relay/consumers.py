@@ -161,41 +161,45 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+    # Per-connection state. Defaults live on the class, so an instance stores only what it
+    # changed: a smaller instance dict for the thousands of mostly idle connections a process
+    # holds (docs/benchmarks.md, idle memory).
+    seq = 0
+    request_id = ""
+    connection_id = ""
+    session_id = ""
+    group = ""
+    stream: EngineStream | None = None
+    pump: asyncio.Task | None = None
+    client_gone = False
+    closing = False
+    finished = True  # until websocket_connect runs
+    close_code: int | None = None
+    pump_error: RelayError | None = None
+    audio_meter: metrics.AudioMeter | None = None
+    close_reason = ""
+    audio_bytes = 0
+    messages_received = 0
+    messages_sent = 0
+    errors = 0
+    last_error_code = ""
+    peers: frozenset[str] | set[str] = frozenset()  # other live connections of the session
+    replayed: frozenset[int] | set[int] = frozenset()  # turn indexes sent by replay
+    engine_turn: int | None = None
+    turn_index: int | None = None
+    listener_update_at = float("-inf")
+    held_update: tuple[str, int, float] | None = None
+    held_timer: asyncio.TimerHandle | None = None
+    fan_out_lock: asyncio.Lock | None = None
+    counted = False
+    configure_limiter: SlidingWindowLimiter | None = None
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.started = time.monotonic()
-        self.seq = 0
-        self.request_id = ""
-        self.connection_id = ""
-        self.session_id = ""
-        self.group = ""
-        self.stream: EngineStream | None = None
-        self.pump: asyncio.Task | None = None
-        self.client_gone = False
-        self.closing = False
         self.finished = False
-        self.close_code: int | None = None
-        self.pump_error: RelayError | None = None
-        self.audio_meter: metrics.AudioMeter | None = None
-        self.close_reason = ""
-        self.audio_bytes = 0
-        self.messages_received = 0
-        self.messages_sent = 0
-        self.errors = 0
-        self.last_error_code = ""
-        self.peers: set[str] = set()
-        self.replayed: set[int] = set()
-        self.engine_turn: int | None = None
-        self.turn_index: int | None = None
-        self.listener_update_at = float("-inf")
-        self.held_update: tuple[str, int, float] | None = None
-        self.held_timer: asyncio.TimerHandle | None = None
-        self.fan_out_lock: asyncio.Lock | None = None
         self.max_frame = settings.RELAY_MAX_FRAME_BYTES
         self.max_backlog = settings.RELAY_MAX_BACKLOG_SECONDS
-
-        self.counted = False
-        self.configure_limiter = SlidingWindowLimiter(settings.RELAY_CONFIGURES_PER_MINUTE, 60.0)
         protocols = self.scope.get("subprotocols") or []
         await self.accept(subprotocol="token" if protocols[:1] == ["token"] else None)
         try:
@@ -238,7 +242,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         self.session_id = opened.session_id
         self.connection_id = self.request_id = opened.connection_id
         self.group = services.session_group_name(self.session_id)
-        self.peers.update(opened.others)
+        if opened.others:
+            self.peers = set(opened.others)
         _ensure_heartbeat()
 
         # The stream opens before Connected so a full engine pool refuses the stream up front.
@@ -294,10 +299,11 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         page_size = settings.RELAY_REPLAY_PAGE_SIZE
         count = 0
         last: int | None = None
+        replayed = self.replayed = set()
         while True:
             page = await selectors.aturn_page(session_id=self.session_id, after_index=after, limit=page_size)
             for record in page:
-                self.replayed.add(record["index"])
+                replayed.add(record["index"])
                 await self._send(protocol.turn_info_from_record(record))
             count += len(page)
             if page:
@@ -476,6 +482,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         if msg.type == "ForceEndTurn":
             await self.stream.force_end_turn()
         elif msg.type == "Configure":
+            if self.configure_limiter is None:
+                self.configure_limiter = SlidingWindowLimiter(settings.RELAY_CONFIGURES_PER_MINUTE, 60.0)
             if not self.configure_limiter.hit("configure"):
                 raise RateLimited("Too many Configure messages; at most %d a minute." % self.configure_limiter.limit)
             try:
@@ -633,9 +641,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         if event["origin"] == self.channel_name:
             return
         if event["event"] == "join":
-            self.peers.add(event["connection_id"])
+            self.peers = {*self.peers, event["connection_id"]}
         else:
-            self.peers.discard(event["connection_id"])
+            self.peers = set(self.peers) - {event["connection_id"]}
         if self.client_gone or self.closing:
             return
         try:

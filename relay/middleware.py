@@ -1,14 +1,15 @@
 """ASGI middleware for WebSockets."""
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 from urllib.parse import urlparse
 
-from channels.auth import AuthMiddleware
+from channels import auth as channels_auth
 from channels.security.websocket import OriginValidator
-from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.http.cookie import parse_cookie
 from django.http.request import is_same_domain
 
 
@@ -49,21 +50,28 @@ class OriginCheckMiddleware(OriginValidator):
         return False
 
 
-class SessionCookieAuthMiddleware(AuthMiddleware):
-    """Channels' AuthMiddleware, without a database thread hop for clients with no login cookie.
+class WebsocketAuthMiddleware:
+    """Cookies, session and user for a WebSocket scope: Channels' AuthMiddlewareStack in one step.
 
-    Channels resolves ``scope["user"]`` through ``database_sync_to_async`` on every connect, on
-    asgiref's single thread, even when there is no session cookie to look up, so a burst of SDK
-    or CLI connects queued on that one thread. Without the cookie the user is anonymous anyway.
+    Channels' stack is three middlewares (three scope copies, three frames kept alive for as long
+    as each connection lasts, a session wrapper that saves sessions on an HTTP response a
+    WebSocket never sends), and it resolves the user through ``database_sync_to_async`` on
+    asgiref's single thread even when there is no session cookie, so a burst of SDK or CLI
+    connects queued on that one thread. Here: one scope copy, and without a login cookie the
+    user is anonymous with no database call.
     """
 
-    async def resolve_scope(self, scope: dict) -> None:
-        if settings.SESSION_COOKIE_NAME not in scope.get("cookies", {}):
-            scope["user"]._wrapped = AnonymousUser()
-            return
-        await super().resolve_scope(scope)
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.session_store = import_module(settings.SESSION_ENGINE).SessionStore
 
-
-def RelayAuthMiddlewareStack(inner: Any) -> Any:
-    """Channels' AuthMiddlewareStack with :class:`SessionCookieAuthMiddleware`."""
-    return CookieMiddleware(SessionMiddleware(SessionCookieAuthMiddleware(inner)))
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
+        cookies: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            if name == b"cookie":
+                cookies = parse_cookie(value.decode("latin1"))
+                break
+        session_key = cookies.get(settings.SESSION_COOKIE_NAME)
+        scope = {**scope, "cookies": cookies, "session": self.session_store(session_key)}
+        scope["user"] = await channels_auth.get_user(scope) if session_key else AnonymousUser()
+        return await self.inner(scope, receive, send)

@@ -15,7 +15,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from relay import autobahn_logs, flow, shutdown  # noqa: E402
-from relay.middleware import OriginCheckMiddleware, RelayAuthMiddlewareStack  # noqa: E402
+from relay.middleware import OriginCheckMiddleware, WebsocketAuthMiddleware  # noqa: E402
 from relay.routing import websocket_urlpatterns  # noqa: E402
 
 from django.conf import settings  # noqa: E402
@@ -27,7 +27,7 @@ shutdown.install(settings.RELAY_SHUTDOWN_TIMEOUT_SECONDS)
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": OriginCheckMiddleware(RelayAuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": OriginCheckMiddleware(WebsocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
     }
 )
 

@@ -11,6 +11,7 @@ Turn numbering inside an engine is local (``TurnEvent.turn``); only its changes 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -98,25 +99,42 @@ class EngineStream:
     def __init__(self, engine: "Engine", options: StreamOptions) -> None:
         self.engine = engine
         self.options = options
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # A deque made on the first event and one future while the consumer waits: an empty
+        # asyncio.Queue costs about 3 KB, and most streams sit idle most of the time.
+        self._items: deque[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
 
-    # -- producer side (the engine) -------------------------------------------------------------
+    # -- producer side (the engine, on the event loop) ------------------------------------------
     def emit(self, item: TurnEvent | EngineWarning | BaseException) -> None:
         """Queue an event for the consumer; an exception ends the stream with that error."""
         if not self._closed:
-            self._queue.put_nowait(item)
+            self._put(item)
 
     def end(self) -> None:
         """No more events will come."""
         if not self._closed:
             self._closed = True
-            self._queue.put_nowait(_END)
+            self._put(_END)
+
+    def _put(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- consumer side --------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[TurnEvent | EngineWarning]:
         while True:
-            item = await self._queue.get()
+            while not self._items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            item = self._items.popleft()
             if item is _END:
                 return
             if isinstance(item, BaseException):
