@@ -1,9 +1,8 @@
 """The relay's ASGI application as benchmarked: ``transcription_site.asgi:application`` itself,
-plus a ``/__bench__/stats`` HTTP endpoint (garbage-collector pauses, active streams) and, when
-asked through the environment, prototype changes to measure before they go into the relay:
+plus a ``/__bench__/stats`` HTTP endpoint (garbage-collector pauses, active streams, event-loop
+lag, paused sockets, group-commit batches) and, when asked through the environment:
 
-* ``BENCH_GC_FREEZE=1``: ``gc.collect(); gc.freeze()`` once the application is built;
-* ``BENCH_PATCHES=name,...``: monkeypatches from :mod:`bench.patches`;
+* ``BENCH_PATCHES=name,...``: candidate changes from :mod:`bench.patches`;
 * ``BENCH_TRACEMALLOC=1``: trace allocations; ``/__bench__/tracemalloc`` lists the allocation
   sites that grew most since the first call (used to chase memory growth in a soak).
 
@@ -46,11 +45,6 @@ if _patches:
 if os.environ.get("BENCH_TRACEMALLOC") == "1":
     tracemalloc.start(8)
 
-if os.environ.get("BENCH_GC_FREEZE") == "1":
-    gc.collect()
-    gc.freeze()
-
-
 _first_snapshot: list = []
 
 
@@ -70,14 +64,12 @@ def tracemalloc_growth(top: int = 25) -> dict:
 
 
 def stats() -> dict:
-    from relay import consumers
+    from relay import consumers, flow, load, services
 
     out: dict = {"pid": os.getpid(), "active_streams": consumers.active_streams(), "patches": _patches,
+                 "loop_lag_ms": round(load.lag_ms(), 2), "inbound_paused": flow.paused_count(),
+                 "batches": {b.name: [b.batches, b.items] for b in (services._new_connections, services._turn_indexes, services._finished_turns)},
                  "gc_frozen": gc.get_freeze_count(), "gc": {}}
-    if "dispatch" in _patches:
-        from bench import patches
-
-        out["inbound"] = patches.inbound_stats()
     for gen, pauses in _pauses.items():
         values = sorted(pauses)
         out["gc"][gen] = {

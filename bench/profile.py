@@ -53,9 +53,9 @@ def profile_relay(bench: Any, out: Path) -> dict[str, Any]:
         say("    py-spy is not installed (pip install py-spy==0.4.3); skipping the profile")
         return {}
     result: dict[str, Any] = {}
-    for label, env in (("relay, as committed", {}), ("relay with the proposed changes", bench.ALL)):
-        dep = bench.relay(label, env=env)
-        key = "committed" if not env else "proposed"
+    for key, dep in (("now", bench.relay()), ("before", bench.before())):
+        if dep is None:
+            continue
         raw, svg = out / f"profile-{key}.txt", out / f"profile-{key}.svg"
         with dep:
             bench.warm(dep)
@@ -63,7 +63,7 @@ def profile_relay(bench: Any, out: Path) -> dict[str, Any]:
             # the window opens after connect + 2 s settle; record 8 s inside a 12 s window
             timer = threading.Timer(4.0, record, args=(pid, 8, raw, svg))
             timer.start()
-            row = stream_step(dep, sessions=300, frame_ms=80, window=12.0)
+            row = stream_step(dep, sessions=bench.n(300), frame_ms=80, window=12.0)
             timer.join()
         say(fmt_row(row))
         summary = summarise(raw) if raw.exists() else {}

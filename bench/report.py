@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any
 
 REF_STREAMS, REF_FRAME = 300, 80
-ALL_LABEL = "all (freeze, task, autobahn, DB pool+SQL, own-first)"
+AUDIO_ONLY = 3600.0  # turn_s of the rows without turns
+
+BASE = "baseline (bare websockets)"
+NOW = "relay now (1 daphne)"
+BEFORE = "relay before (1 daphne)"
+DEP_NOW = "deployed now (2 daphne+Redis)"
+DEP_BEFORE = "deployed before (2 daphne+Redis)"
+OWNFIRST = "relay now + own EndOfTurn before the write (declined)"
+UVICORN = "uvicorn now (websockets-sansio)"
+BOUNDED_MB_PER_MIN = 60.0  # "RSS bounded": grows by at most 1 MB/s over an overloaded window
 
 
 def _v(x: Any, unit: str = "") -> str:
@@ -16,6 +25,13 @@ def _v(x: Any, unit: str = "") -> str:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
+
+
+def lost(r: dict[str, Any]) -> int:
+    """Events that did not arrive: Updates missing from a speaker's turn, ForceEndTurns never
+    answered, EndOfTurns a listening tab never got (listeners get Updates coalesced, so a
+    listener's missing Update is not a loss)."""
+    return r["dropped_updates"] + r["missing_eot"] + r.get("listener_missing_eot", 0)
 
 
 def saturated(r: dict[str, Any]) -> bool:
@@ -32,91 +48,236 @@ def _find(rows: list[dict], **match: Any) -> dict | None:
     return None
 
 
-def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) for issue 8's targets and issue 4's replay target."""
-    out: list[tuple[str, str, str]] = []
-    variants = res.get("variants", [])
-    base = _find(variants, target="baseline (bare websockets)", streams=REF_STREAMS, frame_ms=REF_FRAME, turn_s=3600.0)
-    if base:
-        for label in ("relay, as committed", ALL_LABEL, "uvicorn + all"):
-            audio = _find(variants, target=label, streams=REF_STREAMS, frame_ms=REF_FRAME, turn_s=3600.0)
-            turns = _find(variants, target=label, streams=REF_STREAMS, frame_ms=REF_FRAME, turn_s=4.0)
-            if audio and turns:
-                ratio = _ratio(audio["cpu_per_frame_us"], base["cpu_per_frame_us"])
-                p99 = turns["fet_rtt"]["p99"]
-                ok = ratio is not None and ratio <= 2 and p99 is not None and p99 <= 50
-                out.append((f"CPU/frame <= 2x bare at {REF_STREAMS} x {REF_FRAME} ms, EoT p99 <= 50 ms ({label})",
-                            f"{ratio}x ({audio['cpu_per_frame_us']} vs {base['cpu_per_frame_us']} µs, audio only); EoT p99 {p99} ms (a turn every 4 s)",
-                            "met" if ok else ("CPU met, EoT p99 not" if ratio and ratio <= 2
-                                              else "CPU 3x milestone met, EoT p99 not" if ratio and ratio <= 3 else "not met")))
-    sweep = res.get("sweep", [])
-    for label in dict.fromkeys(r["target"] for r in sweep if r["target"].startswith("relay deployed")):
-        dep = [r for r in sweep if r["target"] == label and r["frame_ms"] == 80]
-        good = [r for r in dep if (r["fet_rtt"]["p99"] or 1e9) <= 50 and r["achieved"] >= 0.99 and not r["dropped_updates"]
-                and not r["missing_eot"] and not r["error_count"]]
-        best = max((r["streams"] for r in good), default=0)
-        out.append((f">= 2,000 streams of 80 ms, p99 <= 50 ms, nothing dropped ({label})",
-                    f"largest clean step: {best} streams (steps: {', '.join(str(r['streams']) for r in dep)})", "met" if best >= 2000 else "not met"))
-    tabs = [r for r in res.get("tabs", []) if r.get("layer") == "pubsub"]
-    one, two = _find(tabs, listeners=0), next((r for r in tabs if r["listeners"]), None)
-    if one and two:
-        ratio = _ratio(two["cpu_per_frame_with_redis_us"], one["cpu_per_frame_with_redis_us"])
-        out.append(("two-tab session <= 1.5x one-tab (Redis pub/sub layer, CPU incl. Redis)", f"{ratio}x",
-                    "met" if ratio and ratio <= 1.5 else "not met"))
+def _each(values: list | None) -> str:
+    """A per-process figure (None from servers that do not report it, e.g. the before tree)."""
+    return "–" if not values or all(v is None for v in values) else " + ".join(_v(v) for v in values)
+
+
+def _burst_errors(r: dict[str, Any]) -> int:
+    return sum(r["errors"].values()) + r["server_errors"]
+
+
+# -- targets: (target, relay now, verdict, relay before) ------------------------------------------
+def _ref_streams(variants: list[dict]) -> int:
+    """The reference load: 300 streams, or what a --scale'd run used instead (its audio-only rows)."""
+    return next((r["asked"] for r in variants if r["target"] == BASE and r.get("turn_s") == AUDIO_ONLY), REF_STREAMS)
+
+
+def _cpu_target(variants: list[dict]) -> list[str] | None:
+    ref = _ref_streams(variants)
+    base = _find(variants, target=BASE, streams=ref, frame_ms=REF_FRAME, turn_s=AUDIO_ONLY)
+    if not base:
+        return None
+
+    def measure(label: str) -> tuple[str, str] | None:
+        audio = _find(variants, target=label, streams=ref, frame_ms=REF_FRAME, turn_s=AUDIO_ONLY)
+        turns = _find(variants, target=label, streams=ref, frame_ms=REF_FRAME, turn_s=4.0)
+        if not (audio and turns):
+            return None
+        ratio = _ratio(audio["cpu_per_frame_us"], base["cpu_per_frame_us"])
+        p99 = turns["fet_rtt"]["p99"]
+        text = (f"{ratio}x ({audio['cpu_per_frame_us']} vs {base['cpu_per_frame_us']} µs, audio only); EoT p99 {p99} ms"
+                + (" (not keeping up)" if saturated(turns) else ""))
+        cpu_ok, lat_ok = ratio is not None and ratio <= 2, p99 is not None and p99 <= 50
+        verdict = ("met" if cpu_ok and lat_ok else "CPU met, EoT p99 not" if cpu_ok
+                   else "EoT p99 met, CPU not" if lat_ok else "not met")
+        return text, verdict
+
+    now, before = measure(NOW), measure(BEFORE)
+    if not now:
+        return None
+    return [f"CPU/frame <= 2x bare at {ref} x {REF_FRAME} ms (audio only), ForceEndTurn→EndOfTurn p99 <= 50 ms "
+            f"(a turn every 4 s)", now[0], now[1], before[0] if before else "–"]
+
+
+def _largest_clean(sweep: list[dict], label: str) -> int | None:
+    """The most 80 ms streams a series held with p99 <= 50 ms and nothing lost, refused or failed."""
+    dep = [r for r in sweep if r["target"] == label and r["frame_ms"] == 80]
+    if not dep:
+        return None
+    good = [r for r in dep if (r["fet_rtt"]["p99"] or 1e9) <= 50 and r["achieved"] >= 0.99 and not lost(r)
+            and not r["error_count"] and not r["refused"]]
+    return max((r["streams"] for r in good), default=0)
+
+
+def _streams_target(sweep: list[dict]) -> list[str] | None:
+    def measure(label: str) -> tuple[str, int] | None:
+        best = _largest_clean(sweep, label)
+        if best is None:
+            return None
+        steps = ", ".join(str(r["asked"]) for r in sweep if r["target"] == label and r["frame_ms"] == 80)
+        return f"largest clean step {best} (steps: {steps})", best
+
+    now, before = measure(DEP_NOW), measure(DEP_BEFORE)
+    if not now:
+        return None
+    return [">= 2,000 streams of 80 ms deployed (2 daphne + Redis), p99 <= 50 ms, nothing lost or refused",
+            now[0], "met" if now[1] >= 2000 else "not met", before[0] if before else "–"]
+
+
+def _tabs_ratio(tabs: list[dict], label: str) -> tuple[float | None, dict | None]:
+    two = next((r for r in tabs if r["target"] == label and r["listeners"]), None)
+    one = _find(tabs, target=label, listeners=0) or _find(tabs, target=DEP_NOW, listeners=0)
+    if not (one and two):
+        return None, None
+    return _ratio(two["cpu_per_frame_with_redis_us"], one["cpu_per_frame_with_redis_us"]), two
+
+
+def _tabs_target(tabs: list[dict]) -> list[str] | None:
+    now, _ = _tabs_ratio(tabs, DEP_NOW)
+    if now is None:
+        return None
+    every = [f"{_tabs_ratio(tabs, r['target'])[0]}x with every Update forwarded" for r in tabs
+             if r["target"] not in (DEP_NOW, DEP_BEFORE) and r["listeners"]]
+    before, _ = _tabs_ratio(tabs, DEP_BEFORE)
+    return ["two-tab session <= 1.5x one-tab (pub/sub layer; CPU of servers + Redis per frame)",
+            f"{now}x" + (f" ({'; '.join(every)})" if every else ""), "met" if now <= 1.5 else "not met",
+            f"{before}x" if before is not None else "–"]
+
+
+def _burst_text(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "–"
+    return (f"{r['ok']}/{r['count']} connected, {r.get('refused', 0)} refused (CAPACITY), {_burst_errors(r)} errors, "
+            f"p99 {r['handshake'].get('p99')} ms")
+
+
+def _burst_verdict(r: dict[str, Any]) -> str:
+    if _burst_errors(r) == 0 and r["ok"] == r["count"]:
+        return "met"
+    if _burst_errors(r) == 0:
+        return f"not met: no errors, but {r.get('refused', 0)} refused by admission control"
+    return "not met"
+
+
+def _overload_text(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "–"
+    return (f"RSS {r['rss_mb']} MB at the end, {r['rss_growth_mb_per_min']} MB/min over the window; "
+            f"{r['streams']} accepted, {r['refused']} refused")
+
+
+def targets(res: dict[str, Any]) -> list[list[str]]:
+    """[target, relay now, verdict, relay before] for issue 8's targets and issue 4's replay target."""
+    out: list[list[str] | None] = []
+    out.append(_cpu_target(res.get("variants", [])))
+    out.append(_streams_target(res.get("sweep", [])))
+    out.append(_tabs_target(res.get("tabs", [])))
     hs = res.get("handshakes", [])
-    for r in hs:
-        if r["target"].startswith("deployed") or r["target"] == "relay, listen backlog 1024":
-            errors = sum(r["errors"].values()) + r["server_errors"]
-            out.append((f"burst of {r['count']} connections in 1 s, no error ({r['target']})",
-                        f"{r['ok']}/{r['count']} ok, {errors} errors, p99 {r['handshake'].get('p99')} ms",
-                        "met" if errors == 0 and r["ok"] == r["count"] else "not met"))
-    relay_hs = _find(hs, target="relay, listen backlog 1024")
-    if relay_hs:
-        out.append((">= 500 new sessions/s per process, rows written", f"{relay_hs['rate']:.0f}/s",
-                    "met" if relay_hs["rate"] >= 500 else "not met"))
-    for r in res.get("memory", []):
-        if r["target"].startswith("baseline"):
-            continue
-        out.append((f"idle memory <= 40 KB per connection ({r['target']})", f"{r['rss_idle_per_conn_kb']} KB at {r['streams']} connections",
-                    "met" if r["rss_idle_per_conn_kb"] is not None and r["rss_idle_per_conn_kb"] <= 40 else "not met"))
+    for now_label, before_label in ((NOW, BEFORE), (DEP_NOW, DEP_BEFORE)):
+        r = _find(hs, target=now_label)
+        if r:
+            out.append([f"burst of {r['count']} connections in 1 s served without an error ({now_label})", _burst_text(r),
+                        _burst_verdict(r), _burst_text(_find(hs, target=before_label))])
+    mem = res.get("memory", [])
+    r = _find(mem, target=NOW)
+    if r:
+        b = _find(mem, target=BEFORE)
+        kb = r["rss_idle_per_conn_kb"]
+        out.append(["idle memory <= 40 KB per connection (one daphne)", f"{kb} KB at {r['streams']} connections",
+                    "met" if kb is not None and kb <= 40 else "not met", f"{b['rss_idle_per_conn_kb']} KB" if b else "–"])
+    r = _find(hs, target=NOW)
+    if r:
+        b = _find(hs, target=BEFORE)
+        out.append([f">= 500 new sessions/s per process, rows written (the burst above, {r['count']} offered in 1 s: connected ÷ span)", f"{r['rate']:.0f}/s",
+                    "met" if r["rate"] >= 500 else "not met", f"{b['rate']:.0f}/s" if b else "–"])
     shed = res.get("shedding", [])
-    if shed:
-        r = shed[0]
-        refused_ok = r["refused"] == r["asked"] - r["cap"]
-        ok = refused_ok and r["error_count"] == 0 and (r["fet_rtt"]["p99"] or 1e9) <= 50
-        out.append(("past capacity: new streams refused (CAPACITY / 4013), existing unharmed",
-                    f"{r['refused']} of {r['asked']} refused at cap {r['cap']}; accepted p99 {r['fet_rtt']['p99']} ms",
-                    "met" if ok else "not met"))
-        for r in shed[1:]:
-            out.append((f"RSS bounded: {r['target']}", f"{r['rss_mb']} MB, {r['rss_growth_mb_per_min']} MB/min over the window",
-                        "see text"))
-    for r in res.get("replay", []):
-        if r["since"] is None:
-            p99 = r["first"].get("p99")
-            out.append((f"reconnect to first replayed turn, {r['turns']}-turn history, p99 <= 100 ms ({r['target']})",
-                        f"p99 {p99} ms (all {r['expected']}: p99 {r['last'].get('p99')} ms)",
-                        "met" if p99 is not None and p99 <= 100 else "not met"))
-    return out
+    r = next((x for x in shed if x.get("kind") == "admission"), None)
+    if r:
+        p99, upd = r["fet_rtt"]["p99"], r["upd"]["p99"]
+        within = p99 is not None and p99 <= 50 and upd is not None and upd <= 50
+        text = (f"{r['streams']} accepted, {r['refused']} refused of {r['asked']} arriving while the others stream; accepted: "
+                f"EoT p99 {p99} ms, audio→Update p99 {upd} ms, {r['error_count']} errors, {lost(r)} lost")
+        if r["refused"] and within and not r["error_count"]:
+            verdict = "met"
+        elif not r["refused"] and within:
+            verdict = f"not reached: all {r['asked']} fit"
+        elif r["refused"]:
+            verdict = "refuses, but accepted streams not within 50 ms" if not within else "not met (errors)"
+        else:
+            verdict = "not met: nothing refused, latency past 50 ms"
+        out.append(["past capacity: new streams refused (CAPACITY / 4013), accepted streams' p99 within 50 ms", text, verdict, "–"])
+    r = next((x for x in shed if x.get("kind") == "overload" and not x["target"].startswith("relay before")), None)
+    if r:
+        b = next((x for x in shed if x.get("kind") == "overload" and x["target"].startswith("relay before")), None)
+        out.append([f"RSS bounded under overload ({r['target'].split('(')[-1].rstrip(')')}; bounded: <= {BOUNDED_MB_PER_MIN:g} MB/min)",
+                    _overload_text(r), "met" if r["rss_growth_mb_per_min"] <= BOUNDED_MB_PER_MIN else "not met", _overload_text(b)])
+    r = next((x for x in shed if x.get("kind") == "stop_reading"), None)
+    if r:
+        out.append([f"RSS bounded with {r['streams']} clients that stop reading", _overload_text(r),
+                    "met" if r["rss_growth_mb_per_min"] <= BOUNDED_MB_PER_MIN else "not met", "–"])
+    replay = [x for x in res.get("replay", []) if x["since"] is None]
+    before = next((x for x in replay if x["target"] == BEFORE), None)
+    for r in replay:
+        if r["target"] == BEFORE:
+            continue
+        p99 = r["first"].get("p99")
+        out.append([f"reconnect → first replayed turn p99 <= 100 ms, {r['turns']}-turn history ({r['target']})",
+                    f"p99 {p99} ms (all {r['expected']}: p99 {r['last'].get('p99')} ms)",
+                    "met" if p99 is not None and p99 <= 100 else "not met",
+                    f"p99 {before['first'].get('p99')} ms ({BEFORE})" if before and r["target"] == NOW else "–"])
+    return [t for t in out if t]
 
 
 def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None) -> list[str]:
     lines = [
-        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare | server cores | client cores | machine busy cores | errors | lost or >3 s late | server busy after s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare "
+        "| server cores | client cores | machine busy cores | errors | refused (CAPACITY) | lost | server busy after s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         match = {"turn_s": r["turn_s"]} if "turn_s" in r else {}
-        b = _find(base_rows or [], target="baseline (bare websockets)", streams=r["streams"], frame_ms=r["frame_ms"], **match)
+        b = _find(base_rows or [], target=BASE, streams=r["streams"], frame_ms=r["frame_ms"], **match)
         ratio = _ratio(r["cpu_per_frame_us"], b["cpu_per_frame_us"]) if b else None
         tabs = (f"{r['streams']}" + (f" (+{r['listeners']})" if r["listeners"] else "") + (" audio only" if r.get("turn_s", 0) > 60 else "")
                 + (" **not keeping up**" if saturated(r) else ""))
         lines.append(
             f"| {r['target']} | {r['frame_ms']} ms | {tabs} | {r['achieved']:.2f} | {_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} "
             f"| {_v(r['upd']['p50'])} / {_v(r['upd']['p99'])} | {_v(r['cpu_per_frame_us'])} | {_v(ratio)} | {r['server_cores']} "
-            f"| {r['client_cores']} | {r['machine_busy_cores']} | {r['error_count']} | {r['dropped_updates'] + r['missing_eot']} "
+            f"| {r['client_cores']} | {r['machine_busy_cores']} | {r['error_count']} | {r['refused']} | {lost(r)} "
             f"| {r.get('busy_after_s', '–')} |"
         )
     return lines
+
+
+def before_now(res: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
+    """(measure, unit, before, now) pairs measured in the same run, for the table and the chart."""
+    out = []
+    v = res.get("variants", [])
+    ref = _ref_streams(v)
+    small = min((r["asked"] for r in v if r["target"] == BASE and r["asked"] < ref), default=100)
+    for what, turn_s, key in ((f"CPU per frame, {ref} x 80 ms audio only", AUDIO_ONLY, "cpu"),
+                              (f"CPU per frame, {ref} x 80 ms, a turn every 4 s", 4.0, "cpu"),
+                              (f"EoT p99, {ref} x 80 ms, a turn every 4 s", 4.0, "eot"),
+                              (f"EoT p99, {small} x 80 ms, a turn every 4 s", 4.0, "eot100")):
+        n = small if key == "eot100" else ref
+        b = _find(v, target=BEFORE, streams=n, turn_s=turn_s)
+        a = _find(v, target=NOW, streams=n, turn_s=turn_s)
+        if a or b:
+            get = (lambda r: r["cpu_per_frame_us"]) if key == "cpu" else (lambda r: r["fet_rtt"]["p99"])
+            out.append((what, "µs" if key == "cpu" else "ms", get(b) if b else None, get(a) if a else None))
+    sweep = res.get("sweep", [])
+    streams = {label: _largest_clean(sweep, label) for label in (DEP_BEFORE, DEP_NOW)}
+    if any(x is not None for x in streams.values()):
+        out.append(("deployed: largest clean step, 80 ms frames", "streams", streams[DEP_BEFORE], streams[DEP_NOW]))
+    mem = res.get("memory", [])
+    b, a = _find(mem, target=BEFORE), _find(mem, target=NOW)
+    if a or b:
+        out.append(("idle memory per connection", "KB", b and b["rss_idle_per_conn_kb"], a and a["rss_idle_per_conn_kb"]))
+    hs = res.get("handshakes", [])
+    b, a = _find(hs, target=BEFORE), _find(hs, target=NOW)
+    if a or b:
+        out.append(("new sessions per second, one process", "/s", b and round(b["rate"]), a and round(a["rate"])))
+    tabs = res.get("tabs", [])
+    b, a = _tabs_ratio(tabs, DEP_BEFORE)[0], _tabs_ratio(tabs, DEP_NOW)[0]
+    if a or b:
+        out.append(("second tab: CPU ratio (servers + Redis)", "x", b, a))
+    shed = [r for r in res.get("shedding", []) if r.get("kind") == "overload"]
+    b = next((r for r in shed if r["target"].startswith("relay before")), None)
+    a = next((r for r in shed if not r["target"].startswith("relay before")), None)
+    if a or b:
+        out.append(("overloaded: RSS growth", "MB/min", b and b["rss_growth_mb_per_min"], a and a["rss_growth_mb_per_min"]))
+    return out
 
 
 def charts(res: dict[str, Any], out: Path) -> list[str]:
@@ -161,7 +322,7 @@ def charts(res: dict[str, Any], out: Path) -> list[str]:
             ax = axes[0][col]
             ax.barh([r["target"] for r in rows], [r["cpu_per_frame_us"] or 0 for r in rows],
                     color=["tab:gray" if saturated(r) else "tab:blue" for r in rows])
-            base = _find(rows, target="baseline (bare websockets)")
+            base = _find(rows, target=BASE)
             if base and base["cpu_per_frame_us"]:
                 ax.axvline(2 * base["cpu_per_frame_us"], color="tab:red", ls="--", lw=1, label="2x bare")
                 ax.legend(fontsize=8)
@@ -187,7 +348,34 @@ def charts(res: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "fanout.png", dpi=90)
         plt.close(fig)
         made.append("fanout.png")
+    pairs = [p for p in before_now(res) if p[2] is not None and p[3] is not None]
+    if pairs:
+        cols = 4
+        rows_ = (len(pairs) + cols - 1) // cols
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 2.8 * rows_), squeeze=False)
+        for ax, (what, unit, b, a) in zip(axes.flat, pairs):
+            ax.bar(["before", "now"], [b, a], color=["tab:gray", "tab:blue"])
+            for x, y in enumerate((b, a)):
+                ax.annotate(f"{y:g}", (x, y), ha="center", va="bottom", fontsize=8)
+            ax.set_title(what, fontsize=8, wrap=True)
+            ax.set_ylabel(unit, fontsize=8)
+            ax.grid(True, axis="y", alpha=0.3)
+        for ax in list(axes.flat)[len(pairs):]:
+            ax.axis("off")
+        fig.suptitle(f"relay before ({(res['meta'].get('before') or {}).get('commit')}) and now, same run", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "before_now.png", dpi=90)
+        plt.close(fig)
+        made.append("before_now.png")
     return made
+
+
+def _revisions(meta: dict[str, Any]) -> str:
+    now, before = meta.get("now") or {}, meta.get("before") or {}
+    text = f"*Now*: {now.get('commit')}" + (" plus uncommitted changes" if now.get("uncommitted_changes") else "")
+    if before:
+        text += f"; *before*: {before.get('commit')} ({before.get('subject')}), run from a git worktree in the same venv"
+    return text + "."
 
 
 def write(res: dict[str, Any], out: Path) -> None:
@@ -204,28 +392,40 @@ def write(res: dict[str, Any], out: Path) -> None:
         f"baseline of this same run rather than absolute numbers."
         + (f" Whole-machine busy cores during the measurement windows: median {sorted(busy)[len(busy) // 2]}, max {max(busy)}." if busy else ""),
         "",
+        _revisions(meta),
+        "",
         "Baseline: a bare `websockets` server doing the same visible job (same messages, same fake engine, no Django, "
-        "Channels, layer or database). Streams send tone in real-time frames and a `ForceEndTurn` every 4 s (so a turn, with its two database writes, every 4 s per stream). "
-        "*EoT rtt*: ForceEndTurn → EndOfTurn; *audio→Update*: the frame that completes an Update's audio → that Update. "
-        "CPU is read from /proc of the server processes (Redis separately); the client reports its own.",
+        "Channels, layer or database). Streams send tone in real-time frames and a `ForceEndTurn` every 4 s (so a turn, with its "
+        "database writes, every 4 s per stream). *EoT rtt*: ForceEndTurn → EndOfTurn; *audio→Update*: the frame that completes "
+        "an Update's audio → that Update. CPU is read from /proc of the server processes (Redis separately); the client reports "
+        "its own. *Refused (CAPACITY)*: streams the relay turned away with Error CAPACITY / close 4013 (its stream cap, or its "
+        "event loop running late: admission control), counted apart from errors. *Lost*: Updates missing from a speaker's "
+        "finished turn, ForceEndTurns never answered, and EndOfTurns a listening tab never got (listening tabs get interim "
+        "Updates coalesced, each carrying the whole turn so far, so fewer Updates there is not a loss).",
         "",
     ]
     t = targets(res)
     if t:
-        L += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
-        L += [f"| {a} | {b} | **{c}** |" for a, b, c in t]
+        L += ["## Targets", "", "| target | relay now | verdict | relay before (same run) |", "|---|---|---|---|"]
+        L += [f"| {a} | {b} | **{c}** | {d} |" for a, b, c, d in t]
+        L.append("")
+    pairs = before_now(res)
+    if pairs:
+        L += ["## Before and now", "", "| measure | before | now | unit |", "|---|---|---|---|"]
+        L += [f"| {what} | {_v(b)} | {_v(a)} | {unit} |" for what, unit, b, a in pairs]
         L.append("")
     if sweep:
         L += ["## Streams sweep", "", *stream_table(sweep, sweep), ""]
     if res.get("variants"):
-        L += ["## One process at the reference load, candidate changes", "", *stream_table(res["variants"], res["variants"]), ""]
+        L += ["## One process at the reference load: before, now and alternatives", "", *stream_table(res["variants"], res["variants"]), ""]
         for r in res["variants"]:
             gc = [g for g in r.get("gc") or [] if g]
             if gc:
                 g2 = gc[0].get("2", {})
-                L.append(f"- {r['target']} ({r['streams']} x {r['frame_ms']} ms): full collections {g2.get('count')}, "
-                         f"longest {g2.get('max_ms')} ms; all GC pauses {sum(v.get('total_ms', 0) for v in gc[0].values()):.0f} ms "
-                         f"in {r['window_s']} s")
+                L.append(f"- {r['target']} ({r['streams']} x {r['frame_ms']} ms{', audio only' if r.get('turn_s', 0) > 60 else ''}): "
+                         f"full collections {g2.get('count')}, longest {g2.get('max_ms')} ms; all GC pauses "
+                         f"{sum(v.get('total_ms', 0) for v in gc[0].values()):.0f} ms in {r['window_s']} s"
+                         + (f"; loop lag {r['loop_lag_ms'][0]} ms" if r.get("loop_lag_ms") and r["loop_lag_ms"][0] is not None else ""))
         L.append("")
     if res.get("memory"):
         L += ["## Idle memory per connection (fresh server, every stream connected and idle)", "",
@@ -234,9 +434,12 @@ def write(res: dict[str, Any], out: Path) -> None:
         L.append("")
     if res.get("handshakes"):
         L += ["## Connection bursts (time to `Connected`, session and connection rows written)", "",
-              "| target | processes | connected | span s | per second | p50 ms | p99 ms | client errors | server errors |", "|---|---|---|---|---|---|---|---|---|"]
+              "Refused: turned away with CAPACITY by admission control while the burst made the event loop run late "
+              "(a try-again-later answer, not an error; counted apart).", "",
+              "| target | processes | connected | refused (CAPACITY) | span s | per second | p50 ms | p99 ms | client errors | server errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["handshakes"]:
-            L.append(f"| {r['target']} | {r['processes']} | {r['ok']}/{r['count']} | {r['span_s']:.2f} | {r['rate']:.0f} | "
+            L.append(f"| {r['target']} | {r['processes']} | {r['ok']}/{r['count']} | {r.get('refused', 0)} | {r['span_s']:.2f} | {r['rate']:.0f} | "
                      f"{r['handshake'].get('p50')} | {r['handshake'].get('p99')} | {sum(r['errors'].values())} {r['errors'] or ''} | {r['server_errors']} |")
         L.append("")
     if res.get("replay"):
@@ -247,21 +450,30 @@ def write(res: dict[str, Any], out: Path) -> None:
         L.append("")
     if res.get("fanout"):
         L += ["## Fan-out: one speaking tab, 10 listening tabs (issue 4)", "",
-              "| layer | speaker EoT → listener EoT p50 / p99 ms | ForceEndTurn → listener EoT p99 ms | audio → listener Update p50 / p99 ms | dropped |", "|---|---|---|---|---|"]
+              "| target | speaker EoT → listener EoT p50 / p99 ms | ForceEndTurn → listener EoT p99 ms | audio → listener Update p50 / p99 ms "
+              "| listener Updates received | speaker Updates dropped | listener EndOfTurns missing |", "|---|---|---|---|---|---|---|"]
         for r in res["fanout"]:
-            L.append(f"| {r['target']} | {r['fan']['p50']} / {r['fan']['p99']} | {r['lst_eot']['p99']} | {r['lst_upd']['p50']} / {r['lst_upd']['p99']} | {r['dropped_updates'] + r['missing_eot']} |")
+            L.append(f"| {r['target']} | {r['fan']['p50']} / {r['fan']['p99']} | {r['lst_eot']['p99']} | {r['lst_upd']['p50']} / {r['lst_upd']['p99']} "
+                     f"| {r['lst_upd']['n']} | {r['dropped_updates'] + r['missing_eot']} | {r.get('listener_missing_eot', 0)} |")
         L.append("")
     if res.get("tabs"):
-        L += ["## One tab against two tabs per session, pub/sub against core layer", "", *stream_table(res["tabs"]), ""]
-        L += ["| layer | tabs | daphne CPU/frame µs | Redis cores | CPU/frame incl. Redis µs | listener Update p99 ms | fan-out p99 ms |", "|---|---|---|---|---|---|---|"]
+        L += ["## One tab against two tabs per session (Redis pub/sub layer)", "", *stream_table(res["tabs"]), "",
+              "| target | tabs | daphne CPU/frame µs | Redis cores | CPU/frame incl. Redis µs | x one tab | listener Updates | listener Update p99 ms | fan-out p99 ms | listener EndOfTurns missing |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["tabs"]:
-            L.append(f"| {r['layer']} | {1 + (r['listeners'] > 0)} | {r['cpu_per_frame_us']} | {r['redis_cores']} | {r['cpu_per_frame_with_redis_us']} | {r['lst_upd']['p99']} | {r['fan']['p99']} |")
+            ratio = _tabs_ratio(res["tabs"], r["target"])[0] if r["listeners"] else None
+            L.append(f"| {r['target']} | {1 + (r['listeners'] > 0)} | {r['cpu_per_frame_us']} | {r['redis_cores']} | {r['cpu_per_frame_with_redis_us']} "
+                     f"| {_v(ratio)} | {r['lst_upd']['n']} | {r['lst_upd']['p99']} | {r['fan']['p99']} | {r.get('listener_missing_eot', 0)} |")
         L.append("")
     if res.get("shedding"):
         L += ["## Past capacity", "", *stream_table(res["shedding"]), ""]
         for r in res["shedding"]:
-            L.append(f"- {r['target']}: {r['streams']} accepted, {r['refused']} refused, RSS {r['rss_mb']} MB, "
-                     f"growing {r['rss_growth_mb_per_min']} MB/min, frames the client could not write (server not reading) {r['frames_skipped']}")
+            L.append(f"- {r['target']}: {r['streams']} accepted, {r['refused']} refused of {r['asked']}; accepted streams: EoT p99 "
+                     f"{r['fet_rtt']['p99']} ms, audio→Update p99 {r['upd']['p99']} ms, {r['error_count']} errors {r['errors'] or ''}, "
+                     f"{'(they read nothing, so nothing arrives)' if r.get('kind') == 'stop_reading' else str(lost(r)) + ' lost'}; RSS "
+                     f"{r['rss_mb']} MB, growing {r['rss_growth_mb_per_min']} MB/min; event-loop lag {_each(r.get('loop_lag_ms'))} ms and sockets "
+                     f"paused by flow control {_each(r.get('inbound_paused'))} at the end of the window; frames the client could not write "
+                     f"(server not reading) {r['frames_skipped']}")
         L.append("")
     if res.get("deflate"):
         L += ["## permessage-deflate offered by the client", ""]
@@ -287,27 +499,32 @@ def docs_block(res: dict[str, Any], rel: str = "../bench/results/") -> str:
     meta = res["meta"]
     L = [f"Figures from `{meta['command']}` run on {meta['started']} ({meta.get('duration_s', 0):.0f} s; load average "
          f"{meta['load_before']['load1']} before, {meta.get('load_after', {}).get('load1')} after, on {meta['load_before']['cores']} cores "
-         f"shared with other work). Every table: [latest.md]({rel}latest.md).", "",
-         "| target | measured | verdict |", "|---|---|---|"]
-    L += [f"| {a} | {b} | **{c}** |" for a, b, c in targets(res)]
+         f"shared with other work). {_revisions(meta)} Every table: [latest.md]({rel}latest.md).", "",
+         "| target | relay now | verdict | relay before (same run) |", "|---|---|---|---|"]
+    L += [f"| {a} | {b} | **{c}** | {d} |" for a, b, c, d in targets(res)]
+    pairs = before_now(res)
+    if pairs:
+        L += ["", "Before and now, same run:", "", "| measure | before | now | unit |", "|---|---|---|---|"]
+        L += [f"| {what} | {_v(b)} | {_v(a)} | {unit} |" for what, unit, b, a in pairs]
     v = res.get("variants", [])
     if v:
-        L += ["", "One relay process, 80 ms frames, a turn every 4 s per stream (audio-only rows: no turns); at 100 streams a "
-              "process keeps up, at 300 it does not once turns are written, so read latency effects at 100 and CPU at 300:", "",
+        L += ["", "One relay process, 80 ms frames, a turn every 4 s per stream (audio-only rows: no turns); read latency at "
+              "100 streams, CPU at 300:", "",
               "| variant | streams | CPU/frame µs | x bare | EoT rtt p50 / p99 ms | audio→Update p99 ms | server cores | machine busy cores |",
               "|---|---|---|---|---|---|---|---|"]
         for r in sorted(v, key=lambda r: (r["streams"], [x["target"] for x in v].index(r["target"]))):
             if r["streams"] not in (100, REF_STREAMS):
                 continue
-            b = _find(v, target="baseline (bare websockets)", streams=r["streams"], turn_s=r.get("turn_s"))
+            b = _find(v, target=BASE, streams=r["streams"], turn_s=r.get("turn_s"))
             what = " (audio only)" if r.get("turn_s", 0) > 60 else ""
             L.append(f"| {r['target']}{what} | {r['streams']} | {r['cpu_per_frame_us']} | {_v(_ratio(r['cpu_per_frame_us'], b and b['cpu_per_frame_us']))} | "
                      f"{_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} | {_v(r['upd']['p99'])} | {r['server_cores']} | {r['machine_busy_cores']} |")
     hs = res.get("handshakes", [])
     if hs:
-        L += ["", "Connection bursts (1,000 connections offered in one second; time to `Connected`, rows written):", "",
-              "| target | per second | p50 / p99 ms | errors |", "|---|---|---|---|"]
-        L += [f"| {r['target']} | {r['rate']:.0f} | {r['handshake'].get('p50')} / {r['handshake'].get('p99')} | {sum(r['errors'].values()) + r['server_errors']} |" for r in hs]
+        L += ["", f"Connection bursts ({hs[0]['count']} connections offered in one second; time to `Connected`, rows written; "
+              "refused: CAPACITY from admission control, not an error):", "",
+              "| target | per second | p50 / p99 ms | refused (CAPACITY) | errors |", "|---|---|---|---|---|"]
+        L += [f"| {r['target']} | {r['rate']:.0f} | {r['handshake'].get('p50')} / {r['handshake'].get('p99')} | {r.get('refused', 0)} | {_burst_errors(r)} |" for r in hs]
     if res.get("replay") or res.get("fanout"):
         L += ["", "Reconnect + replay and fan-out (issue 4):", "", "| measurement | p50 ms | p99 ms |", "|---|---|---|"]
         for r in res.get("replay", []):
@@ -318,9 +535,9 @@ def docs_block(res: dict[str, Any], rel: str = "../bench/results/") -> str:
             L.append(f"| {r['target']}: speaker's EndOfTurn → 10 listening tabs | {r['fan']['p50']} | {r['fan']['p99']} |")
     mem = res.get("memory", [])
     if mem:
-        L += ["", "Idle memory per connection (fresh server, 1,000 idle streams): " +
+        L += ["", f"Idle memory per connection (fresh server, {mem[0]['streams']} idle streams): " +
               "; ".join(f"{r['target']} {r['rss_idle_per_conn_kb']} KB" for r in mem) + "."]
-    charts_ = [c for c in ("sweep.png", "variants.png", "fanout.png") if c]
+    charts_ = ["sweep.png", "variants.png", "fanout.png"] + (["before_now.png"] if [p for p in pairs if p[2] is not None and p[3] is not None] else [])
     L += [""] + [f"![{c}]({rel}{c})" for c in charts_]
     return "\n".join(L)
 

@@ -1,9 +1,11 @@
 """``make bench``: the relay benchmark suite, every figure against a baseline measured in the same
-run by the same client.
+run by the same client, and the relay as it is ("now") against the relay at an earlier commit
+("before", ``--before REV``, run from a temporary git worktree in the same venv).
 
-    python -m bench.run            # full run (about 10-15 minutes on the 2-core machine)
+    python -m bench.run            # full run (about 20-25 minutes on the 2-core machine)
     python -m bench.run --quick    # small, fast smoke run (CI): a few streams for a few seconds
     python -m bench.run --only sweep,fanout --out /tmp/bench
+    python -m bench.run --only shedding --scale 0.25 --window 3 --out /tmp/bench   # smaller, shorter
 
 Writes ``latest.json``, ``latest.md`` and PNG charts to ``--out`` (default bench/results/).
 Needs PostgreSQL (RELAY_TEST_DATABASE_URL) and Redis (RELAY_TEST_REDIS_URL) for the relay "as
@@ -15,9 +17,11 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -27,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from bench.report import BASE, BEFORE, DEP_BEFORE, DEP_NOW, NOW, OWNFIRST, UVICORN
 from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, proc_cpu, proc_rss
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-ALL_LABEL = "all (freeze, task, autobahn, DB pool+SQL, own-first)"
+BEFORE_REV = "8ce78b5"  # the last commit before the speed work this run compares against
 SECTIONS = ("checks", "sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
 
 
@@ -141,14 +146,17 @@ def wait_idle(dep: Deployment, limit: float = 120.0) -> float:
 
 def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float, listeners: int = 0, settle: float = 2.0,
                 clients: int = 1, stop_reading: bool = False, connect_rate: float = 400.0, turn_s: float = 4.0,
-                extra: dict | None = None) -> dict[str, Any]:
-    """One load level: connect every stream (idle memory), stream in real time, measure a window."""
+                ramp: bool = False, extra: dict | None = None) -> dict[str, Any]:
+    """One load level: connect every stream (idle memory), stream in real time, measure a window.
+
+    With ``ramp`` the streams connect after the start, each streaming as soon as it is in, so the
+    later ones meet a loaded server (admission control); ``settle`` should cover the ramp."""
     per = [sessions // clients + (1 if i < sessions % clients else 0) for i in range(clients)]
     configs = [
         {"mode": "stream", "targets": dep.targets, "sessions": n, "listeners": listeners, "frame_ms": frame_ms,
          "window_s": window, "settle_s": settle, "turn_s": turn_s, "connect_rate": connect_rate / clients,
          "connect_concurrency": 64, "connect_timeout_s": 60,
-         "target_offset": i, "seed": i + 1, "stop_reading": stop_reading, **(extra or {})}
+         "target_offset": i, "seed": i + 1, "stop_reading": stop_reading, "ramp": ramp, **(extra or {})}
         for i, n in enumerate(per) if n
     ]
     for s in dep.servers:
@@ -171,7 +179,7 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         cpu1, redis1 = dep.cpu()
         busy = machine.busy_cores()
         rss_w1 = dep.rss()
-        gc_stats = [s.stats() for s in dep.servers]
+        server_stats = [s.stats() for s in dep.servers]
         results = cl.expect("result", timeout=120)
     finally:
         cl.close()
@@ -199,6 +207,7 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         "lost_mid_stream": sum(r["lost_mid_stream"] for r in results),
         "missing_eot": sum(r["missing_eot"] for r in results),
         "dropped_updates": sum(r["dropped_updates"] for r in results),
+        "listener_missing_eot": sum(r.get("listener_missing_eot", 0) for r in results),
         "frames_skipped": sum(r["frames_skipped"] for r in results),
         "achieved": round(frames_window / expected, 4) if expected else 0.0,
         "fps": round(frames_window / wall, 1),
@@ -217,24 +226,34 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         "rss_mb": round(rss_w1 / 2**20, 1),
         "rss_growth_mb_per_min": round((rss_w1 - rss_w0) / 2**20 / wall * 60, 2),
         "handshake": {k: results[0]["handshake"].get(k) for k in ("p50", "p99")},
-        "gc": [g.get("gc") for g in gc_stats if g],
+        "gc": [g.get("gc") for g in server_stats if g],
+        "loop_lag_ms": [g.get("loop_lag_ms") for g in server_stats if g],
+        "inbound_paused": [g.get("inbound_paused") for g in server_stats if g],
+        "batches": [g.get("batches") for g in server_stats if g],
         "window_s": round(wall, 2),
         "busy_after_s": drain,
     }
     return row
 
 
+def lost(row: dict[str, Any]) -> int:
+    """Events that did not arrive: Updates missing from a speaker's turn, ForceEndTurns never
+    answered, EndOfTurns a listening tab never got."""
+    return row["dropped_updates"] + row["missing_eot"] + row.get("listener_missing_eot", 0)
+
+
 def saturated(row: dict[str, Any]) -> bool:
     p99 = row["fet_rtt"]["p99"]
-    return row["achieved"] < 0.9 or p99 is None or p99 > 1000 or row["error_count"] > 0.05 * max(1, row["asked"])
+    return (row["achieved"] < 0.9 or p99 is None or p99 > 1000 or row["error_count"] > 0.05 * max(1, row["asked"])
+            or row["refused"] > 0.05 * max(1, row["asked"]))
 
 
 def fmt_row(row: dict[str, Any]) -> str:
-    return (f"    {row['target']:<28} {row['frame_ms']:>3} ms x {row['streams']:>5}"
+    return (f"    {row['target']:<34} {row['frame_ms']:>3} ms x {row['streams']:>5}"
             f"{'+' + str(row['listeners']) if row['listeners'] else '':<6} achieved {row['achieved']:.2f}"
             f"  EoT p50/p99 {row['fet_rtt']['p50']}/{row['fet_rtt']['p99']} ms  Update p99 {row['upd']['p99']} ms"
             f"  cpu/frame {row['cpu_per_frame_us']} us  server {row['server_cores']} cores  client {row['client_cores']}"
-            f"  idle {row['rss_idle_per_conn_kb']} KB/conn  err {row['error_count']} drop {row['dropped_updates']}"
+            f"  idle {row['rss_idle_per_conn_kb']} KB/conn  err {row['error_count']} refused {row['refused']} lost {lost(row)}"
             f"  machine {row['machine_busy_cores']} cores  busy after {row['busy_after_s']} s")
 
 
@@ -243,38 +262,70 @@ class Bench:
         self.args = args
         self.quick = args.quick
         self.only = set(args.only.split(",")) if args.only else set(SECTIONS) - ({"profile"} if args.quick else set())
+        self.scale = args.scale
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stack = ExitStack()
         self.redis_url = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+        self._before_root: Path | None = None
         self.result: dict[str, Any] = {
             "meta": {
                 "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": "python -m bench.run" + (" --quick" if self.quick else "") + (f" --only {args.only}" if args.only else ""),
+                "command": "python -m bench.run" + " ".join([""] + (argv_shown(args))),
                 "quick": self.quick,
                 "load_before": machine_load(),
                 "python": sys.version.split()[0],
+                "now": git_describe("HEAD"),
+                "before": git_describe(args.before) if args.before else None,
             }
         }
         self.started = time.monotonic()
 
+    def n(self, count: int) -> int:
+        """A stream count, scaled by --scale (full-run sizes only)."""
+        return max(1, round(count * self.scale))
+
+    def w(self, seconds: float) -> float:
+        """A measurement window, replaced by --window when given."""
+        return self.args.window or seconds
+
     # -- deployments --------------------------------------------------------------------------
+    def before_root(self) -> Path:
+        """A worktree of the --before commit, made on first use and removed when the run ends."""
+        if self._before_root is None:
+            tmp = Path(tempfile.mkdtemp(prefix="relay-bench-before-"))
+            tree = tmp / "tree"
+            self.stack.callback(remove_worktree, tree, tmp)
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), self.args.before], cwd=ROOT, check=True,
+                           capture_output=True, text=True)
+            self._before_root = tree
+            before = self.result["meta"]["before"]
+            say(f"    relay before: {before['commit']} {before['subject'][:60]} (worktree {tree})")
+        return self._before_root
+
     def relay_env(self, **extra: str) -> dict[str, str]:
         env = {"DATABASE_URL": self.db_url, "DATABASE_CONN_MAX_AGE": "60", "RELAY_LOG_LEVEL": "INFO"}
         env.update(extra)
         return env
 
     def baseline(self) -> Deployment:
-        return Deployment("baseline (bare websockets)", [Server("baseline")])
+        return Deployment(BASE, [Server("baseline")])
 
-    def relay(self, label: str = "relay (1 daphne)", kind: str = "daphne", env: dict[str, str] | None = None, **kw: Any) -> Deployment:
-        return Deployment(label, [Server(kind, env=self.relay_env(**(env or {})), **kw)])
+    def relay(self, label: str = NOW, kind: str = "daphne", env: dict[str, str] | None = None, root: Path = ROOT, **kw: Any) -> Deployment:
+        return Deployment(label, [Server(kind, env=self.relay_env(**(env or {})), root=root, **kw)])
 
-    def deployed(self, label: str = "relay deployed (2 daphne+Redis)", processes: int = 2, layer: str = "pubsub",
-                 env: dict[str, str] | None = None, redis_url: str | None = None) -> Deployment:
+    def deployed(self, label: str = DEP_NOW, processes: int = 2, layer: str = "pubsub", env: dict[str, str] | None = None,
+                 root: Path = ROOT) -> Deployment:
         backend = {"pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer", "core": "channels_redis.core.RedisChannelLayer"}[layer]
-        e = self.relay_env(REDIS_URL=redis_url or self.redis_url, RELAY_CHANNEL_LAYER_BACKEND=backend, **(env or {}))
-        return Deployment(label, [Server("daphne", env=e, name=f"daphne{i}") for i in range(processes)], redis=True)
+        e = self.relay_env(REDIS_URL=self.redis_url, RELAY_CHANNEL_LAYER_BACKEND=backend, **(env or {}))
+        return Deployment(label, [Server("daphne", env=e, name=f"daphne{i}", root=root) for i in range(processes)], redis=True)
+
+    def before(self, label: str = BEFORE, **kw: Any) -> Deployment | None:
+        """The relay at --before (None when the run compares nothing: --before '')."""
+        return self.relay(label, root=self.before_root(), **kw) if self.args.before else None
+
+    def deployed_before(self, label: str = DEP_BEFORE, **kw: Any) -> Deployment | None:
+        return self.deployed(label, root=self.before_root(), **kw) if self.args.before else None
 
     def warm(self, dep: Deployment) -> None:
         """A few streams first, so lazy imports and first connections are not measured."""
@@ -284,8 +335,9 @@ class Bench:
     def run(self) -> dict[str, Any]:
         from tests.services import postgres_database
 
-        self.db_url = self.stack.enter_context(postgres_database())
         try:
+            # the database is made (and migrated) by this tree; the before tree shares its schema
+            self.db_url = self.stack.enter_context(postgres_database())
             for name in SECTIONS:
                 if name in self.only:
                     say(f"== {name} ({time.monotonic() - self.started:.0f} s elapsed)")
@@ -299,7 +351,7 @@ class Bench:
     def section_checks(self) -> None:
         """What each server negotiates when a browser offers permessage-deflate."""
         out = {}
-        deps = [self.baseline(), self.relay(), self.relay("relay (1 uvicorn, defaults)", kind="uvicorn")]
+        deps = [self.baseline(), self.relay(), self.relay("relay now (1 uvicorn, defaults)", kind="uvicorn")]
         deps[2].servers[0].command = lambda s=deps[2].servers[0]: [  # uvicorn exactly as its defaults are
             str(Path(PY).parent / "uvicorn"), "bench.asgi:application", "--host", "127.0.0.1", "--port", str(s.port), "--lifespan", "off"]
         for dep in deps:
@@ -311,22 +363,25 @@ class Bench:
         self.result["deflate"] = out
 
     def section_sweep(self) -> None:
+        """Streams against latency and CPU: baseline, the relay now (one process and deployed) and
+        the relay before (deployed); each series stops at the first step it cannot keep up with."""
         if self.quick:
-            plan = {80: [10]}
+            plans = {80: [10]}
             window = 2.0
         else:
-            plan = {40: [10, 100, 300, 1000], 80: [10, 100, 300, 1000, 2000]}
-            window = 4.0
+            plans = {80: [10, 100, 300, 1000, 2000], 40: [10, 100, 300, 1000]}
+            window = self.w(4.0)
         rows = []
-        proposed = lambda: self.deployed("relay deployed + proposed changes", env=self.ALL)
-        for make in (self.baseline, self.relay, self.deployed, proposed):
+        plan = [(self.baseline, (80, 40)), (self.relay, (80, 40)), (self.deployed, (80,)), (self.deployed_before, (80,))]
+        for make, frames in plan:
             dep = make()
+            if dep is None:
+                continue
             with dep:
                 self.warm(dep)
-                for frame_ms, counts in plan.items():
-                    if make is proposed and frame_ms != 80:
-                        continue
-                    for n in counts:
+                for frame_ms in frames:
+                    for n in plans.get(frame_ms, []):
+                        n = n if self.quick else self.n(n)
                         row = stream_step(dep, sessions=n, frame_ms=frame_ms, window=window, clients=2 if n >= 1000 else 1)
                         rows.append(row)
                         say(fmt_row(row))
@@ -335,36 +390,30 @@ class Bench:
                             break
         self.result["sweep"] = rows
 
-    ALL = {"BENCH_PATCHES": "dispatch,dbpool,leansql,ownfirst,autobahn", "BENCH_GC_FREEZE": "1"}
-
     def section_variants(self) -> None:
-        """One relay process at the issue's reference load (300 streams of 80 ms) with and without
-        each candidate change, a turn every 4 s per stream (two database writes per turn); the
-        main rows also with audio only (the per-frame path) and at 1,000 streams."""
-        n, window = (20, 2.0) if self.quick else (300, 6.0)
-        async_commit = self.db_url + "?options=-c%20synchronous_commit%3Doff"
+        """One relay process at the issue's reference load (300 streams of 80 ms), a turn every 4 s
+        per stream (a turn index and a turn row written per turn): baseline, before, now and the
+        alternatives measured against now. The main rows also with audio only (the per-frame
+        path) and at 1,000 streams; every row also at 100 streams (where a process keeps up)."""
+        n, window = (20, 2.0) if self.quick else (self.n(300), self.w(6.0))
         main = not self.quick
         plan = [  # (deployment, main row: also audio only and 1,000 streams)
             (self.baseline(), main),
-            (self.relay("relay, as committed"), main),
-            (self.relay("+ gc.freeze()", env={"BENCH_GC_FREEZE": "1"}), False),
-            (self.relay("+ one task per connection", env={"BENCH_PATCHES": "dispatch"}), False),
-            (self.relay("+ quiet autobahn", env={"BENCH_PATCHES": "autobahn"}), False),
-            (self.relay("+ DB pool and leaner SQL", env={"BENCH_PATCHES": "dbpool,leansql"}), False),
-            (self.relay("+ own EndOfTurn before the write", env={"BENCH_PATCHES": "ownfirst"}), False),
-            (self.relay(ALL_LABEL, env=self.ALL), main),
-            (self.relay("all + synchronous_commit=off", env={**self.ALL, "DATABASE_URL": async_commit}), False),
-            (self.relay("uvicorn (websockets-sansio)", kind="uvicorn"), False),
-            (self.relay("uvicorn + all", kind="uvicorn", env=self.ALL), main),
+            (self.before(), main),
+            (self.relay(), main),
+            (self.relay(OWNFIRST, env={"BENCH_PATCHES": "ownfirst"}), False),
+            (self.relay(UVICORN, kind="uvicorn"), False),
         ]
         if self.quick:
-            plan = plan[:2] + plan[7:8]
+            plan = plan[:4]
         rows = []
         for dep, is_main in plan:
+            if dep is None:
+                continue
             with dep:
                 self.warm(dep)
-                small = [] if self.quick else [(100, 4.0)]
-                loads = ([(n, 3600.0), *small, (n, 4.0), (1000, 4.0)] if is_main else [*small, (n, 4.0)])
+                small = [] if self.quick else [(self.n(100), 4.0)]
+                loads = ([(n, 3600.0), *small, (n, 4.0), (self.n(1000), 4.0)] if is_main else [*small, (n, 4.0)])
                 for count, turn_s in loads:
                     row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=turn_s, clients=2 if count >= 1000 else 1)
                     row["turn_s"] = turn_s
@@ -374,13 +423,12 @@ class Bench:
 
     def section_memory(self) -> None:
         """Idle memory per connection on a fresh server: RSS with N streams connected and idle."""
-        n = 50 if self.quick else 1000
+        n = 50 if self.quick else self.n(1000)
         rows = []
-        plan = [self.baseline(), self.relay("relay, as committed"), self.relay(ALL_LABEL, env=self.ALL),
-                self.relay("uvicorn (websockets-sansio)", kind="uvicorn")]
+        plan = [self.baseline(), self.before(), self.relay(), self.relay(UVICORN, kind="uvicorn")]
         if self.quick:
-            plan = plan[:2]
-        for dep in plan:
+            plan = plan[:3]
+        for dep in filter(None, plan):
             with dep:
                 self.warm(dep)
                 row = stream_step(dep, sessions=n, frame_ms=80, window=0.5, settle=0.0, turn_s=3600.0, clients=2 if n >= 1000 else 1)
@@ -389,22 +437,15 @@ class Bench:
         self.result["memory"] = rows
 
     def section_handshakes(self) -> None:
-        """A burst of connections in one second, each answered with Connected (session rows written)."""
-        count = 50 if self.quick else 1000
-        plan = [
-            self.baseline(),
-            self.relay("relay, listen backlog 1024"),
-            self.relay("relay, daphne default backlog (50)", backlog=None),
-            self.relay("relay, DATABASE_CONN_MAX_AGE=0", env={"DATABASE_CONN_MAX_AGE": "0"}),
-            self.relay("relay + DB pool, leaner SQL, quiet autobahn", env={"BENCH_PATCHES": "dbpool,leansql,autobahn"}),
-            self.deployed("deployed (2 daphne, pubsub)"),
-            self.deployed("deployed, Redis pool max_connections=1000", redis_url=self.redis_url + "?max_connections=1000"),
-            self.deployed("deployed + proposed changes", env=self.ALL),
-        ]
+        """A burst of connections in one second, each answered with Connected (session rows
+        written). The relay now may refuse some with CAPACITY (its event loop lags during the
+        burst): counted apart from errors."""
+        count = 50 if self.quick else self.n(1000)
+        plan = [self.baseline(), self.before(), self.relay(), self.deployed_before(), self.deployed()]
         if self.quick:
-            plan = plan[:2]
+            plan = plan[:3]
         rows = []
-        for dep in plan:
+        for dep in filter(None, plan):
             with dep:
                 self.warm(dep)
                 r = burst(dep, count=count, burst_s=1.0)
@@ -415,7 +456,7 @@ class Bench:
                 rows.append(r)
                 say(f"    {dep.label:<44} {r['ok']}/{count} connected in {r['span_s']:.2f} s = {r['rate']:.0f}/s,"
                     f" time to Connected p50 {r['handshake'].get('p50')} p99 {r['handshake'].get('p99')} ms,"
-                    f" errors {r['errors']} server errors {r['server_errors']}")
+                    f" refused (CAPACITY) {r['refused']}, errors {r['errors']} server errors {r['server_errors']}")
         self.result["handshakes"] = rows
 
     def section_replay(self) -> None:
@@ -426,7 +467,8 @@ class Bench:
         env.pop("DJANGO_SETTINGS_MODULE", None)
         subprocess.run([PY, "-m", "bench.history", session, str(turns)], cwd=ROOT, env=env, check=True)
         rows = []
-        for dep in (self.relay(), self.deployed()):
+        plan = [self.relay(), self.deployed()] + ([] if self.quick else [self.before()])
+        for dep in filter(None, plan):
             with dep:
                 self.warm(dep)
                 for since, expected in ((None, turns), (turns - 11, 10)):
@@ -441,78 +483,116 @@ class Bench:
         self.result["replay"] = rows
 
     def section_fanout(self) -> None:
-        window = 4.0 if self.quick else 12.0
+        """One speaker, 10 listening tabs: speaker's EndOfTurn -> each tab's EndOfTurn."""
+        window = 4.0 if self.quick else self.w(12.0)
         rows = []
-        plan = [
-            self.relay("in-memory layer (1 daphne)"),
-            self.deployed("Redis pub/sub layer (2 daphne)", layer="pubsub"),
-            self.deployed("Redis core layer (2 daphne)", layer="core"),
-        ]
-        if self.quick:
-            plan = plan[:2]
-        for dep in plan:
+        plan = [self.relay("relay now, in-memory layer (1 daphne)"), self.deployed()]
+        if not self.quick:
+            plan.append(self.deployed_before())
+        for dep in filter(None, plan):
             with dep:
                 self.warm(dep)
                 row = stream_step(dep, sessions=1, listeners=10, frame_ms=80, window=window, settle=1.0, turn_s=1.0)
                 rows.append(row)
                 say(f"    {dep.label:<34} speaker EndOfTurn -> 10 tabs: p50 {row['fan']['p50']} p99 {row['fan']['p99']} ms"
                     f" (ForceEndTurn -> listener EndOfTurn p99 {row['lst_eot']['p99']} ms, listener Update p99 {row['lst_upd']['p99']} ms,"
-                    f" dropped {row['dropped_updates']})")
+                    f" speaker Updates dropped {row['dropped_updates']}, listener EndOfTurns missing {row['listener_missing_eot']})")
         self.result["fanout"] = rows
 
     def section_tabs(self) -> None:
-        """Cost of a second tab, pub/sub against core layer, at a fixed number of speakers."""
-        n, window = (10, 2.0) if self.quick else (100, 8.0)
+        """Cost of a second tab on the Redis pub/sub layer at a fixed number of speakers: now, now
+        with every interim Update forwarded to listeners, and before."""
+        n, window = (10, 2.0) if self.quick else (self.n(100), self.w(8.0))
+        plan = [(self.deployed(), (0, 1))]
+        if not self.quick:
+            plan += [(self.deployed(DEP_NOW + ", every Update to listeners", env={"RELAY_LISTENER_UPDATE_SECONDS": "0"}), (1,)),
+                     (self.deployed_before(), (0, 1))]
         rows = []
-        layers = ["pubsub"] if self.quick else ["pubsub", "core"]
-        for layer in layers:
-            dep = self.deployed(f"deployed ({layer})", layer=layer)
+        for dep, counts in plan:
+            if dep is None:
+                continue
             with dep:
                 self.warm(dep)
-                for listeners in (0, 1):
+                for listeners in counts:
                     row = stream_step(dep, sessions=n, listeners=listeners, frame_ms=80, window=window)
-                    row["layer"] = layer
                     rows.append(row)
                     say(fmt_row(row) + f"  redis {row['redis_cores']} cores  fan p99 {row['fan']['p99']} ms")
         self.result["tabs"] = rows
 
     def section_shedding(self) -> None:
-        """Past capacity: refuse new streams (CAPACITY, 4013), keep the others well; memory bounded."""
-        cap, ask, window = (5, 8, 2.0) if self.quick else (300, 450, 8.0)
+        """Past capacity: new streams refused (CAPACITY, 4013) while those already in keep their
+        latency; memory bounded when overloaded; clients that stop reading."""
         rows = []
-        dep = self.relay(f"relay, RELAY_MAX_STREAMS_PER_PROCESS={cap}", env={"RELAY_MAX_STREAMS_PER_PROCESS": str(cap)})
-        with dep:
-            self.warm(dep)
-            row = stream_step(dep, sessions=ask, frame_ms=80, window=window)
-            row["cap"] = cap
+
+        def step(dep: Deployment, kind: str, **kw: Any) -> dict[str, Any]:
+            with dep:
+                self.warm(dep)
+                row = stream_step(dep, **kw)
+            row["kind"] = kind
             rows.append(row)
-            say(fmt_row(row) + f"  refused {row['refused']} of {ask}")
-        if not self.quick:
-            dep = self.relay("relay, no cap, overloaded (2000 x 40 ms)")
-            with dep:
-                self.warm(dep)
-                row = stream_step(dep, sessions=2000, frame_ms=40, window=window, clients=2)
-                rows.append(row)
-                say(fmt_row(row) + f"  RSS {row['rss_mb']} MB, growing {row['rss_growth_mb_per_min']} MB/min")
-            dep = self.relay("relay + proposed changes, overloaded (2000 x 40 ms)", env=self.ALL)
-            with dep:
-                self.warm(dep)
-                row = stream_step(dep, sessions=2000, frame_ms=40, window=window, clients=2)
-                rows.append(row)
-                say(fmt_row(row) + f"  RSS {row['rss_mb']} MB, growing {row['rss_growth_mb_per_min']} MB/min")
-            dep = self.relay("relay, 200 clients that stop reading")
-            with dep:
-                self.warm(dep)
-                row = stream_step(dep, sessions=200, frame_ms=80, window=window * 2, stop_reading=True)
-                rows.append(row)
-                say(fmt_row(row) + f"  RSS {row['rss_mb']} MB, growing {row['rss_growth_mb_per_min']} MB/min")
+            say(fmt_row(row) + f"  refused {row['refused']} of {row['asked']}; RSS {row['rss_mb']} MB, growing "
+                f"{row['rss_growth_mb_per_min']} MB/min; loop lag {row['loop_lag_ms']} ms, paused sockets {row['inbound_paused']}")
+            return row
+
+        if self.quick:  # the refusal path, through the stream cap (a few streams never make the loop lag)
+            step(self.relay("relay now, RELAY_MAX_STREAMS_PER_PROCESS=5", env={"RELAY_MAX_STREAMS_PER_PROCESS": "5"}), "admission",
+                 sessions=8, frame_ms=80, window=2.0, settle=1.0, ramp=True, connect_rate=20)
+            self.result["shedding"] = rows
+            return
+        ask, window = self.n(600), self.w(8.0)
+        # (a) streams keep arriving at 100/s until 600 were asked for; the loop-lag admission decides
+        step(self.relay("relay now, loop-lag admission, no stream cap"), "admission", sessions=ask, frame_ms=80,
+             window=window, settle=ask / 100 + 1, ramp=True, connect_rate=100)
+        # (b) far past capacity: 2,000 streams of 40 ms frames arriving at 400/s on one process
+        over = self.n(2000)
+        for dep in filter(None, (self.before(f"relay before, overloaded ({over} x 40 ms)"),
+                                 self.relay(f"relay now, overloaded ({over} x 40 ms)"))):
+            step(dep, "overload", sessions=over, frame_ms=40, window=window, settle=over / 400 + 2, ramp=True,
+                 connect_rate=400, clients=2)
+        # (c) clients that send audio and read nothing
+        step(self.relay(f"relay now, {self.n(200)} clients that stop reading"), "stop_reading", sessions=self.n(200),
+             frame_ms=80, window=window * 2, stop_reading=True)
         self.result["shedding"] = rows
 
     def section_profile(self) -> None:
-        """py-spy on one relay process at 300 streams of 80 ms frames."""
+        """py-spy on one relay process at 300 streams of 80 ms frames, now and before."""
         from bench import profile
 
         self.result["profile"] = profile.profile_relay(self, self.out)
+
+
+def argv_shown(args: argparse.Namespace) -> list[str]:
+    shown = []
+    if args.quick:
+        shown.append("--quick")
+    if args.only:
+        shown.append(f"--only {args.only}")
+    if args.before != BEFORE_REV:
+        shown.append(f"--before '{args.before}'")
+    if args.scale != 1.0:
+        shown.append(f"--scale {args.scale:g}")
+    if args.window:
+        shown.append(f"--window {args.window:g}")
+    return shown
+
+
+def git_describe(rev: str) -> dict[str, Any]:
+    """Commit, subject and (for HEAD) whether the tree has uncommitted changes."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h %s", rev], cwd=ROOT, capture_output=True, text=True)
+    commit, _, subject = out.stdout.strip().partition(" ")
+    info: dict[str, Any] = {"rev": rev, "commit": commit or None, "subject": subject}
+    if rev == "HEAD":
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "relay", "transcription_site"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        info["uncommitted_changes"] = bool(dirty)
+    return info
+
+
+def remove_worktree(tree: Path, tmp: Path) -> None:
+    if tree.exists():
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_client(cfg: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -539,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small, fast smoke run (CI)")
     parser.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
     parser.add_argument("--out", default=str(RESULTS), help="where latest.json/latest.md/charts go")
+    parser.add_argument("--before", default=BEFORE_REV,
+                        help=f"commit to compare against, run from a temporary git worktree (default {BEFORE_REV}; '' for none)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the full run's stream counts (e.g. 0.25 to try a section)")
+    parser.add_argument("--window", type=float, default=0.0, help="measurement window in seconds instead of each section's own")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     bench = Bench(args)

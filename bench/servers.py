@@ -88,7 +88,9 @@ class MachineCPU:
 
 @dataclass
 class Server:
-    """One server process: ``kind`` is baseline, daphne or uvicorn."""
+    """One server process: ``kind`` is baseline, daphne or uvicorn. ``root`` is the source tree it
+    runs from (its working directory, where daphne and uvicorn import ``bench.asgi`` and the relay
+    from): this checkout, or a worktree of an older commit to compare against, in the same venv."""
 
     kind: str
     env: dict[str, str] = field(default_factory=dict)
@@ -99,6 +101,7 @@ class Server:
     proc: subprocess.Popen | None = None
     log_path: str = ""
     errors: dict = field(default_factory=dict)
+    root: Path = ROOT
 
     def command(self) -> list[str]:
         if self.kind == "baseline":
@@ -121,7 +124,7 @@ class Server:
         env.pop("DJANGO_SETTINGS_MODULE", None)
         log = tempfile.NamedTemporaryFile(prefix=f"bench-{self.name or self.kind}-", suffix=".log", delete=False)
         self.log_path = log.name
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

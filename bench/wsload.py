@@ -12,7 +12,9 @@ connected and idle, then CPU across the measurement window). Modes:
 
 * ``stream``: ``sessions`` speakers, each with ``listeners`` extra tabs in the same session
   (on another server process when there are several), tone audio in ``frame_ms`` frames at
-  real time and a ``ForceEndTurn`` every ``turn_s``;
+  real time and a ``ForceEndTurn`` every ``turn_s``. With ``ramp`` the speakers connect after
+  ``go``, each streaming as soon as it is connected, so later ones arrive at a loaded server
+  (what admission control is for);
 * ``burst``: ``count`` connections spread evenly over ``burst_s`` seconds, each held until all
   are answered (handshake + session rows, i.e. time to ``Connected``);
 * ``replay``: reconnect ``repeat`` times, one after another, to a session with a long history.
@@ -105,7 +107,7 @@ class Run:
         self.handshake: list[float] = []
         self.first_replay: list[float] = []
         self.last_replay: list[float] = []
-        self.dropped = 0
+        self.dropped = 0  # Updates missing from a speaker's finished turn
         self.turns_checked = 0
         self.frames_sent = 0
         self.frames_skipped = 0
@@ -142,6 +144,7 @@ class Conn(asyncio.Protocol):
         self.fet_times: collections.deque[float] = collections.deque()
         self.eot_times: dict[int, tuple[float, float]] = {}  # speaker: turn -> (ForceEndTurn sent, EndOfTurn received)
         self.eots: list[tuple[int, float]] = []  # listener: (turn, EndOfTurn received)
+        self.window_eots: set[int] = set()  # speaker: turns whose EndOfTurn arrived while measuring
         self.updates: dict[int, int] = {}
         self.replayed = 0
         self.replay_expected = 0
@@ -157,13 +160,14 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ended = True
+        established = self.connected.done()  # counted as lost mid-stream only if it was ever Connected
         if not self.connected.done():
             self.connected.set_exception(ConnectionError(f"lost before Connected (status {self.status.decode(errors='replace')!r}, close {self.close_code})"))
         if not self.closed.done():
             self.closed.set_result(self.close_code)
         if self.replay_done is not None and not self.replay_done.done():
             self.replay_done.set_result(None)
-        if self.run.streaming and not self.bye and self.close_code is None:
+        if established and self.run.streaming and not self.bye and self.close_code is None:
             self.run.lost_mid_stream += 1
 
     def data_received(self, data: bytes) -> None:
@@ -244,12 +248,18 @@ class Conn(asyncio.Protocol):
                 if run.measuring and 0 <= src.frame_no - frame <= RING:
                     (run.lst_upd if self.speaker else run.upd).append(t - src.ring[frame % RING])
             elif event == "EndOfTurn":
+                if self.speaker is not None:
+                    # listeners get interim Updates coalesced (each carries the turn so far), so
+                    # fewer Updates than words is not a loss for them; a missing EndOfTurn is
+                    self.eots.append((idx, t))
+                    self.updates.pop(idx, None)
+                    return
                 if run.streaming:
                     run.turns_checked += 1
                     run.dropped += max(0, len(msg["words"]) - self.updates.pop(idx, 0))
-                if self.speaker is not None:
-                    self.eots.append((idx, t))
-                elif msg.get("trigger") == "manual" and self.fet_times:
+                if run.measuring:
+                    self.window_eots.add(idx)
+                if msg.get("trigger") == "manual" and self.fet_times:
                     sent = self.fet_times.popleft()
                     self.eot_times[idx] = (sent, t)
                     if run.measuring:
@@ -376,16 +386,35 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
     offset = cfg.get("target_offset", 0)
     rng = random.Random(cfg.get("seed", 1))
 
-    speakers: list[Conn | None] = await paced(
-        list(range(cfg["sessions"])),
-        cfg.get("connect_rate", 400),
-        cfg.get("connect_concurrency", 200),
-        lambda i: open_conn(run, *targets[(offset + i) % len(targets)], path, timeout=cfg.get("connect_timeout_s", 30)),
-    )
-    live = [s for s in speakers if s is not None]
+    slots = max(1, round(frame_ms / 1000 / SLOT))
+    buckets: list[list[Conn]] = [[] for _ in range(slots)]
+    turn_frames = max(2, round(cfg.get("turn_s", 2.0) * 1000 / frame_ms))
+    countdown: dict[int, int] = {}
+    live: list[Conn] = []
+
+    def start_streaming(s: Conn) -> Conn:
+        """Give a speaker its phase inside the frame period and its first turn length."""
+        live.append(s)
+        buckets[rng.randrange(slots)].append(s)
+        countdown[id(s)] = rng.randrange(turn_frames // 2, turn_frames + 1)
+        return s
+
+    async def connect_speaker(i: int) -> Conn:
+        conn = await open_conn(run, *targets[(offset + i) % len(targets)], path, timeout=cfg.get("connect_timeout_s", 30))
+        return start_streaming(conn) if ramp else conn
+
+    def connect_all() -> Any:
+        return paced(list(range(cfg["sessions"])), cfg.get("connect_rate", 400), cfg.get("connect_concurrency", 200), connect_speaker)
+
+    ramp = bool(cfg.get("ramp"))
+    if not ramp:
+        for s in await connect_all():
+            if s is not None:
+                start_streaming(s)
     listeners: list[Conn] = []
-    if cfg.get("listeners"):
-        pairs = [(i, s) for i, s in enumerate(speakers) if s is not None for _ in range(cfg["listeners"])]
+    if cfg.get("listeners") and not ramp:
+        speakers = list(live)
+        pairs = [(i, s) for i, s in enumerate(speakers) for _ in range(cfg["listeners"])]
 
         def listen(item):
             i, s = item
@@ -401,15 +430,9 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
         await wait_go()
 
     # real-time pacing: each speaker has a slot (phase) inside the frame period
-    slots = max(1, round(frame_ms / 1000 / SLOT))
-    buckets: list[list[Conn]] = [[] for _ in range(slots)]
-    turn_frames = max(2, round(cfg.get("turn_s", 2.0) * 1000 / frame_ms))
-    countdown: dict[int, int] = {}
-    for s in live:
-        buckets[rng.randrange(slots)].append(s)
-        countdown[id(s)] = rng.randrange(turn_frames // 2, turn_frames + 1)
     settle, window = cfg.get("settle_s", 2.0), cfg["window_s"]
     run.streaming = True
+    connecting = asyncio.create_task(connect_all()) if ramp else None
     start = now()
     cpu0 = wall0 = None
     tick = 0
@@ -417,18 +440,18 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
     while True:
         t = now()
         el = t - start
-        if cpu0 is None and el >= settle:
+        if cpu0 is None and el >= settle and (connecting is None or connecting.done()):  # a ramp is in before the window
             run.measuring = True
             cpu0, wall0 = cpu_seconds(), t
             emit({"event": "window_start"})
             progress(f"window open: {len(live)} speakers, {len(listeners)} listeners")
-        if el >= settle + window:
+        if wall0 is not None and t - wall0 >= window:
             break
         due = start + tick * SLOT
         if due > t:
             await asyncio.sleep(due - t)
             t = now()
-        for s in buckets[tick % slots]:
+        for s in list(buckets[tick % slots]):
             s.send_frame(frames[s.frame_no % nframes], t)
             k = id(s)
             countdown[k] -= 1
@@ -439,11 +462,15 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
     run.measuring = False
     cpu1, wall1 = cpu_seconds(), now()
     emit({"event": "window_end"})
-    # drain: give the last ForceEndTurns time to come back, then count what never did
+    if connecting is not None:
+        await connecting
+    # drain: give the last ForceEndTurns time to come back (and their EndOfTurns time to reach
+    # the listening tabs), then count what never did
     deadline = now() + cfg.get("drain_s", 3.0)
-    while now() < deadline and any(s.fet_times for s in live):
+    while now() < deadline and (any(s.fet_times for s in live) or listener_missing(listeners)):
         await asyncio.sleep(0.05)
     missing_eot = sum(len(s.fet_times) for s in live)
+    lst_missing = listener_missing(listeners)
     run.streaming = False
     fan, lst_eot = [], []
     for c in listeners:
@@ -471,6 +498,7 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
         "lost_mid_stream": run.lost_mid_stream,
         "missing_eot": missing_eot,
         "dropped_updates": run.dropped,
+        "listener_missing_eot": lst_missing,
         "turns_checked": run.turns_checked,
         "frames_sent": run.frames_sent,
         "frames_skipped": run.frames_skipped,
@@ -489,6 +517,15 @@ async def mode_stream(cfg: dict[str, Any]) -> dict[str, Any]:
             "fan": fan,
         },
     }
+
+
+def listener_missing(listeners: list[Conn]) -> int:
+    """EndOfTurns a speaker got during the measured window that its listening tab never got."""
+    missing = 0
+    for c in listeners:
+        got = {idx for idx, _ in c.eots}
+        missing += len(c.speaker.window_eots - got)
+    return missing
 
 
 async def mode_burst(cfg: dict[str, Any]) -> dict[str, Any]:
