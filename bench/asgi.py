@@ -67,7 +67,7 @@ def stats() -> dict:
     from relay import consumers, flow, load, services
 
     out: dict = {"pid": os.getpid(), "active_streams": consumers.active_streams(), "patches": _patches,
-                 "loop_lag_ms": round(load.lag_ms(), 2), "inbound_paused": flow.paused_count(),
+                 "loop_lag_ms": round(load.lag_ms(), 2), "write_latency_ms": round(load.write_latency_ms(), 2), "inbound_paused": flow.paused_count(),
                  "batches": {b.name: [b.batches, b.items] for b in (services._new_connections, services._turn_indexes, services._finished_turns)},
                  "gc_frozen": gc.get_freeze_count(), "gc": {}}
     for gen, pauses in _pauses.items():

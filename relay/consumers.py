@@ -219,8 +219,9 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         user = await self._authenticate()
         if _active_streams >= settings.RELAY_MAX_STREAMS_PER_PROCESS:
             raise Capacity()
-        if load.overloaded():
-            raise Capacity(f"This relay process is overloaded (its event loop runs {load.lag_ms():.0f} ms late); try again later.")
+        busy = load.overloaded()
+        if busy:
+            raise Capacity(f"This relay process is overloaded ({busy}); try again later.")
         # Reserve the slot before the first await, or a burst of connects all pass the check.
         _active_streams += 1
         self.counted = True

@@ -22,6 +22,7 @@ from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from relay import load
 from relay.batching import Batcher
 from relay.db import db_async
 from relay.engines.base import TurnEvent
@@ -207,29 +208,30 @@ def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
 
 
 def turn_indexes_allocate(session_ids: list[str]) -> list[int | Exception]:
-    """The next session-wide turn index for each entry, in one transaction.
+    """The next session-wide turn index for each entry, in one statement and one commit.
 
-    One ``UPDATE ... RETURNING`` per distinct session (SQLite 3.35+, PostgreSQL) reserves as many
-    consecutive indexes as the list asks of it; the row lock serialises allocations from any tab
-    on any process. Sessions are locked in sorted order so two processes cannot deadlock.
+    One ``UPDATE ... FROM (SELECT ...) RETURNING`` (SQLite 3.33+, PostgreSQL) reserves, for every
+    distinct session, as many consecutive indexes as the list asks of it; the row locks serialise
+    allocations from any tab on any process. (Two processes locking two common sessions in
+    opposite orders would deadlock; PostgreSQL then aborts one, and its callers retry.)
     """
     wanted = Counter(session_ids)
     table = connection.ops.quote_name(Session._meta.db_table)
-    now = timezone.now()
-    first: dict[str, int | None] = {}
-    with transaction.atomic(), connection.cursor() as cursor:
-        for session_id in sorted(wanted):
-            count = wanted[session_id]
-            cursor.execute(
-                f'UPDATE {table} SET "next_turn_index" = "next_turn_index" + %s, "last_activity_at" = %s '
-                'WHERE "id" = %s RETURNING "next_turn_index" - %s',
-                [count, now, session_id, count],
-            )
-            row = cursor.fetchone()
-            first[session_id] = None if row is None else row[0]
+    rows = " UNION ALL ".join(["SELECT %s AS sid, %s AS n"] * len(wanted))
+    params: list[Any] = [timezone.now()]
+    for session_id in sorted(wanted):
+        params += [session_id, wanted[session_id]]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f'UPDATE {table} SET "next_turn_index" = {table}."next_turn_index" + wanted.n, "last_activity_at" = %s '
+            f'FROM ({rows}) AS wanted WHERE {table}."id" = wanted.sid '
+            f'RETURNING {table}."id", {table}."next_turn_index"',  # SQLite returns only the table's own columns
+            params,
+        )
+        first: dict[str, int] = {session_id: after - wanted[session_id] for session_id, after in cursor.fetchall()}
     results: list[int | Exception] = []
     for session_id in session_ids:
-        index = first[session_id]
+        index = first.get(session_id)
         if index is None:
             results.append(Session.DoesNotExist(session_id))
         else:
@@ -345,9 +347,10 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
 # Group commit (relay.batching): connects that start a session, turn indexes and finished turns
 # arriving together share one transaction. Errors one item can cause are retried one by one.
 _ITEM_ERRORS = (IntegrityError, DataError)
-_new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
-_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
-_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS)
+# Their latency feeds the admission check (relay.load).
+_new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS, on_latency=load.note_write)
+_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS, on_latency=load.note_write)
+_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS, on_latency=load.note_write)
 _aconnection_open_existing = db_async(connection_open)
 
 

@@ -80,6 +80,8 @@ async def block_loop(seconds: float, times: int) -> None:
 
 async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(settings):
     settings.RELAY_MAX_LOOP_LAG_MS = 50
+    settings.RELAY_MAX_WRITE_LATENCY_MS = 0  # this test is about the loop
+    load.reset()
     first = Client("/v2/listen?session=lag-a")
     await first.connect()  # starts the watch
     assert not load.overloaded()
@@ -95,6 +97,28 @@ async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(set
     await asyncio.sleep(load.WINDOW + 0.3)  # the late samples age out
     assert not load.overloaded()
     again = Client("/v2/listen?session=lag-b")
+    assert (await again.connect())["type"] == "Connected"
+    await again.disconnect()
+    await first.disconnect()
+
+
+async def test_a_process_whose_database_writes_lag_refuses_new_streams_only(settings):
+    settings.RELAY_MAX_LOOP_LAG_MS = 0
+    settings.RELAY_MAX_WRITE_LATENCY_MS = 100
+    load.reset()
+    first = Client("/v2/listen")
+    await first.connect()
+    assert 0 < load.write_latency_ms() < 100  # the connect's own rows were timed
+    for _ in range(20):  # turn writes that waited a quarter second behind a saturated process
+        load.note_write(0.25)
+    assert "database writes" in load.overloaded()
+    code, seen = await refused_with(Client("/v2/listen"))
+    assert (code, seen["code"]) == (4013, "CAPACITY") and "database writes take" in seen["description"]
+    await first.send_audio(tone(0.5) + silence(0.7))  # the open stream goes on
+    assert (await first.recv_turn_end())["transcript"] == "one two"
+    await asyncio.sleep(load.WINDOW + load._BUCKET + 0.1)  # the slow writes age out
+    assert load.overloaded() == ""
+    again = Client("/v2/listen")
     assert (await again.connect())["type"] == "Connected"
     await again.disconnect()
     await first.disconnect()
