@@ -398,8 +398,8 @@ def write(res: dict[str, Any], out: Path) -> None:
         "Channels, layer or database). Streams send tone in real-time frames and a `ForceEndTurn` every 4 s (so a turn, with its "
         "database writes, every 4 s per stream). *EoT rtt*: ForceEndTurn → EndOfTurn; *audio→Update*: the frame that completes "
         "an Update's audio → that Update. CPU is read from /proc of the server processes (Redis separately); the client reports "
-        "its own. *Refused (CAPACITY)*: streams the relay turned away with Error CAPACITY / close 4013 (its stream cap, or its "
-        "event loop running late: admission control), counted apart from errors. *Lost*: Updates missing from a speaker's "
+        "its own. *Refused (CAPACITY)*: streams the relay turned away with Error CAPACITY / close 4013 (its stream cap, or "
+        "admission control: its event loop running late or its database writes waiting), counted apart from errors. *Lost*: Updates missing from a speaker's "
         "finished turn, ForceEndTurns never answered, and EndOfTurns a listening tab never got (listening tabs get interim "
         "Updates coalesced, each carrying the whole turn so far, so fewer Updates there is not a loss).",
         "",
@@ -434,7 +434,7 @@ def write(res: dict[str, Any], out: Path) -> None:
         L.append("")
     if res.get("handshakes"):
         L += ["## Connection bursts (time to `Connected`, session and connection rows written)", "",
-              "Refused: turned away with CAPACITY by admission control while the burst made the event loop run late "
+              "Refused: turned away with CAPACITY by admission control while the burst made the event loop run late or the writes wait "
               "(a try-again-later answer, not an error; counted apart).", "",
               "| target | processes | connected | refused (CAPACITY) | span s | per second | p50 ms | p99 ms | client errors | server errors |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -471,7 +471,7 @@ def write(res: dict[str, Any], out: Path) -> None:
             L.append(f"- {r['target']}: {r['streams']} accepted, {r['refused']} refused of {r['asked']}; accepted streams: EoT p99 "
                      f"{r['fet_rtt']['p99']} ms, audio→Update p99 {r['upd']['p99']} ms, {r['error_count']} errors {r['errors'] or ''}, "
                      f"{'(they read nothing, so nothing arrives)' if r.get('kind') == 'stop_reading' else str(lost(r)) + ' lost'}; RSS "
-                     f"{r['rss_mb']} MB, growing {r['rss_growth_mb_per_min']} MB/min; event-loop lag {_each(r.get('loop_lag_ms'))} ms and sockets "
+                     f"{r['rss_mb']} MB, growing {r['rss_growth_mb_per_min']} MB/min; event-loop lag {_each(r.get('loop_lag_ms'))} ms, write latency {_each(r.get('write_latency_ms'))} ms and sockets "
                      f"paused by flow control {_each(r.get('inbound_paused'))} at the end of the window; frames the client could not write "
                      f"(server not reading) {r['frames_skipped']}")
         L.append("")
