@@ -5,10 +5,11 @@ directly, each averaged over the last couple of seconds:
 
 * **event-loop lag**: a timer asks to wake every ``INTERVAL`` seconds and records how late it
   woke. A mean, not a maximum, so a single garbage-collection pause refuses no one.
-* **write latency**: how long the database writes that gate the protocol (a turn's index at
-  StartOfTurn, a finished turn before its EndOfTurn, a new connection's rows) take from the call
-  to the commit, queueing in the group commit included. A process whose loop still turns but
-  whose writes wait behind a saturated CPU (or a slow database) delays every EndOfTurn.
+* **write latency**: how long the turn writes that gate the protocol (a turn's index at
+  StartOfTurn, a finished turn before its EndOfTurn) take from the call to the commit, queueing
+  in the group commit included. A process whose loop still turns but whose writes wait behind a
+  saturated CPU (or a slow database) delays every EndOfTurn. New connections' own writes do not
+  count: a burst of connects slows only itself, and is served.
 
 While either mean passes its limit (``RELAY_MAX_LOOP_LAG_MS``, ``RELAY_MAX_WRITE_LATENCY_MS``),
 new streams are refused with ``CAPACITY`` (close 4013, try again later), and the streams already
@@ -56,7 +57,7 @@ def lag_ms() -> float:
 
 
 def note_write(seconds: float) -> None:
-    """One gating database write took ``seconds`` from the call to the commit."""
+    """One turn write took ``seconds`` from the call to the commit."""
     now = time.monotonic()
     start = now - now % _BUCKET
     if not _writes or _writes[-1][0] != start:
@@ -69,7 +70,7 @@ def note_write(seconds: float) -> None:
 
 
 def write_latency_ms() -> float:
-    """Mean latency of the gating writes of the last couple of seconds (0 without writes)."""
+    """Mean latency of the turn writes of the last couple of seconds (0 without writes)."""
     since = time.monotonic() - WINDOW - _BUCKET
     total = count = 0.0
     for start, seconds, n in _writes:

@@ -347,8 +347,9 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
 # Group commit (relay.batching): connects that start a session, turn indexes and finished turns
 # arriving together share one transaction. Errors one item can cause are retried one by one.
 _ITEM_ERRORS = (IntegrityError, DataError)
-# Their latency feeds the admission check (relay.load).
-_new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS, on_latency=load.note_write)
+# The turn writes' latency feeds the admission check (relay.load): open streams wait on them. A
+# burst of connects queues its own writes without slowing anyone's turns, so those do not count.
+_new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
 _turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS, on_latency=load.note_write)
 _finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS, on_latency=load.note_write)
 _aconnection_open_existing = db_async(connection_open)

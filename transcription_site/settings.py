@@ -232,8 +232,8 @@ RELAY_FLUSH_TIMEOUT_SECONDS = env_float("RELAY_FLUSH_TIMEOUT_SECONDS", 8.0)
 RELAY_HEARTBEAT_SECONDS = env_float("RELAY_HEARTBEAT_SECONDS", 15.0)
 RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
 # New streams are refused (CAPACITY) while, averaged over 2 s, the event loop runs this late or the
-# database writes that gate EndOfTurn and Connected take this long (relay/load.py); 0 = off.
-RELAY_MAX_LOOP_LAG_MS = env_float("RELAY_MAX_LOOP_LAG_MS", 50.0)
+# turn writes that gate StartOfTurn and EndOfTurn take this long (relay/load.py); 0 = off.
+RELAY_MAX_LOOP_LAG_MS = env_float("RELAY_MAX_LOOP_LAG_MS", 100.0)
 RELAY_MAX_WRITE_LATENCY_MS = env_float("RELAY_MAX_WRITE_LATENCY_MS", 100.0)
 # daphne stops reading a client's socket while this many of its messages wait for the relay (relay/flow.py).
 RELAY_MAX_INBOUND_MESSAGES = env_int("RELAY_MAX_INBOUND_MESSAGES", 50)
