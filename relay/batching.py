@@ -31,10 +31,8 @@ class Batcher:
         *,
         max_batch: int = 500,
         split_on: tuple[type[BaseException], ...] = (),
-        on_latency: Callable[[float], None] | None = None,
     ) -> None:
         self.name = name
-        self.on_latency = on_latency
         self.split_on = split_on
         self.write_many = write_many
         self.max_batch = max_batch
@@ -52,12 +50,7 @@ class Batcher:
         self._pending.append((item, future))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())
-        if self.on_latency is None:
-            return await future
-        asked = loop.time()
-        result = await future
-        self.on_latency(loop.time() - asked)  # call to result, queueing included
-        return result
+        return await future
 
     async def _run(self) -> None:
         while self._pending:

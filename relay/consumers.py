@@ -562,7 +562,8 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
             others = await _with_db_retry(
                 "turn_record",
                 services.aturn_record,
-                session_id=self.session_id, connection_id=self.connection_id, index=index, event=event
+                session_id=self.session_id, connection_id=self.connection_id, index=index, event=event,
+                timed=not self.finished,  # a closing stream's flush is not load on the open ones
             )
             fan_out = fan_out or others > 0
             metrics.turn_finished(trigger=event.trigger)

@@ -347,11 +347,9 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
 # Group commit (relay.batching): connects that start a session, turn indexes and finished turns
 # arriving together share one transaction. Errors one item can cause are retried one by one.
 _ITEM_ERRORS = (IntegrityError, DataError)
-# The turn writes' latency feeds the admission check (relay.load): open streams wait on them. A
-# burst of connects queues its own writes without slowing anyone's turns, so those do not count.
 _new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
-_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS, on_latency=load.note_write)
-_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS, on_latency=load.note_write)
+_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
+_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS)
 _aconnection_open_existing = db_async(connection_open)
 
 
@@ -367,12 +365,22 @@ async def aconnection_open(
     )
 
 
+# The latency of the turn writes of open streams feeds the admission check (relay.load): those
+# streams wait on them. A burst of connects, or the flush of streams that are closing (a mass
+# disconnect), queues its own writes without being a lasting load, so those do not count.
 async def aturn_index_allocate(*, session_id: str) -> int:
-    return await _turn_indexes.submit(session_id)
+    started = time.monotonic()
+    index = await _turn_indexes.submit(session_id)
+    load.note_write(time.monotonic() - started)
+    return index
 
 
-async def aturn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent) -> int:
-    return await _finished_turns.submit(FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event))
+async def aturn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent, timed: bool = True) -> int:
+    started = time.monotonic()
+    others = await _finished_turns.submit(FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event))
+    if timed:
+        load.note_write(time.monotonic() - started)
+    return others
 
 
 aconnection_flush = db_async(connection_flush)

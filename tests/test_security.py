@@ -127,6 +127,29 @@ async def test_a_process_whose_database_writes_lag_refuses_new_streams_only(sett
     await first.disconnect()
 
 
+async def test_the_flush_of_closing_streams_is_not_counted_as_load(settings):
+    """A mass disconnect stores every open turn at once; that queue must not refuse the reconnects."""
+    load.reset()
+
+    def timed_writes() -> int:
+        return sum(n for _, _, n in load._writes)
+
+    c = Client("/v2/listen")
+    await c.connect()
+    await c.send_audio(tone(0.5))  # a turn opens (its index write is timed) and stays open
+    await c.recv_until(lambda m: m.get("event") == "Update")
+    assert timed_writes() == 1
+    await c.disconnect()  # the open turn is stored on the way out: untimed
+    await asyncio.sleep(0.2)
+    assert timed_writes() == 1
+    again = Client("/v2/listen")
+    await again.connect()
+    await again.send_audio(tone(0.5) + silence(0.7))
+    await again.recv_turn_end()
+    assert timed_writes() == 3  # an open stream's index and finished turn count
+    await again.disconnect()
+
+
 async def refused_with(client: Client) -> tuple[int, dict]:
     await client.comm.connect()
     code, seen = await client.expect_close()
