@@ -43,13 +43,13 @@ def _own_first() -> None:
             return
         await send(self, body_json)
 
-    async def aturn_record(*, session_id, connection_id, index, event):
+    async def aturn_record(*, session_id, connection_id, index, event, **kwargs):
         consumer = _consumer.get()
         if consumer is not None and "bench_sent_early" not in consumer.__dict__:
             body = protocol.turn_info_body(event, turn_index=index, speaker=connection_id)
             await send(consumer, body)
             consumer.bench_sent_early = body
-        return await record(session_id=session_id, connection_id=connection_id, index=index, event=event)
+        return await record(session_id=session_id, connection_id=connection_id, index=index, event=event, **kwargs)
 
     cls._on_turn_event = _on_turn_event
     cls._send = _send
