@@ -49,15 +49,21 @@ async def test_second_tab_sees_live_updates_of_the_first_with_speaker(settings):
     await a.disconnect()
 
 
+async def speaker_and_listener(session: str) -> tuple[Client, Client]:
+    """Two tabs of one session, the first knowing of the second."""
+    a = Client(f"/v2/listen?session={session}")
+    await a.connect()
+    b = Client(f"/v2/listen?session={session}")
+    await b.connect()
+    await a.recv_until(lambda m: m.get("type") == "Presence" and m["event"] == "join" and m["connections"] == 2)
+    return a, b
+
+
 async def test_listening_tabs_get_interim_updates_coalesced_and_every_final(settings):
     """At most one Update per RELAY_LISTENER_UPDATE_SECONDS of audio reaches other tabs; the
     speaker still gets every one, and the listener every StartOfTurn and EndOfTurn."""
     settings.RELAY_LISTENER_UPDATE_SECONDS = 0.5
-    a = Client("/v2/listen?session=coalesce")
-    await a.connect()
-    b = Client("/v2/listen?session=coalesce")
-    await b.connect()
-    await a.recv_until(lambda m: m.get("type") == "Presence" and m["event"] == "join" and m["connections"] == 2)
+    a, b = await speaker_and_listener("coalesce")
     await a.send_audio(tone(1.6) + silence(0.7) + tone(0.3) + silence(0.7))  # 6 Updates, then 1
     await a.recv_until(lambda m: m.get("type") == "TurnInfo" and m["event"] == "EndOfTurn" and m["turn_index"] == 1)
     await b.recv_until(lambda m: m.get("type") == "TurnInfo" and m["event"] == "EndOfTurn" and m["turn_index"] == 1)
@@ -80,11 +86,7 @@ async def test_listening_tabs_get_interim_updates_coalesced_and_every_final(sett
 
 async def test_a_held_back_update_reaches_listeners_when_the_speaker_pauses(settings):
     settings.RELAY_LISTENER_UPDATE_SECONDS = 0.5
-    a = Client("/v2/listen?session=pause")
-    await a.connect()
-    b = Client("/v2/listen?session=pause")
-    await b.connect()
-    await a.recv_until(lambda m: m.get("type") == "Presence" and m["event"] == "join" and m["connections"] == 2)
+    a, b = await speaker_and_listener("pause")
     await a.send_audio(tone(1.0))  # four Updates, the turn still open: the last ones are held back
     last = await a.recv_until(lambda m: m.get("event") == "Update" and m["transcript"] == "one two three four")
     # Within about the interval the listener has the turn as far as it goes.
