@@ -577,11 +577,14 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
         await self._send(body)
         if fan_out:
             async with self._fan_out_lock():
-                await self._layer(
-                    "group_send",
-                    self.group,
-                    {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final},
-                )
+                await self._send_to_others(body, index, final)
+
+    async def _send_to_others(self, body: str, index: int, final: bool) -> None:
+        await self._layer(
+            "group_send",
+            self.group,
+            {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final},
+        )
 
     def _fan_out_lock(self) -> asyncio.Lock:
         """Keeps this connection's group_sends in order (a held Update goes out from a timer)."""
@@ -605,11 +608,7 @@ class TranscriptionConsumer(AsyncWebsocketConsumer):
                 return
             body, index, audio_end = held
             self.listener_update_at = audio_end
-            await self._layer(
-                "group_send",
-                self.group,
-                {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": False},
-            )
+            await self._send_to_others(body, index, final=False)
 
     async def _layer(self, method: str, *args: Any) -> bool:
         """A channel-layer call that never takes the stream down (Redis restarting, say).

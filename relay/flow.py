@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import weakref
 
+from relay import metrics
+
 log = logging.getLogger("relay.consumer")
 
 RESUME_CHECK_SECONDS = 0.02
@@ -33,10 +35,10 @@ def install(*, send_limit_bytes: int, inbound_limit: int) -> None:
         from daphne.ws_protocol import WebSocketProtocol
     except ImportError:  # not under daphne
         return
-    if getattr(WebSocketProtocol, "relay_flow", None) is not None:
-        WebSocketProtocol.relay_flow = (send_limit_bytes, inbound_limit)
+    installed = getattr(WebSocketProtocol, "relay_flow", None) is not None
+    WebSocketProtocol.relay_flow = (send_limit_bytes, inbound_limit)  # read per call: a reinstall updates the limits
+    if installed:
         return
-    WebSocketProtocol.relay_flow = (send_limit_bytes, inbound_limit)
     server_send = WebSocketProtocol.serverSend
     on_message = WebSocketProtocol.onMessage
 
@@ -56,8 +58,6 @@ def install(*, send_limit_bytes: int, inbound_limit: int) -> None:
         if limit > 0 and queue is not None and queue.qsize() >= limit and self not in _paused and self.transport is not None:
             _paused.add(self)
             self.transport.pauseProducing()
-            from relay import metrics
-
             metrics.INBOUND_PAUSES.inc()
             _resume_when_drained(self, queue, limit)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from relay.db import db_async
 from relay.models import Connection, Turn
 
@@ -31,14 +30,8 @@ def turn_page(*, session_id: str, after_index: int, limit: int) -> list[dict[str
     return [_record(row) for row in rows]
 
 
-
-
 def session_live_connection_count(*, session_id: str) -> int:
     return Connection.objects.live().filter(session_id=session_id).count()
-
-
-
-
 
 
 aturn_page = db_async(turn_page)

@@ -88,21 +88,19 @@ class Opened:
 
 def connection_open(
     *,
-    session_id: str | None,
+    session_id: str,
     user: Any,
     engine: str,
     since: int | None,
     client_addr: str = "",
     user_agent: str = "",
 ) -> Opened:
-    """Join or create the session and record the connection (before joining its group).
+    """Join (or create, under the id the client chose) the session and record the connection.
 
     The connection row is written before the consumer joins the group and reads history, which
-    is what makes replay gap-free (see relay.consumers). With no session asked for, this is the
-    new-session path of :func:`connections_open_new` for one connection.
+    is what makes replay gap-free (see relay.consumers). A connection that asked for no session
+    goes through :func:`connections_open_new` instead.
     """
-    if session_id is None:
-        return connections_open_new([NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent)])[0]
     _heartbeat_if_due()
     created = False
     authenticated = _authenticated(user)
@@ -240,14 +238,6 @@ def turn_indexes_allocate(session_ids: list[str]) -> list[int | Exception]:
     return results
 
 
-def turn_index_allocate(*, session_id: str) -> int:
-    """Next session-wide turn index of one session (see :func:`turn_indexes_allocate`)."""
-    result = turn_indexes_allocate([session_id])[0]
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
 @dataclass(slots=True)
 class FinishedTurn:
     session_id: str
@@ -288,11 +278,6 @@ def turns_record(turns: list[FinishedTurn]) -> list[int]:
     for session_id, pk in Connection.objects.live().filter(session_id__in=sessions).values_list("session_id", "pk"):
         live[session_id].add(str(pk))
     return [len(live[turn.session_id] - {turn.connection_id}) for turn in turns]
-
-
-def turn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent) -> int:
-    """Persist one finished turn (see :func:`turns_record`)."""
-    return turns_record([FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event)])[0]
 
 
 def connection_flush(

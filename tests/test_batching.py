@@ -84,7 +84,7 @@ def test_turn_indexes_are_consecutive_per_session_and_a_missing_session_fails_al
     Session.objects.create(pk="b", next_turn_index=5)
     got = services.turn_indexes_allocate(["a", "b", "a", "gone", "a", "b"])
     assert got[:3] == [0, 5, 1] and isinstance(got[3], Session.DoesNotExist) and got[4:] == [2, 6]
-    assert services.turn_index_allocate(session_id="a") == 3
+    assert services.turn_indexes_allocate(["a"]) == [3]
     assert Session.objects.get(pk="b").next_turn_index == 7
 
 
