@@ -64,7 +64,9 @@ def tracemalloc_growth(top: int = 25) -> dict:
 
 
 def stats() -> dict:
-    from relay import consumers, flow, load, services
+    from relay.live import consumer as consumers, admission as load
+    from relay.server import flow
+    from relay.store import services
 
     out: dict = {"pid": os.getpid(), "active_streams": consumers.active_streams(), "patches": _patches,
                  "loop_lag_ms": round(load.lag_ms(), 2), "write_latency_ms": round(load.write_latency_ms(), 2), "inbound_paused": flow.paused_count(),

@@ -1,6 +1,6 @@
 """The baseline: a bare ``websockets`` asyncio server doing the relay's visible job.
 
-Same URL, same messages byte for byte (built by relay.protocol), same fake engine feeding on the
+Same URL, same messages byte for byte (built by relay.flux.protocol), same fake engine feeding on the
 same audio, but no Django, no Channels, no channel layer and no database: the turn index is a
 per-process counter. The relay's overhead is whatever it costs above this.
 
@@ -17,8 +17,8 @@ import uuid
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from relay import protocol
-from relay.audio import SampleAligner
+from relay.flux import protocol
+from relay.flux.audio import SampleAligner
 from relay.engines.base import EngineWarning
 from relay.engines.fake import FakeEngine
 

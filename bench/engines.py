@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.speech import manifest, pcm, silence, wer  # noqa: E402
+from tests.support.speech import manifest, pcm, silence, wer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CHUNK_S = 0.08
@@ -51,13 +51,13 @@ def progress(message: str) -> None:
 
 def build(name: str, max_streams: int):
     if name == "whisper":
-        from relay.engines.whisper import WhisperEngine
+        from relay.engines.offline.whisper import WhisperEngine
 
         engine = WhisperEngine("bench-whisper", {"max_streams": max_streams, "max_queue_wait_s": 600})
         engine.wait_loaded_sync(300)
         return engine
     if name == "sphinx":
-        from relay.engines.sphinx import SphinxEngine
+        from relay.engines.offline.sphinx import SphinxEngine
 
         return SphinxEngine("bench-sphinx", {"max_streams": max_streams, "max_queue_wait_s": 600})
     raise SystemExit(f"unknown engine {name}")
@@ -77,7 +77,7 @@ def conversation() -> tuple[bytes, list[dict]]:
 
 async def accuracy(engine) -> dict[str, Any]:
     from relay.engines.base import StreamOptions
-    from tests.speech import finals, run_stream
+    from tests.support.speech import finals, run_stream
 
     m = manifest()
     refs, hyps = [], []

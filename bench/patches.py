@@ -26,7 +26,9 @@ def _own_first() -> None:
     context variable; the turn write (``services.aturn_record``) first sends the body the consumer
     is about to send, and the consumer's own later send of that same body is skipped.
     """
-    from relay import consumers, protocol, services
+    from relay.live import consumer as consumers
+    from relay.flux import protocol
+    from relay.store import services
 
     cls = consumers.TranscriptionConsumer
     on_turn_event, send, record = cls._on_turn_event, cls._send, services.aturn_record

@@ -334,7 +334,7 @@ class Bench:
 
     # -- sections -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from tests.services import postgres_database
+        from tests.support.services import postgres_database
 
         try:
             # the database is made (and migrated) by this tree; the before tree shares its schema

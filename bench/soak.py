@@ -9,7 +9,7 @@ every 2 s. Each connection lives an exponentially distributed time (``--mean-lif
 cleanly or (``--abrupt``, default 30%) is dropped without a close frame, and its session
 reconnects at once to the other process with ``since=`` its last turn. Every ``--tick`` seconds
 it records each server's RSS and the error counts; at the end it computes the four stability
-metrics (relay.stability, from the Connection rows) and checks every session's turns for gaps and
+metrics (relay.ops.stability, from the Connection rows) and checks every session's turns for gaps and
 duplicates. Writes soak.json, soak.md and soak.png to ``--out`` (default bench/results/) and
 exits non-zero when memory grew or a turn was lost.
 """
@@ -46,7 +46,7 @@ def stability_from_db(start: str, end: str, gaps: list[dict[str, Any]] | None = 
     django.setup()
     from django.utils import timezone
 
-    from relay import stability
+    from relay.ops import stability
     from relay.models import Connection, live_cutoff
 
     s, e = dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
@@ -127,7 +127,7 @@ def write_md(r: dict[str, Any], path: Path) -> None:
         f"(injected churn); {c['server_closed']} closed by the server, {c['unexpected_lost']} lost unexpectedly, "
         f"{c['connect_failed']} failed to connect; client-side errors {r['client']['errors'] or 0}, "
         f"reconnection (drop → Connected) p50 {r['client']['reconnect'].get('p50')} ms, p99 {r['client']['reconnect'].get('p99')} ms.", "",
-        "## The four stability metrics (relay.stability, from the Connection rows)", "",
+        "## The four stability metrics (relay.ops.stability, from the Connection rows)", "",
         "| metric | value | level | samples | detail | thresholds |", "|---|---|---|---|---|---|",
     ]
     for m in r["stability"]:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from tests.services import REDIS_URL, postgres_database
+    from tests.support.services import REDIS_URL, postgres_database
 
     backend = {"pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer", "core": "channels_redis.core.RedisChannelLayer"}[args.layer]
     result: dict[str, Any] = {

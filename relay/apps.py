@@ -7,4 +7,5 @@ class RelayConfig(AppConfig):
     verbose_name = "Transcription relay"
 
     def ready(self) -> None:
-        from relay import admin_tokens  # noqa: F401  (registers the token admin)
+        # The admin lives in relay.ops; admin.autodiscover() only looks for relay.admin.
+        from relay.ops import admin, admin_tokens  # noqa: F401

@@ -5,7 +5,7 @@ import os
 import pytest
 
 # In-process tests import the ASGI application with the fake engine; don't load Whisper for them.
-# (Live servers started by tests/live.py set it back to 1.)
+# (Live servers started by tests/support/live.py set it back to 1.)
 os.environ["RELAY_PRELOAD_ENGINE"] = "0"
 
 
@@ -19,7 +19,8 @@ def _fake_engine_by_default(settings):
 
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
-    from relay import consumers, services
+    from relay.live import consumer as consumers
+    from relay.store import services
 
     consumers._connect_limiter = None
     services._last_beat = 0.0  # each test starts with an empty database

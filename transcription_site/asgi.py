@@ -14,9 +14,9 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from relay import autobahn_logs, flow, shutdown  # noqa: E402
-from relay.middleware import OriginCheckMiddleware, WebsocketAuthMiddleware  # noqa: E402
-from relay.routing import websocket_urlpatterns  # noqa: E402
+from relay.server import autobahn_logs, flow, shutdown  # noqa: E402
+from relay.live.middleware import OriginCheckMiddleware, WebsocketAuthMiddleware  # noqa: E402
+from relay.live.routing import websocket_urlpatterns  # noqa: E402
 
 from django.conf import settings  # noqa: E402
 

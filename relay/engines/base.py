@@ -62,7 +62,7 @@ class EngineWarning:
 
 @dataclass(slots=True)
 class StreamOptions:
-    """What the client asked for, already validated by relay.protocol."""
+    """What the client asked for, already validated by relay.flux.protocol."""
 
     model: str = "flux-general-en"
     encoding: str = "linear16"

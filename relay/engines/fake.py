@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from relay.audio import to_int16
+from relay.flux.audio import to_int16
 from relay.exceptions import ConfigureRejected
 
-from .base import TRIGGER_END_OF_STREAM, Engine, EngineStream, EngineWarning, StreamOptions, TurnEvent, Word
+from relay.engines.base import TRIGGER_END_OF_STREAM, Engine, EngineStream, EngineWarning, StreamOptions, TurnEvent, Word
 
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.audio import silence, tone, wav_bytes
+from tests.support.audio import silence, tone, wav_bytes
 from tests.browser.conftest import PHONE, new_page, page_errors, production_env, screenshot
-from tests.browser.proxy import CuttableProxy
-from tests.live import ROOT, LiveServer, sqlite_env
+from tests.support.proxy import CuttableProxy
+from tests.support.live import ROOT, LiveServer, sqlite_env
 
 SPEECH = ROOT / "tests" / "fixtures" / "speech"
 

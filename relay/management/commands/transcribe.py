@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from relay.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from relay.flux.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v2/listen"
 SOX_RATE = 16000

@@ -1,0 +1,55 @@
+"""Deepgram Flux through Cloudflare Workers AI (``@cf/deepgram/flux``), signed in with a Bearer token.
+
+Same wire protocol as :mod:`relay.engines.upstream.deepgram`; the model is fixed by the URL, so no ``model``
+parameter is sent, and Workers AI takes linear16 only.
+"""
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from django.conf import settings
+
+from relay.exceptions import EngineUnavailable
+
+from relay.engines.base import EngineWarning, StreamOptions
+from relay.engines.upstream.stream import Secret, UpstreamEngine, loggable_url
+
+CLOUDFLARE_MODEL = "flux-general-en"
+
+
+class CloudflareEngine(UpstreamEngine):
+    """OPTIONS (all optional): ``url`` (a template with ``{account_id}``, default CLOUDFLARE_URL),
+    ``account_id`` (CLOUDFLARE_ACCOUNT_ID), ``api_key`` (CLOUDFLARE_API_TOKEN), and any
+    UpstreamConfig field."""
+
+    name = "cloudflare"
+    auth_scheme = "Bearer"
+    sends_model = False
+
+    def _account(self) -> str:
+        account = self.options.get("account_id") or settings.CLOUDFLARE_ACCOUNT_ID
+        if not account:
+            raise EngineUnavailable(f"The {self.alias} engine has no account; set CLOUDFLARE_ACCOUNT_ID.")
+        return account
+
+    def endpoint(self) -> str:
+        template = self.options.get("url") or settings.CLOUDFLARE_URL
+        return template.replace("{account_id}", quote(self._account(), safe=""))
+
+    def loggable_url(self) -> str:
+        # The account id is not a secret, but it is not the logs' business either: log the template.
+        return loggable_url(self.options.get("url") or settings.CLOUDFLARE_URL or "-")
+
+    def secret(self) -> Secret:
+        secret = self._key_override or Secret(settings.CLOUDFLARE_API_TOKEN)
+        if not secret:
+            raise EngineUnavailable(f"The {self.alias} engine has no API token; set CLOUDFLARE_API_TOKEN.")
+        return secret
+
+    def supported_encodings(self) -> set[str]:
+        return {"linear16"}
+
+    def option_warnings(self, options: StreamOptions) -> list[EngineWarning]:
+        if "model" in options.explicit and options.model != CLOUDFLARE_MODEL:
+            return [EngineWarning("MODEL_IGNORED", f"Cloudflare Workers AI serves {CLOUDFLARE_MODEL} only; model {options.model!r} was ignored.")]
+        return []

@@ -1,0 +1,35 @@
+"""Flux v2 facts the relay relies on, each defined once.
+
+Flux's own defaults (what a stream gets when the client sets nothing), the message types each
+side sends, and the alphabet of the relay's session ids.
+"""
+from __future__ import annotations
+
+import re
+
+#: The model a stream gets without ``model=``; the relay's engines are all English-first.
+DEFAULT_MODEL = "flux-general-en"
+#: Flux's default end-of-turn confidence threshold (allowed 0.5-0.9).
+DEFAULT_EOT_THRESHOLD = 0.7
+#: Flux's default cap on a turn's silence before it is ended regardless of confidence.
+DEFAULT_EOT_TIMEOUT_MS = 5000
+
+#: name -> (min, max, is_int): the thresholds a client may set at connect or with Configure.
+THRESHOLDS: dict[str, tuple[float, float, bool]] = {
+    "eot_threshold": (0.5, 0.9, False),
+    "eager_eot_threshold": (0.3, 0.9, False),
+    "eot_timeout_ms": (500, 60000, True),
+}
+
+#: Text frames a client may send. ``Finalize`` is the v1 name of ``ForceEndTurn``.
+CLIENT_MESSAGE_TYPES = frozenset({"CloseStream", "ForceEndTurn", "Configure", "KeepAlive", "Finalize"})
+#: TurnInfo events, in the order a turn can produce them.
+TURN_EVENTS = ("StartOfTurn", "Update", "EagerEndOfTurn", "TurnResumed", "EndOfTurn")
+
+#: Every encoding Flux accepts, and the sample rates it allows for raw encodings.
+FLUX_ENCODINGS = frozenset({"linear16", "linear32", "mulaw", "alaw", "opus", "ogg-opus"})
+FLUX_SAMPLE_RATES = frozenset({8000, 16000, 24000, 44100, 48000})
+
+#: Session ids: what a client may pass as ``?session=`` (URL- and log-safe, bounded).
+SESSION_ID_PATTERN = r"[A-Za-z0-9_.:\-]{1,128}"
+SESSION_ID_RE = re.compile(rf"^{SESSION_ID_PATTERN}$")

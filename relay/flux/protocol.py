@@ -1,0 +1,348 @@
+"""The Flux v2 wire protocol, parsed and built with no I/O.
+
+Inbound: the connection's query string (validated into :class:`ConnectParams`) and text frames
+(:func:`parse_client_text`). Outbound: message bodies built once as JSON and stamped per
+connection with ``sequence_id``/``request_id`` by :func:`stamp`, so one event fanned out to many
+tabs is encoded once. docs/protocol.md describes every message and the relay's extensions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from relay.flux.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
+from relay.engines.base import StreamOptions, TurnEvent
+from relay.exceptions import (
+    ConfigureRejected,
+    InvalidParameter,
+    InvalidSession,
+    RelayError,
+    UnsupportedEncoding,
+    UnsupportedSampleRate,
+)
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+MAX_QUERY_STRING = 8192
+MAX_KEYTERMS = 100
+MAX_KEYTERM_LENGTH = 100
+FLUX_ENCODINGS = {"linear16", "linear32", "mulaw", "alaw", "opus", "ogg-opus"}
+FLUX_SAMPLE_RATES = {8000, 16000, 24000, 44100, 48000}
+
+# name -> (min, max, is_int)
+THRESHOLDS: dict[str, tuple[float, float, bool]] = {
+    "eot_threshold": (0.5, 0.9, False),
+    "eager_eot_threshold": (0.3, 0.9, False),
+    "eot_timeout_ms": (500, 60000, True),
+}
+KNOWN_PARAMS = {
+    "model",
+    "encoding",
+    "sample_rate",
+    "eot_threshold",
+    "eager_eot_threshold",
+    "eot_timeout_ms",
+    "keyterm",
+    "tag",
+    "mip_opt_out",
+    "session",
+    "since",
+    "token",
+}
+
+
+@dataclass(slots=True)
+class Notice:
+    """A Warning to send after Connected."""
+
+    code: str
+    description: str
+
+
+@dataclass
+class ConnectParams:
+    session_id: str | None
+    since: int | None
+    options: StreamOptions
+    tags: list[str] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
+
+
+def validate_session_id(value: str) -> str:
+    if not SESSION_ID_RE.fullmatch(value):
+        raise InvalidSession()
+    return value
+
+
+def _number(name: str, raw: Any, *, exc: type[RelayError] = InvalidParameter) -> float | int:
+    lo, hi, is_int = THRESHOLDS[name]
+    if isinstance(raw, bool):
+        raise exc(f"{name} must be a number between {lo:g} and {hi:g}.")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise exc(f"{name} must be a number between {lo:g} and {hi:g}.") from None
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise exc(f"{name} must be between {lo:g} and {hi:g}; got {raw!r}.")
+    if is_int:
+        if value != int(value):
+            raise exc(f"{name} must be a whole number of milliseconds.")
+        return int(value)
+    return value
+
+
+def parse_connect_params(query_string: bytes | str) -> ConnectParams:
+    """Validate the query string of a new connection.
+
+    Raises a RelayError (sent as ``Error`` then close) for anything that makes the stream
+    impossible; collects Notices for what is merely unknown.
+    """
+    if isinstance(query_string, bytes):
+        if len(query_string) > MAX_QUERY_STRING:
+            raise InvalidParameter(f"The query string is longer than {MAX_QUERY_STRING} bytes.")
+        try:
+            query_string = query_string.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidParameter("The query string is not valid UTF-8.") from None
+    if len(query_string) > MAX_QUERY_STRING:
+        raise InvalidParameter(f"The query string is longer than {MAX_QUERY_STRING} bytes.")
+    try:
+        pairs = parse_qsl(query_string, keep_blank_values=True, max_num_fields=256, strict_parsing=False)
+    except ValueError as exc:
+        raise InvalidParameter(f"The query string could not be parsed: {exc}.") from None
+
+    values: dict[str, list[str]] = {}
+    for key, value in pairs:
+        values.setdefault(key, []).append(value)
+
+    options = StreamOptions()
+    notices: list[Notice] = []
+    session_id: str | None = None
+    since: int | None = None
+
+    def single(name: str) -> str | None:
+        items = values.get(name)
+        if not items:
+            return None
+        if len(items) > 1:
+            raise InvalidParameter(f"{name} may be given only once.")
+        return items[0]
+
+    if (raw := single("session")) is not None:
+        session_id = validate_session_id(raw)
+    if (raw := single("since")) is not None:
+        if not re.fullmatch(r"-?\d{1,12}", raw):
+            raise InvalidParameter("since must be a turn index (a whole number).")
+        since = int(raw)
+    if (raw := single("model")) is not None:
+        if not raw or len(raw) > 64:
+            raise InvalidParameter("model must be 1-64 characters.")
+        options.model = raw
+        options.explicit.add("model")
+    if (raw := single("encoding")) is not None:
+        encoding = raw.strip().lower()
+        if encoding not in SUPPORTED_ENCODINGS:
+            known = "a Flux encoding the relay does not decode" if encoding in FLUX_ENCODINGS else "not an encoding"
+            raise UnsupportedEncoding(
+                f"encoding {raw[:32]!r} is {known}; use one of {', '.join(SUPPORTED_ENCODINGS)}."
+            )
+        options.encoding = encoding
+        options.explicit.add("encoding")
+    if (raw := single("sample_rate")) is not None:
+        if not re.fullmatch(r"\d{1,6}", raw) or not MIN_SAMPLE_RATE <= int(raw) <= MAX_SAMPLE_RATE:
+            raise UnsupportedSampleRate(
+                f"sample_rate {raw[:16]!r} is not supported; use a whole number of Hz from "
+                f"{MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} (16000 recommended)."
+            )
+        options.sample_rate = int(raw)
+        options.explicit.add("sample_rate")
+    for name in THRESHOLDS:
+        if (raw := single(name)) is not None:
+            setattr(options, name, _number(name, raw))
+            options.explicit.add(name)
+    _check_eager(options.eot_threshold, options.eager_eot_threshold, InvalidParameter)
+    keyterms = values.get("keyterm", [])
+    options.keyterms = validate_keyterms(keyterms, InvalidParameter)
+    if keyterms:
+        options.explicit.add("keyterms")
+    tags = values.get("tag", [])
+    for name in values:
+        if name not in KNOWN_PARAMS:
+            notices.append(Notice("UNKNOWN_PARAMETER", f"Query parameter {name[:64]!r} is not recognised and was ignored."))
+    options.extra = {k: v for k, v in values.items() if k in {"tag", "mip_opt_out"}}
+    return ConnectParams(session_id=session_id, since=since, options=options, tags=tags, notices=notices)
+
+
+def _check_eager(eot: float | None, eager: float | None, exc: type[RelayError]) -> None:
+    if eager is not None and eager > (eot if eot is not None else 0.7):
+        raise exc("eager_eot_threshold must not be greater than eot_threshold.")
+
+
+def validate_keyterms(terms: Any, exc: type[RelayError]) -> list[str]:
+    if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+        raise exc("keyterms must be a list of strings.")
+    if len(terms) > MAX_KEYTERMS:
+        raise exc(f"At most {MAX_KEYTERMS} keyterms are allowed.")
+    cleaned = []
+    for term in terms:
+        term = term.strip()
+        if not term or len(term) > MAX_KEYTERM_LENGTH:
+            raise exc(f"Each keyterm must be 1-{MAX_KEYTERM_LENGTH} characters.")
+        cleaned.append(term)
+    return cleaned
+
+
+# --- client text frames --------------------------------------------------------------------------
+@dataclass(slots=True)
+class ClientMessage:
+    type: str
+    data: dict[str, Any]
+
+
+class BadClientMessage(Exception):
+    """A text frame that is not a known message; answered with a Warning, never fatal."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+
+CLIENT_TYPES = {"CloseStream", "ForceEndTurn", "Configure", "KeepAlive", "Finalize"}
+
+
+def parse_client_text(text: str) -> ClientMessage:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise BadClientMessage("INVALID_JSON", "Text frames must be JSON control messages.") from None
+    if not isinstance(data, dict):
+        raise BadClientMessage("INVALID_MESSAGE", "Control messages must be JSON objects with a type.")
+    kind = data.get("type")
+    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
+        shown = kind[:40] if isinstance(kind, str) else kind
+        raise BadClientMessage("UNKNOWN_MESSAGE_TYPE", f"Unknown message type {shown!r}; it was ignored.")
+    if kind == "Finalize":  # the v1 name; treat it as ending the turn now
+        kind = "ForceEndTurn"
+    return ClientMessage(kind, data)
+
+
+def parse_configure(data: dict[str, Any], current: StreamOptions) -> tuple[dict[str, Any], list[str] | None]:
+    """Validate a Configure message against the stream's current options."""
+    thresholds_raw = data.get("thresholds", {})
+    if thresholds_raw is None:
+        thresholds_raw = {}
+    if not isinstance(thresholds_raw, dict):
+        raise ConfigureRejected("thresholds must be an object.")
+    unknown = set(thresholds_raw) - set(THRESHOLDS)
+    if unknown:
+        raise ConfigureRejected(f"Unknown threshold {sorted(unknown)[0][:40]!r}.")
+    thresholds = {name: _number(name, value, exc=ConfigureRejected) for name, value in thresholds_raw.items()}
+    eot = thresholds.get("eot_threshold", current.eot_threshold)
+    eager = thresholds.get("eager_eot_threshold", current.eager_eot_threshold)
+    _check_eager(eot, eager, ConfigureRejected)
+    keyterms = None
+    if "keyterms" in data:
+        keyterms = validate_keyterms(data["keyterms"], ConfigureRejected)
+    if not thresholds and keyterms is None:
+        raise ConfigureRejected("Configure needs thresholds or keyterms.")
+    return thresholds, keyterms
+
+
+# --- server messages -----------------------------------------------------------------------------
+def dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def stamp(body_json: str, *, sequence_id: int, request_id: str) -> str:
+    """Add the per-connection fields to a pre-encoded body (``{"type":...}``)."""
+    return f'{{"sequence_id":{sequence_id},"request_id":"{request_id}",{body_json[1:]}'
+
+
+def connected_body(*, session_id: str, resumed: bool, connection_id: str, engine: str) -> str:
+    return dumps(
+        {"type": "Connected", "session_id": session_id, "resumed": resumed, "connection_id": connection_id, "engine": engine}
+    )
+
+
+def turn_info_body(
+    event: TurnEvent, *, turn_index: int, speaker: str, replayed: bool = False
+) -> str:
+    body: dict[str, Any] = {
+        "type": "TurnInfo",
+        "event": event.event,
+        "turn_index": turn_index,
+        "audio_window_start": event.audio_window_start,
+        "audio_window_end": event.audio_window_end,
+        "transcript": event.transcript,
+        "words": [w.as_dict() for w in event.words],
+        "end_of_turn_confidence": round(event.end_of_turn_confidence, 4),
+    }
+    if event.event == "EndOfTurn":
+        body["trigger"] = event.trigger or "model"
+    if event.languages:
+        body["languages"] = event.languages
+    body["speaker"] = speaker
+    if replayed:
+        body["replayed"] = True
+    return dumps(body)
+
+
+def turn_info_from_record(record: dict[str, Any]) -> str:
+    """A persisted turn (see relay.store.selectors) as a replayed EndOfTurn body."""
+    body = {
+        "type": "TurnInfo",
+        "event": "EndOfTurn",
+        "turn_index": record["index"],
+        "audio_window_start": record["audio_window_start"],
+        "audio_window_end": record["audio_window_end"],
+        "transcript": record["transcript"],
+        "words": record["words"],
+        "end_of_turn_confidence": record["end_of_turn_confidence"],
+        "trigger": record["trigger"],
+        "speaker": record["speaker"],
+        "replayed": True,
+    }
+    if record.get("created_at") is not None:
+        body["created_at"] = record["created_at"].isoformat().replace("+00:00", "Z")
+    return dumps(body)
+
+
+def history_body(*, turns: int, last_turn_index: int | None, since: int | None) -> str:
+    """Relay extension: the replay of finished turns is complete; live events follow."""
+    return dumps({"type": "History", "turns": turns, "last_turn_index": last_turn_index, "since": since})
+
+
+def warning_body(code: str, description: str) -> str:
+    return dumps({"type": "Warning", "code": code, "description": description})
+
+
+def error_body(code: str, description: str) -> str:
+    return dumps({"type": "Error", "code": code, "description": description})
+
+
+def configure_success_body(options: StreamOptions) -> str:
+    thresholds = {
+        "eot_threshold": options.eot_threshold if options.eot_threshold is not None else 0.7,
+        "eot_timeout_ms": options.eot_timeout_ms if options.eot_timeout_ms is not None else 5000,
+    }
+    if options.eager_eot_threshold is not None:
+        thresholds["eager_eot_threshold"] = options.eager_eot_threshold
+    return dumps({"type": "ConfigureSuccess", "thresholds": thresholds, "keyterms": list(options.keyterms)})
+
+
+def configure_failure_body(code: str, description: str) -> str:
+    return dumps({"type": "ConfigureFailure", "code": code, "description": description})
+
+
+def presence_body(*, event: str, connection_id: str, connections: int, session_id: str) -> str:
+    return dumps(
+        {"type": "Presence", "event": event, "connection_id": connection_id, "connections": connections, "session_id": session_id}
+    )
+
+
+def session_ended_body(reason: str) -> str:
+    return dumps({"type": "SessionEnded", "reason": reason})

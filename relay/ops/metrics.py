@@ -1,0 +1,193 @@
+"""Prometheus metrics: counters the consumer bumps at connection and turn boundaries, gauges
+read from the database at scrape time, and the ``/metrics`` view.
+
+Nothing here is meant to be called per audio frame: the consumer keeps plain integer counters and
+reports them with :func:`audio_received` at turn ends and on close.
+
+Several processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set (before the process starts, as
+prometheus-client requires) every process writes its samples to files in that directory and a
+scrape of any one process aggregates all of them. Without it the process's default registry is
+used, which is right for a single process. Live sessions and connections are database gauges,
+computed at scrape time, so they are correct across processes in both modes.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Iterator
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_GET
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from relay.exceptions import ALL_ERRORS
+from relay.ops.stability import CLEAN_CLOSE_CODES
+
+log = logging.getLogger("relay.ops.metrics")
+
+#: Close codes reported as themselves; anything else a client sends becomes "other" (labels
+#: must stay a small set).
+KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1005, 1006, 1011} | {e.close_code for e in ALL_ERRORS})
+KNOWN_ERROR_CODES = frozenset(e.code for e in ALL_ERRORS)
+
+CONNECTIONS_OPENED = Counter(
+    "relay_connections_opened", "Connections accepted and joined to a session.", ["resumed"]
+)
+CONNECTIONS_CLOSED = Counter(
+    "relay_connections_closed",
+    "Connections ended, by outcome (clean, dropped, error) and WebSocket close code.",
+    ["outcome", "code"],
+)
+CONNECTION_DURATION = Histogram(
+    "relay_connection_duration_seconds",
+    "How long connections stayed open (original design: good 5+ min, bad < 30 s).",
+    buckets=(1, 5, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, float("inf")),
+)
+RECONNECTION_GAP = Histogram(
+    "relay_reconnection_gap_seconds",
+    "Time from a session's previous connection closing to a resuming connection opening "
+    "(original design: good < 500 ms, bad > 2 s).",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, float("inf")),
+)
+TURNS = Counter("relay_turns", "Finished turns (EndOfTurn), by trigger.", ["trigger"])
+AUDIO_BYTES = Counter("relay_audio_received_bytes", "Audio bytes received from clients.")
+AUDIO_SECONDS = Counter("relay_audio_received_seconds", "Audio received from clients, in seconds of audio.")
+ERRORS = Counter("relay_errors", "Errors sent to clients, by stable error code.", ["code"])
+INBOUND_PAUSES = Counter(
+    "relay_inbound_pauses", "Times daphne stopped reading a client's socket because the relay was behind it (relay/server/flow.py)."
+)
+
+
+def close_outcome(code: int | None) -> str:
+    """clean (normal close or operator end), error (the relay closed on an error), or dropped."""
+    if code in CLEAN_CLOSE_CODES:
+        return "clean"
+    if code is not None and (code == 1011 or 4000 <= code <= 4999):
+        return "error"
+    return "dropped"
+
+
+# --- hooks for the consumer ----------------------------------------------------------------------
+def connection_opened(*, resumed: bool, gap_seconds: float | None = None) -> None:
+    """A connection joined its session (after ``services.connection_open``)."""
+    CONNECTIONS_OPENED.labels(resumed="true" if resumed else "false").inc()
+    if gap_seconds is not None:
+        RECONNECTION_GAP.observe(gap_seconds)
+
+
+def connection_closed(*, code: int | None, duration_seconds: float) -> None:
+    """A connection that had opened has ended (once per connection)."""
+    label = str(code) if code in KNOWN_CLOSE_CODES else "other"
+    CONNECTIONS_CLOSED.labels(outcome=close_outcome(code), code=label).inc()
+    CONNECTION_DURATION.observe(max(0.0, duration_seconds))
+
+
+def turn_finished(*, trigger: str | None) -> None:
+    TURNS.labels(trigger=trigger if trigger in {"model", "manual", "end_of_stream", "timeout"} else "other").inc()
+
+
+def audio_received(*, nbytes: int, seconds: float) -> None:
+    """Audio since the last report (call at turn ends and on close, not per frame)."""
+    if nbytes > 0:
+        AUDIO_BYTES.inc(nbytes)
+        AUDIO_SECONDS.inc(seconds)
+
+
+class AudioMeter:
+    """Turns the consumer's running byte total into deltas for :func:`audio_received`.
+
+    ``report(total)`` at each turn end and on close; the per-frame path stays an int add.
+    """
+
+    __slots__ = ("bytes_per_second", "reported")
+
+    def __init__(self, bytes_per_second: int) -> None:
+        self.bytes_per_second = bytes_per_second
+        self.reported = 0
+
+    def report(self, total_bytes: int) -> None:
+        delta = total_bytes - self.reported
+        if delta > 0:
+            self.reported = total_bytes
+            audio_received(nbytes=delta, seconds=delta / self.bytes_per_second if self.bytes_per_second else 0.0)
+
+
+def error_sent(*, code: str) -> None:
+    """An ``Error`` went to a client (including refusals before a session was joined)."""
+    ERRORS.labels(code=code if code in KNOWN_ERROR_CODES else "OTHER").inc()
+
+
+# --- scrape ------------------------------------------------------------------------------------
+class DatabaseCollector:
+    """Live sessions, connections and processes, from the database at scrape time.
+
+    "Live" is ``Connection.objects.live()``: not closed, on a process whose heartbeat is fresh,
+    so a crashed process's connections stop counting within three heartbeats.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        from relay.models import Connection, RelayProcess, live_cutoff
+
+        up = GaugeMetricFamily("relay_database_up", "1 when the scrape could read the database.")
+        try:
+            live = Connection.objects.live()
+            connections = live.count()
+            sessions = live.values("session_id").distinct().count()
+            processes = RelayProcess.objects.filter(heartbeat_at__gte=live_cutoff(), stopped_at__isnull=True).count()
+        except Exception:
+            log.warning("metrics_database_unavailable", exc_info=True)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily("relay_live_connections", "Open connections on live relay processes.", value=connections)
+        yield GaugeMetricFamily("relay_live_sessions", "Sessions with at least one live connection.", value=sessions)
+        yield GaugeMetricFamily("relay_processes", "Relay processes with a fresh heartbeat.", value=processes)
+
+
+class _DefaultRegistry:
+    """The process's default registry as a collector, so it can sit beside the database one."""
+
+    def collect(self) -> Iterator[Metric]:
+        return REGISTRY.collect()
+
+
+def multiprocess_dir() -> str:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or ""
+
+
+def render() -> bytes:
+    """The exposition text for a scrape (all processes' samples in multiprocess mode)."""
+    registry = CollectorRegistry()
+    path = multiprocess_dir()
+    if path:
+        MultiProcessCollector(registry, path=path)
+    else:
+        registry.register(_DefaultRegistry())
+    registry.register(DatabaseCollector())
+    return generate_latest(registry)
+
+
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """``/metrics``; with ``RELAY_METRICS_TOKEN`` set, only for ``Authorization: Bearer <token>``."""
+    token = settings.RELAY_METRICS_TOKEN
+    if token:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            response = HttpResponse("A valid bearer token is required.\n", status=401, content_type="text/plain")
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    return HttpResponse(render(), content_type=CONTENT_TYPE_LATEST)

@@ -1,8 +1,0 @@
-from django.urls import re_path
-
-from relay.consumers import TranscriptionConsumer
-
-websocket_urlpatterns = [
-    re_path(r"^demo/api/ai/transcription/?$", TranscriptionConsumer.as_asgi()),
-    re_path(r"^v2/listen/?$", TranscriptionConsumer.as_asgi()),
-]

@@ -1,0 +1,373 @@
+"""Writes: sessions, connections, turns. Keyword-only, typed; the consumer calls the async twins.
+
+No function here is called per audio frame: connection counters are flushed at turn ends and on
+close, and a turn is written once, when it ends.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from relay.live import admission as load
+from relay.store.batching import Batcher
+from relay.store.db import db_async
+from relay.engines.base import TurnEvent
+from relay.exceptions import Forbidden, SessionEnded, SessionFull
+from relay.models import Connection, RelayProcess, Session, Turn
+
+log = logging.getLogger("relay.store.services")
+
+
+def session_group_name(session_id: str) -> str:
+    """Channel-layer group for a session (group names allow only a small alphabet)."""
+    return "relay.s." + hashlib.sha1(session_id.encode()).hexdigest()
+
+
+# --- process heartbeat ---------------------------------------------------------------------------
+_process_id: str | None = None
+
+
+def process_id() -> str:
+    global _process_id
+    if _process_id is None:
+        _process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return _process_id
+
+
+def process_heartbeat() -> None:
+    """Create or refresh this process's row; connections of a stale process are not live."""
+    now = timezone.now()
+    pid = process_id()
+    updated = RelayProcess.objects.filter(pk=pid).update(heartbeat_at=now, stopped_at=None)
+    if not updated:
+        RelayProcess.objects.update_or_create(
+            pk=pid, defaults={"hostname": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": now}
+        )
+
+
+_last_beat = 0.0
+
+
+def _heartbeat_if_due() -> None:
+    """Make sure this process's row exists and is fresh, without an UPDATE on every connect."""
+    global _last_beat
+    now = time.monotonic()
+    if now - _last_beat > settings.RELAY_HEARTBEAT_SECONDS / 3:
+        process_heartbeat()
+        _last_beat = now
+
+
+def process_stopped() -> None:
+    RelayProcess.objects.filter(pk=process_id()).update(stopped_at=timezone.now())
+
+
+# --- sessions and connections --------------------------------------------------------------------
+@dataclass(slots=True)
+class Opened:
+    session_id: str
+    connection_id: str
+    resumed: bool
+    engine: str
+    others: list[str]
+    gap_seconds: float | None = None
+
+
+def connection_open(
+    *,
+    session_id: str,
+    user: Any,
+    engine: str,
+    since: int | None,
+    client_addr: str = "",
+    user_agent: str = "",
+) -> Opened:
+    """Join (or create, under the id the client chose) the session and record the connection.
+
+    The connection row is written before the consumer joins the group and reads history, which
+    is what makes replay gap-free (see relay.live.consumer). A connection that asked for no session
+    goes through :func:`connections_open_new` instead.
+    """
+    _heartbeat_if_due()
+    created = False
+    authenticated = _authenticated(user)
+    now = timezone.now()
+    with transaction.atomic():
+        session = Session.objects.filter(pk=session_id).first()
+        if session is None:
+            try:
+                with transaction.atomic():
+                    session = Session.objects.create(
+                        pk=session_id, owner=user if authenticated else None, engine=engine, created_at=now, last_activity_at=now
+                    )
+                    created = True
+            except IntegrityError:
+                session = Session.objects.get(pk=session_id)
+        if session.ended_at is not None:
+            raise SessionEnded(f"This session was ended{': ' + session.end_reason if session.end_reason else ''}.")
+        if session.owner_id is not None and not (
+            authenticated and (user.pk == session.owner_id or user.is_staff)
+        ):
+            raise Forbidden()
+        others = [str(pk) for pk in Connection.objects.live().filter(session=session).values_list("pk", flat=True)]
+        live = len(others)
+        if live >= settings.RELAY_MAX_CONNECTIONS_PER_SESSION:
+            raise SessionFull()
+        gap = None
+        if not created:
+            last_closed = (
+                Connection.objects.filter(session=session, closed_at__isnull=False).order_by("-closed_at").values_list("closed_at", flat=True).first()
+            )
+            if last_closed is not None and live == 0:
+                gap = max(0.0, (now - last_closed).total_seconds())
+        connection = Connection.objects.create(
+            session=session,
+            process_id=process_id(),
+            engine=engine,
+            resumed=not created,
+            since=since,
+            gap_seconds=gap,
+            client_addr=client_addr[:64],
+            user_agent=user_agent[:256],
+        )
+        if not created:
+            Session.objects.filter(pk=session.pk).update(last_activity_at=now)
+    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, engine=engine, others=others, gap_seconds=gap)
+
+
+def _authenticated(user: Any) -> bool:
+    return bool(user is not None and getattr(user, "is_authenticated", False))
+
+
+@dataclass(slots=True)
+class NewConnection:
+    """A connection that asked for no session: it gets a fresh one."""
+
+    user: Any
+    engine: str
+    since: int | None
+    client_addr: str = ""
+    user_agent: str = ""
+
+
+def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
+    """Create a fresh session and its first connection for each request: two INSERTs, one commit.
+
+    A fresh uuid4 cannot exist yet, so there is nothing to read: no owner or end to check, no
+    other connections, no gap.
+    """
+    _heartbeat_if_due()
+    now = timezone.now()
+    pid = process_id()
+    sessions = []
+    connections = []
+    for request in requests:
+        session = Session(
+            pk=str(uuid.uuid4()),
+            owner=request.user if _authenticated(request.user) else None,
+            engine=request.engine,
+            created_at=now,
+            last_activity_at=now,
+        )
+        sessions.append(session)
+        connections.append(
+            Connection(
+                id=uuid.uuid4(),
+                session=session,
+                process_id=pid,
+                engine=request.engine,
+                opened_at=now,
+                resumed=False,
+                since=request.since,
+                client_addr=request.client_addr[:64],
+                user_agent=request.user_agent[:256],
+            )
+        )
+    with transaction.atomic():
+        Session.objects.bulk_create(sessions)
+        Connection.objects.bulk_create(connections)
+    return [
+        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, engine=c.engine, others=[], gap_seconds=None)
+        for s, c in zip(sessions, connections)
+    ]
+
+
+def turn_indexes_allocate(session_ids: list[str]) -> list[int | Exception]:
+    """The next session-wide turn index for each entry, in one statement and one commit.
+
+    One ``UPDATE ... FROM (SELECT ...) RETURNING`` (SQLite 3.33+, PostgreSQL) reserves, for every
+    distinct session, as many consecutive indexes as the list asks of it; the row locks serialise
+    allocations from any tab on any process. (Two processes locking two common sessions in
+    opposite orders would deadlock; PostgreSQL then aborts one, and its callers retry.)
+    """
+    wanted = Counter(session_ids)
+    table = connection.ops.quote_name(Session._meta.db_table)
+    rows = " UNION ALL ".join(["SELECT %s AS sid, %s AS n"] * len(wanted))
+    params: list[Any] = [timezone.now()]
+    for session_id in sorted(wanted):
+        params += [session_id, wanted[session_id]]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f'UPDATE {table} SET "next_turn_index" = {table}."next_turn_index" + wanted.n, "last_activity_at" = %s '
+            f'FROM ({rows}) AS wanted WHERE {table}."id" = wanted.sid '
+            f'RETURNING {table}."id", {table}."next_turn_index"',  # SQLite returns only the table's own columns
+            params,
+        )
+        first: dict[str, int] = {session_id: after - wanted[session_id] for session_id, after in cursor.fetchall()}
+    results: list[int | Exception] = []
+    for session_id in session_ids:
+        index = first.get(session_id)
+        if index is None:
+            results.append(Session.DoesNotExist(session_id))
+        else:
+            results.append(index)
+            first[session_id] = index + 1
+    return results
+
+
+@dataclass(slots=True)
+class FinishedTurn:
+    session_id: str
+    connection_id: str
+    index: int
+    event: TurnEvent
+
+
+_TURN_UPDATE_FIELDS = ["connection", "transcript", "words", "audio_window_start", "audio_window_end", "end_of_turn_confidence", "trigger"]
+
+
+def turns_record(turns: list[FinishedTurn]) -> list[int]:
+    """Persist finished turns in one INSERT (an upsert: a retried write is harmless).
+
+    Returns, for each turn, how many other live connections its session has, read after the
+    commit: a joining connection that is not counted committed its row later, so its history read
+    sees the turn (no gap).
+    """
+    rows: dict[tuple[str, int], Turn] = {}
+    for turn in turns:  # the same turn twice in a batch (a retry) is written once
+        event = turn.event
+        rows[(turn.session_id, turn.index)] = Turn(
+            session_id=turn.session_id,
+            index=turn.index,
+            connection_id=turn.connection_id,
+            transcript=event.transcript,
+            words=[w.as_dict() for w in event.words],
+            audio_window_start=event.audio_window_start,
+            audio_window_end=event.audio_window_end,
+            end_of_turn_confidence=event.end_of_turn_confidence,
+            trigger=event.trigger or "model",
+        )
+    Turn.objects.bulk_create(
+        list(rows.values()), update_conflicts=True, unique_fields=["session", "index"], update_fields=_TURN_UPDATE_FIELDS
+    )
+    live: dict[str, set[str]] = defaultdict(set)
+    sessions = {turn.session_id for turn in turns}
+    for session_id, pk in Connection.objects.live().filter(session_id__in=sessions).values_list("session_id", "pk"):
+        live[session_id].add(str(pk))
+    return [len(live[turn.session_id] - {turn.connection_id}) for turn in turns]
+
+
+def connection_flush(
+    *,
+    connection_id: str,
+    session_id: str,
+    audio_bytes: int,
+    audio_seconds: float,
+    messages_received: int,
+    messages_sent: int,
+    errors: int,
+    last_error_code: str = "",
+    closed: bool = False,
+    close_code: int | None = None,
+    close_reason: str = "",
+) -> None:
+    """Write a connection's counters (absolute values) and, when ``closed``, its end."""
+    now = timezone.now()
+    with transaction.atomic():
+        conn = Connection.objects.select_for_update().filter(pk=connection_id).values("audio_seconds", "error_count").first()
+        if conn is None:
+            return
+        fields: dict[str, Any] = {
+            "audio_bytes": audio_bytes,
+            "audio_seconds": audio_seconds,
+            "messages_received": messages_received,
+            "messages_sent": messages_sent,
+            "error_count": errors,
+        }
+        if last_error_code:
+            fields["last_error_code"] = last_error_code[:64]
+        if closed:
+            fields.update(closed_at=now, close_code=close_code, close_reason=close_reason[:200])
+        Connection.objects.filter(pk=connection_id).update(**fields)
+        Session.objects.filter(pk=session_id).update(
+            audio_seconds=F("audio_seconds") + (audio_seconds - conn["audio_seconds"]),
+            error_count=F("error_count") + (errors - conn["error_count"]),
+            last_activity_at=now,
+        )
+
+
+def session_end(*, session_id: str, reason: str = "Ended by an operator") -> bool:
+    """End a session: refuse new connections and close every live one, on every process."""
+    updated = Session.objects.filter(pk=session_id, ended_at__isnull=True).update(ended_at=timezone.now(), end_reason=reason[:200])
+    layer = get_channel_layer()
+    if layer is not None:
+        async_to_sync(layer.group_send)(session_group_name(session_id), {"type": "session.end", "reason": reason[:200]})
+    log.info("session_ended session=%s reason=%r", session_id, reason)
+    return bool(updated)
+
+
+# Group commit (relay.store.batching): connects that start a session, turn indexes and finished turns
+# arriving together share one transaction. Errors one item can cause are retried one by one.
+_ITEM_ERRORS = (IntegrityError, DataError)
+_new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
+_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
+_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS)
+_aconnection_open_existing = db_async(connection_open)
+
+
+async def aconnection_open(
+    *, session_id: str | None, user: Any, engine: str, since: int | None, client_addr: str = "", user_agent: str = ""
+) -> Opened:
+    if session_id is None:
+        return await _new_connections.submit(
+            NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent)
+        )
+    return await _aconnection_open_existing(
+        session_id=session_id, user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent
+    )
+
+
+# The latency of the turn writes of open streams feeds the admission check (relay.live.admission): those
+# streams wait on them. A burst of connects, or the flush of streams that are closing (a mass
+# disconnect), queues its own writes without being a lasting load, so those do not count.
+async def aturn_index_allocate(*, session_id: str) -> int:
+    started = time.monotonic()
+    index = await _turn_indexes.submit(session_id)
+    load.note_write(time.monotonic() - started)
+    return index
+
+
+async def aturn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent, timed: bool = True) -> int:
+    started = time.monotonic()
+    others = await _finished_turns.submit(FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event))
+    if timed:
+        load.note_write(time.monotonic() - started)
+    return others
+
+
+aconnection_flush = db_async(connection_flush)
+aprocess_heartbeat = db_async(process_heartbeat)
+aprocess_stopped = db_async(process_stopped)

@@ -1,0 +1,19 @@
+from django.urls import path, re_path
+
+from relay.web import demo, views
+
+from relay.ops import exports, health, metrics
+
+urlpatterns = [
+    path("", demo.root, name="root"),
+    path("demo/ai-voice/", demo.ai_voice, name="demo-ai-voice"),
+    re_path(r"^demo/api/ai/transcription/?$", views.websocket_info, name="ws-info-demo"),
+    re_path(r"^v2/listen/?$", views.websocket_info, name="ws-info-flux"),
+    path("healthz", health.healthz, name="healthz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
+    re_path(
+        r"^sessions/(?P<session_id>[A-Za-z0-9_.:\-]{1,128})/transcript\.(?P<fmt>txt|json|srt|vtt)$",
+        exports.transcript_view,
+        name="transcript-export",
+    ),
+]

@@ -1,0 +1,63 @@
+"""Smoke runs of the benchmark suite and the soak (not timed: they check that the harness runs
+end to end against real daphne, Redis and PostgreSQL and writes its report; the figures
+themselves come from `make bench` on a quiet machine)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.live import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.live, pytest.mark.redis, pytest.mark.postgres]
+
+
+def test_bench_quick_writes_the_report(tmp_path):
+    from bench.report import BASE, BEFORE, DEP_NOW, NOW, OWNFIRST
+
+    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=900)
+    result = json.loads((tmp_path / "latest.json").read_text())
+    for section in ("sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding"):
+        assert result[section], section
+    assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
+    sweep = {row["target"] for row in result["sweep"]}
+    assert {BASE, NOW, DEP_NOW} <= sweep and any(t.startswith("deployed before") for t in sweep)
+    assert {BASE, BEFORE, NOW, OWNFIRST} <= {row["target"] for row in result["variants"]}
+    assert {BASE, BEFORE, NOW} <= {row["target"] for row in result["memory"]}
+    assert {BASE, BEFORE, NOW} <= {row["target"] for row in result["handshakes"]}
+    for row in result["sweep"] + result["variants"] + result["fanout"] + result["tabs"]:
+        assert row["streams"] > 0 and row["fps"] > 0, row["target"]
+        assert row["dropped_updates"] == 0, row["target"]  # a speaker gets every Update of a finished turn (a count, not a time)
+        assert row["listener_missing_eot"] == 0, row["target"]  # every listening tab got every EndOfTurn
+        assert row["error_count"] == 0, row["target"]
+    for row in result["handshakes"]:
+        assert row["ok"] + row["refused"] == row["count"] and not row["errors"], row["target"]
+    assert all(r["first"]["n"] == r["repeat"] for r in result["replay"])
+    assert all(row["fan"]["n"] > 0 for row in result["fanout"])
+    assert any(row["listeners"] and row["fan"]["n"] > 0 for row in result["tabs"])
+    shed = result["shedding"][0]
+    assert shed["refused"] == shed["asked"] - 5 and shed["streams"] == 5  # over the cap: CAPACITY, not an error
+    report = (tmp_path / "latest.md").read_text()
+    for heading in ("## Targets", "## Before and now", "## Streams sweep", "## Connection bursts", "## Past capacity"):
+        assert heading in report, heading
+    for chart in ("sweep.png", "variants.png", "fanout.png", "before_now.png"):
+        assert (tmp_path / chart).stat().st_size > 1000, chart
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "relay-bench-before-" not in worktrees  # the before tree was removed
+
+
+def test_soak_short_writes_memory_and_stability(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--minutes", "0.4", "--streams", "4", "--mean-life", "6", "--tick", "4", "--out", str(tmp_path)],
+        cwd=ROOT, timeout=300, capture_output=True, text=True,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: memory slope over a few seconds is not meaningful
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert len(result["ticks"]) >= 3
+    assert {m["key"] for m in result["stability"] if "label" in m} == {
+        "connection_duration", "disconnection_rate", "error_rate", "reconnection_time"}
+    assert result["client"]["counters"]["connections"] > 4  # connections churned and sessions resumed
+    assert result["client"]["turn_duplicates"] == 0
+    assert (tmp_path / "soak.png").stat().st_size > 1000 and "stability metrics" in (tmp_path / "soak.md").read_text()

@@ -1,0 +1,36 @@
+"""The whisper engine behind a real daphne process, driven by the `websockets` client library."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.flux.audio import audioop
+from tests.support.live import LiveServer, sqlite_env, stream_audio
+from tests.support.speech import manifest, pcm, silence, wer
+
+pytestmark = [pytest.mark.slow, pytest.mark.live]
+
+
+
+def test_daphne_transcribes_the_long_clip_with_whisper(tmp_path):
+    turns = manifest()["long"]["turns"]
+    clip = manifest()["clips"][10]
+    with LiveServer({**sqlite_env(tmp_path), "RELAY_ENGINE": "whisper"}, log_name="daphne-whisper") as server:
+        messages = asyncio.run(stream_audio(server.ws_url + "/v2/listen?session=whisper-live", pcm("long.wav"), chunk=2560, pace=2560 / 32000 / 5))
+        narrow = audioop.lin2ulaw(audioop.ratecv(pcm(clip["file"]) + silence(0.8), 2, 1, 16000, 8000, None)[0], 2)
+        phone = asyncio.run(
+            stream_audio(server.ws_url + "/v2/listen?encoding=mulaw&sample_rate=8000", narrow, chunk=800, pace=800 / 8000 / 5)
+        )
+    assert messages[0]["type"] == "Connected"
+    infos = [m for m in messages if m.get("type") == "TurnInfo"]
+    ends = [m for m in infos if m["event"] == "EndOfTurn"]
+    assert [e["turn_index"] for e in ends] == list(range(len(turns)))
+    assert [e["trigger"] for e in ends] == ["model"] * len(turns)
+    assert wer([t["text"] for t in turns], [e["transcript"] for e in ends]) <= 0.12
+    assert {m["event"] for m in infos} >= {"StartOfTurn", "Update", "EndOfTurn"}
+    for end in ends:
+        assert end["words"] and all({"word", "confidence", "start", "end"} <= set(w) for w in end["words"])
+    assert not [m for m in messages if m.get("type") in {"Error", "Warning"}], messages
+    phone_ends = [m for m in phone if m.get("event") == "EndOfTurn"]
+    assert phone_ends and wer([clip["text"]], [" ".join(e["transcript"] for e in phone_ends)]) <= 0.35
