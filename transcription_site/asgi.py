@@ -14,15 +14,14 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from relay.server import autobahn_logs, flow, shutdown  # noqa: E402
+from relay import server  # noqa: E402
 from relay.live.middleware import OriginCheckMiddleware, WebsocketAuthMiddleware  # noqa: E402
 from relay.live.routing import websocket_urlpatterns  # noqa: E402
 
 from django.conf import settings  # noqa: E402
 
-autobahn_logs.install()
-flow.install(send_limit_bytes=settings.RELAY_MAX_SEND_BUFFER_BYTES, inbound_limit=settings.RELAY_MAX_INBOUND_MESSAGES)
-shutdown.install(settings.RELAY_SHUTDOWN_TIMEOUT_SECONDS)
+# Framework patches (relay/server/): refuses to start if an upgrade moved what they patch.
+server.install(settings)
 
 application = ProtocolTypeRouter(
     {
@@ -35,15 +34,14 @@ application = ProtocolTypeRouter(
 # thread and /healthz reports it loading meanwhile. Tests that import this module in-process
 # set RELAY_PRELOAD_ENGINE=0.
 if os.environ.get("RELAY_PRELOAD_ENGINE", "1") == "1":
-    import logging
-
     from relay.engines import get_engine
     from relay.exceptions import EngineUnavailable
+    from relay.ops.logs import get_logger
 
     try:
         get_engine()
     except EngineUnavailable as exc:
-        logging.getLogger("relay.engine").error("engine_unavailable engine=%s reason=%r", settings.RELAY_ENGINE, exc.description)
+        get_logger("relay.engine").error("engine_unavailable", engine=settings.RELAY_ENGINE, reason=exc.description)
 
 # Django, the URLconf, the models and the engines' modules never become garbage: keep them out of
 # the collector's generations so full collections stay short (docs/benchmarks.md).

@@ -7,11 +7,35 @@ path that was 5-10% of the CPU per frame and about half the cost of a connect be
 database (docs/benchmarks.md). Here those helpers, as autobahn's protocol modules see them,
 return a small object that does the same formatting when a log line actually renders it; what
 a debug log shows is unchanged.
+
+Touches: autobahn's module globals ``hltype``/``hlval`` (imported from ``autobahn.util``) in
+``autobahn.websocket.protocol`` and ``autobahn.twisted.websocket``, ``pformat`` in
+``autobahn.websocket.protocol``, and ``Timings.__str__`` there (which reads ``self._timings``).
 """
 from __future__ import annotations
 
 import pprint
 from typing import Any, Callable
+
+from relay.server.patches import Patch, Target, require
+
+PATCH = Patch(
+    name="autobahn_logs",
+    purpose="format autobahn's debug-log arguments only when a line is logged",
+    framework="autobahn",
+    targets=(
+        Target("autobahn", "autobahn.util", "hltype"),
+        Target("autobahn", "autobahn.util", "hlval"),
+        Target("autobahn", "autobahn.websocket.protocol", "hltype"),
+        Target("autobahn", "autobahn.websocket.protocol", "hlval"),
+        Target("autobahn", "autobahn.websocket.protocol", "pformat"),
+        Target("autobahn", "autobahn.websocket.protocol", "Timings", kind="class"),
+        Target("autobahn", "autobahn.websocket.protocol", "Timings.__str__", params=("self",)),
+        Target("autobahn", "autobahn.websocket.protocol", "Timings.__init__", uses=("_timings",)),
+        Target("autobahn", "autobahn.twisted.websocket", "hltype"),
+        Target("autobahn", "autobahn.twisted.websocket", "hlval"),
+    ),
+)
 
 
 class _Deferred:
@@ -38,12 +62,12 @@ def _deferring(fn: Callable[..., Any]) -> Callable[..., _Deferred]:
 
 
 def install() -> None:
-    try:
-        import autobahn.twisted.websocket as twisted_websocket
-        import autobahn.util as util
-        import autobahn.websocket.protocol as websocket_protocol
-    except ImportError:  # not under daphne
+    if not require(PATCH):  # autobahn absent: not under daphne
         return
+    import autobahn.twisted.websocket as twisted_websocket
+    import autobahn.util as util
+    import autobahn.websocket.protocol as websocket_protocol
+
     if hasattr(websocket_protocol.hltype, "relay_deferred"):
         return
     for module in (websocket_protocol, twisted_websocket):

@@ -1,4 +1,4 @@
-"""Flow control on a real daphne process (relay/server/flow.py): when the relay falls behind a stream,
+"""Flow control on a real daphne process (relay/server/inbound_flow.py): when the relay falls behind a stream,
 daphne stops reading that socket instead of queueing its audio without bound, and nothing is
 lost; a process whose event loop runs late refuses new streams (relay/live/admission.py)."""
 from __future__ import annotations

@@ -1,0 +1,177 @@
+"""relay/server/: every framework patch checks what it patches and refuses to start when it moved."""
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import autobahn.websocket.protocol as websocket_protocol
+import daphne.server
+import pytest
+from channels.consumer import AsyncConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.testing import WebsocketCommunicator
+from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import abstract
+
+from relay import server
+from relay.server import PatchTargetMissing, autobahn_logs, consumer_loop, inbound_flow, patches, send_limit, shutdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeReactor:
+    """Stands in for daphne's reactor: records the system event triggers it is given."""
+
+    def __init__(self) -> None:
+        self.triggers: list[tuple[str, str, Callable[[], Any]]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, callable: Callable[[], Any]) -> None:
+        self.triggers.append((phase, event, callable))
+
+
+@pytest.fixture
+def reactor(monkeypatch) -> FakeReactor:
+    fake = FakeReactor()
+    monkeypatch.setitem(sys.modules, "twisted.internet.reactor", fake)
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def _restore_limits(monkeypatch):
+    """Installs in these tests change class-wide limits; put the process's back afterwards."""
+    for name in ("relay_send_limit", "relay_inbound_limit"):
+        monkeypatch.setattr(WebSocketProtocol, name, getattr(WebSocketProtocol, name, None), raising=False)
+
+
+def _install_send_limit() -> None:
+    send_limit.install(limit_bytes=1024)
+
+
+def _install_inbound_flow() -> None:
+    inbound_flow.install(limit=10)
+
+
+def _install_shutdown() -> None:
+    shutdown.install(timeout=1.0)
+
+
+# (what to break, the installer that must refuse, package named, attribute named)
+BROKEN = [
+    (WebSocketProtocol, "serverSend", _install_send_limit, "daphne", "WebSocketProtocol.serverSend"),
+    # autobahn's WebSocketProtocol still has an onMessage: an inherited one does not count.
+    (WebSocketProtocol, "onMessage", _install_inbound_flow, "daphne", "WebSocketProtocol.onMessage"),
+    (abstract.FileDescriptor, "dataBuffer", _install_send_limit, "Twisted", "FileDescriptor.dataBuffer"),
+    (websocket_protocol, "hltype", autobahn_logs.install, "autobahn", "autobahn.websocket.protocol.hltype"),
+    (websocket_protocol.Timings, "__str__", autobahn_logs.install, "autobahn", "Timings.__str__"),
+    (daphne.server.Server, "kill_all_applications", _install_shutdown, "daphne", "Server.kill_all_applications"),
+    (AsyncConsumer, "channel_layer_alias", consumer_loop.install, "channels", "AsyncConsumer.channel_layer_alias"),
+    (AsyncConsumer, "dispatch", consumer_loop.install, "channels", "AsyncConsumer.dispatch"),
+]
+
+
+@pytest.mark.parametrize(("owner", "name", "install", "package", "attribute"), BROKEN, ids=[b[4] for b in BROKEN])
+def test_install_refuses_when_a_target_is_gone(monkeypatch, reactor, owner, name, install, package, attribute):
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(PatchTargetMissing) as refused:
+        install()
+    message = str(refused.value)
+    assert f"{package} {importlib.metadata.version(package)}" in message
+    assert attribute in message and "refuses to start" in message
+
+
+def test_install_refuses_when_a_target_changed_its_signature(monkeypatch):
+    monkeypatch.setattr(WebSocketProtocol, "serverSend", lambda self, payload, is_binary=False: None)
+    with pytest.raises(PatchTargetMissing, match=r"parameters \(self, payload, is_binary\), expected \(self, content, binary"):
+        send_limit.install(limit_bytes=1024)
+
+
+def test_install_refuses_when_daphne_stores_its_queue_elsewhere(monkeypatch):
+    def applicationCreateWorked(self, application_queue):
+        self.input_queue = application_queue
+
+    monkeypatch.setattr(WebSocketProtocol, "applicationCreateWorked", applicationCreateWorked)
+    with pytest.raises(PatchTargetMissing, match="no longer uses application_queue"):
+        inbound_flow.install(limit=10)
+
+
+def test_a_framework_that_is_not_installed_leaves_its_patch_a_no_op(monkeypatch):
+    find_spec = patches.importlib.util.find_spec
+    monkeypatch.setattr(patches.importlib.util, "find_spec", lambda name: None if name == "daphne" else find_spec(name))
+    monkeypatch.delattr(WebSocketProtocol, "serverSend")  # would refuse if daphne counted as installed
+    send_limit.install(limit_bytes=1024)
+    assert patches.require(patches.Patch(name="x", purpose="x", framework="daphne", targets=())) is False
+
+
+def test_install_all_succeeds_and_a_second_call_only_updates_the_limits(settings, reactor):
+    settings.RELAY_MAX_SEND_BUFFER_BYTES, settings.RELAY_MAX_INBOUND_MESSAGES = 1000, 20
+    server.install(settings)
+    wrapped = WebSocketProtocol.serverSend, WebSocketProtocol.onMessage, websocket_protocol.hltype
+    assert WebSocketProtocol.serverSend.relay_patched and WebSocketProtocol.onMessage.relay_patched
+    assert isinstance(websocket_protocol.hltype(int), autobahn_logs._Deferred)
+    assert [(phase, event) for phase, event, _ in reactor.triggers] == [("before", "shutdown")]
+
+    settings.RELAY_MAX_SEND_BUFFER_BYTES, settings.RELAY_MAX_INBOUND_MESSAGES = 2000, 40
+    server.install(settings)
+    assert (WebSocketProtocol.serverSend, WebSocketProtocol.onMessage, websocket_protocol.hltype) == wrapped  # not wrapped twice
+    assert (WebSocketProtocol.relay_send_limit, WebSocketProtocol.relay_inbound_limit) == (2000, 40)
+    assert len(reactor.triggers) == 1
+
+
+async def test_shutdown_hook_ends_streams_through_the_registry(monkeypatch, reactor):
+    from relay.live import registry
+
+    ended: list[float] = []
+
+    async def end_all_streams(timeout: float) -> None:
+        ended.append(timeout)
+
+    monkeypatch.setattr(registry, "end_all_streams", end_all_streams)
+    shutdown.install(timeout=3.5)
+    [(_, _, before_shutdown)] = reactor.triggers
+    await before_shutdown().asFuture(asyncio.get_running_loop())
+    assert ended == [3.5]
+
+
+class Echo(consumer_loop.SingleTaskLoop, AsyncWebsocketConsumer):
+    groups = ["echo"]
+
+    async def receive(self, text_data=None, bytes_data=None):
+        await self.channel_layer.group_send("echo", {"type": "echo.event", "text": text_data})
+
+    async def echo_event(self, event):
+        await self.send(text_data="layer: " + event["text"])
+
+
+async def test_single_task_loop_serves_socket_and_layer_messages(monkeypatch):
+    async def channels_loop(self, scope, receive, send):
+        raise AssertionError("Channels' own loop ran")
+
+    monkeypatch.setattr(AsyncConsumer, "__call__", channels_loop)
+    communicator = WebsocketCommunicator(Echo.as_asgi(), "/echo")
+    connected, _ = await communicator.connect()
+    assert connected
+    await communicator.send_to(text_data="hello")
+    assert await communicator.receive_from() == "layer: hello"  # socket -> handler -> layer -> forwarder -> handler
+    await communicator.disconnect()
+
+
+def test_asgi_application_refuses_to_start_when_a_target_moved():
+    code = "import daphne.ws_protocol as w; del w.WebSocketProtocol.serverSend; import transcription_site.asgi"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "transcription_site.settings", "RELAY_PRELOAD_ENGINE": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "PatchTargetMissing" in result.stderr
+    assert f"daphne {importlib.metadata.version('daphne')} has no daphne.ws_protocol.WebSocketProtocol.serverSend" in result.stderr
+
+
+def test_asgi_application_starts_when_every_target_is_there():
+    """The check above can fail: the same import with nothing removed succeeds."""
+    code = "import daphne.ws_protocol; import transcription_site.asgi"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "transcription_site.settings", "RELAY_PRELOAD_ENGINE": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
