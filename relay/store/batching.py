@@ -16,11 +16,12 @@ fails the whole batch at once.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-log = logging.getLogger("relay.store.batching")
+from relay.ops.logs import get_logger
+
+log = get_logger("relay.store.batching")
 
 
 class Batcher:
@@ -82,7 +83,7 @@ class Batcher:
         except Exception as exc:
             if len(items) == 1 or not isinstance(exc, self.split_on):
                 return [exc] * len(items)
-            log.warning("batch_failed name=%s size=%d error=%s; writing one by one", self.name, len(items), type(exc).__name__)
+            log.warning("batch_failed", name=self.name, size=len(items), error=type(exc).__name__)
         results: list[Any] = []
         for item in items:
             try:
