@@ -392,7 +392,7 @@ class Bench:
         self.result["sweep"] = rows
 
     def section_variants(self) -> None:
-        """One relay process at the issue's reference load (300 streams of 80 ms), a turn every 4 s
+        """One relay process at the reference load (300 streams of 80 ms frames), a turn every 4 s
         per stream (a turn index and a turn row written per turn): baseline, before, now and the
         alternatives measured against now. The main rows also with audio only (the per-frame
         path) and at 1,000 streams; every row also at 100 streams (where a process keeps up)."""

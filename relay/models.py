@@ -1,17 +1,50 @@
 """Sessions, their connections and their finished turns.
 
-A Session is the relay's equivalent of the original design's Durable Object: a named place that
-outlives any one connection. Turn indexes are allocated from ``Session.next_turn_index`` by the
-database, so they stay unique and monotonic across tabs and processes.
+A Session is a named place that outlives any one connection: tabs and reconnects join it by id.
+Turn indexes are allocated from ``Session.next_turn_index`` by the database, so they stay unique
+and monotonic across tabs and processes.
 """
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
+
+
+def live_cutoff() -> datetime:
+    """Heartbeats older than this mean the process is gone (crashed or killed)."""
+    return timezone.now() - timedelta(seconds=settings.RELAY_HEARTBEAT_SECONDS * 3)
+
+
+def _live_process(prefix: str = "") -> Q:
+    """The one definition of a live process: it heartbeated recently and has not stopped.
+
+    ``prefix`` reaches the process through a relation (``"process__"`` from a connection).
+    """
+    return Q(**{f"{prefix}heartbeat_at__gte": live_cutoff(), f"{prefix}stopped_at__isnull": True})
+
+
+class RelayProcessQuerySet(models.QuerySet):
+    def live(self) -> "RelayProcessQuerySet":
+        return self.filter(_live_process())
+
+    def stale(self) -> "RelayProcessQuerySet":
+        """Not stopped, but silent for three heartbeats: crashed or killed."""
+        return self.filter(stopped_at__isnull=True).exclude(_live_process())
+
+
+class ConnectionQuerySet(models.QuerySet):
+    def live(self) -> "ConnectionQuerySet":
+        """Open connections of live processes."""
+        return self.filter(Q(closed_at__isnull=True) & _live_process("process__"))
+
+    def orphaned(self) -> "ConnectionQuerySet":
+        """Never closed, but their process is gone (or its row was deleted)."""
+        return self.filter(closed_at__isnull=True).exclude(pk__in=self.live().values("pk"))
 
 
 class RelayProcess(models.Model):
@@ -24,6 +57,8 @@ class RelayProcess(models.Model):
     heartbeat_at = models.DateTimeField(default=timezone.now, db_index=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
 
+    objects = RelayProcessQuerySet.as_manager()
+
     class Meta:
         verbose_name = "relay process"
         verbose_name_plural = "relay processes"
@@ -31,15 +66,10 @@ class RelayProcess(models.Model):
     def __str__(self) -> str:
         return self.id
 
-
-def live_cutoff():
-    """Heartbeats older than this mean the process is gone (crashed or killed)."""
-    return timezone.now() - timedelta(seconds=settings.RELAY_HEARTBEAT_SECONDS * 3)
-
-
-class ConnectionQuerySet(models.QuerySet):
-    def live(self) -> "ConnectionQuerySet":
-        return self.filter(closed_at__isnull=True, process__heartbeat_at__gte=live_cutoff(), process__stopped_at__isnull=True)
+    @property
+    def is_live(self) -> bool:
+        """:meth:`RelayProcessQuerySet.live` for a row already loaded."""
+        return self.stopped_at is None and self.heartbeat_at >= live_cutoff()
 
 
 class Session(models.Model):
@@ -92,6 +122,11 @@ class Connection(models.Model):
         return str(self.id)
 
     @property
+    def is_live(self) -> bool:
+        """:meth:`ConnectionQuerySet.live` for a row already loaded (with its process)."""
+        return self.closed_at is None and self.process is not None and self.process.is_live
+
+    @property
     def duration_seconds(self) -> float:
         end = self.closed_at or timezone.now()
         return (end - self.opened_at).total_seconds()
@@ -107,6 +142,7 @@ class Turn(models.Model):
     audio_window_end = models.FloatField(default=0.0)
     end_of_turn_confidence = models.FloatField(default=0.0)
     trigger = models.CharField(max_length=32, blank=True)
+    languages = models.JSONField(default=list, blank=True, help_text="Languages the engine detected, when it reports them.")
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:

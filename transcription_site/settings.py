@@ -2,7 +2,7 @@
 
 Every setting a deployment may want to change is read from the environment here, and only here,
 with a default that works on a fresh machine (SQLite file, in-memory channel layer, the embedded
-offline engine). docs/settings.md (and the README table) list them.
+offline engine). The README's "Settings" section lists them.
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
 # turn writes that gate StartOfTurn and EndOfTurn take this long (relay/live/admission.py); 0 = off.
 RELAY_MAX_LOOP_LAG_MS = env_float("RELAY_MAX_LOOP_LAG_MS", 100.0)
 RELAY_MAX_WRITE_LATENCY_MS = env_float("RELAY_MAX_WRITE_LATENCY_MS", 100.0)
-# daphne stops reading a client's socket while this many of its messages wait for the relay (relay/server/flow.py).
+# daphne stops reading a client's socket while this many of its messages wait for the relay (relay/server/inbound_flow.py).
 RELAY_MAX_INBOUND_MESSAGES = env_int("RELAY_MAX_INBOUND_MESSAGES", 50)
 # Listening tabs get at most one interim Update per this many seconds of a turn; 0 = every one.
 RELAY_LISTENER_UPDATE_SECONDS = env_float("RELAY_LISTENER_UPDATE_SECONDS", 0.5)
@@ -261,7 +261,7 @@ if env_bool("RELAY_BEHIND_TLS", False):
     SECURE_SSL_REDIRECT = env_bool("RELAY_SSL_REDIRECT", False)
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
-# --- Logging: one line per event, key=value pairs ---------------------------------------------
+# --- Logging: one line per event with its fields (structlog, relay/ops/logs.py) --------------
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,18 +1,13 @@
 """Audio helpers with no I/O: sample alignment, G.711 decoding, resampling.
 
 Clients may split samples across WebSocket frames (odd-length linear16 frames); engines always
-receive whole samples. Decoding and resampling use the standard library's G.711 codec and soxr
-(a well-kept high-quality resampler), not hand-rolled loops.
+receive whole samples. G.711 (mu-law, A-law) is decoded through 256-entry tables computed once
+from the ITU-T G.711 formulas (the standard library's ``audioop`` is gone in Python 3.13), and
+resampling uses soxr (a well-kept high-quality resampler), not hand-rolled loops.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop  # stdlib on Python 3.11/3.12; provides the G.711 tables
 
 SUPPORTED_ENCODINGS = ("linear16", "mulaw", "alaw")
 MIN_SAMPLE_RATE = 8000
@@ -45,15 +40,61 @@ class SampleAligner:
         return len(self._carry)
 
 
+def _ulaw_table() -> np.ndarray:
+    """Code -> Int16 sample: the bits are stored inverted; 3 exponent bits, 4 mantissa bits."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    magnitude = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - magnitude, magnitude - 0x84).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    """Code -> Int16 sample: even bits stored inverted; segment 0 is linear, others doubled."""
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    segment = (a & 0x70) >> 4
+    mantissa = (a & 0x0F) << 4
+    magnitude = np.where(segment == 0, mantissa + 8, (mantissa + 0x108) << np.maximum(segment - 1, 0))
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+_ULAW_TO_INT16 = _ulaw_table()
+_ALAW_TO_INT16 = _alaw_table()
+
+
+def _g711_encode(samples: np.ndarray, encoding: str) -> np.ndarray:
+    """Int16 -> G.711 codes (the inverse the decoding tables assume)."""
+    pcm = samples.astype(np.int32)
+    if encoding == "mulaw":
+        magnitude = np.minimum(np.abs(pcm >> 2), 8159) + 0x21  # 14-bit magnitude, clipped and biased
+        segment = np.searchsorted(np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]), magnitude)
+        code = np.where(segment >= 8, 0x7F, (segment << 4) | ((magnitude >> (segment + 1)) & 0x0F))
+        return (code ^ np.where(pcm < 0, 0x7F, 0xFF)).astype(np.uint8)
+    if encoding == "alaw":
+        value = pcm >> 3  # 13-bit
+        magnitude = np.where(value >= 0, value, -value - 1)
+        segment = np.searchsorted(np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF]), magnitude)
+        quantized = (magnitude >> np.maximum(segment, 1)) & 0x0F  # segments 0 and 1 share a step
+        code = np.where(segment >= 8, 0x7F, (segment << 4) | quantized)
+        return (code ^ np.where(value >= 0, 0xD5, 0x55)).astype(np.uint8)
+    raise ValueError(f"unsupported encoding {encoding!r}")
+
+
 def to_int16(data: bytes, encoding: str) -> np.ndarray:
     """Decode whole samples of ``encoding`` to Int16 PCM."""
     if encoding == "linear16":
         return np.frombuffer(data, dtype="<i2")
     if encoding == "mulaw":
-        return np.frombuffer(audioop.ulaw2lin(data, 2), dtype="<i2")
+        return _ULAW_TO_INT16[np.frombuffer(data, dtype=np.uint8)]
     if encoding == "alaw":
-        return np.frombuffer(audioop.alaw2lin(data, 2), dtype="<i2")
+        return _ALAW_TO_INT16[np.frombuffer(data, dtype=np.uint8)]
     raise ValueError(f"unsupported encoding {encoding!r}")
+
+
+def from_int16(samples: np.ndarray | bytes, encoding: str) -> bytes:
+    """Encode Int16 PCM as ``encoding`` (what a telephony client sends; tests and benchmarks)."""
+    pcm = np.frombuffer(samples, dtype="<i2") if isinstance(samples, (bytes, bytearray, memoryview)) else np.asarray(samples, dtype=np.int16)
+    if encoding == "linear16":
+        return pcm.astype("<i2").tobytes()
+    return _g711_encode(pcm, encoding).tobytes()
 
 
 class Resampler:

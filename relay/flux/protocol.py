@@ -11,10 +11,19 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 from relay.flux.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
+from relay.flux.constants import (
+    CLIENT_MESSAGE_TYPES,
+    DEFAULT_EOT_THRESHOLD,
+    DEFAULT_EOT_TIMEOUT_MS,
+    FLUX_ENCODINGS,
+    SESSION_ID_RE,
+    THRESHOLDS,
+)
 from relay.engines.base import StreamOptions, TurnEvent
 from relay.exceptions import (
     ConfigureRejected,
@@ -25,19 +34,9 @@ from relay.exceptions import (
     UnsupportedSampleRate,
 )
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 MAX_QUERY_STRING = 8192
 MAX_KEYTERMS = 100
 MAX_KEYTERM_LENGTH = 100
-FLUX_ENCODINGS = {"linear16", "linear32", "mulaw", "alaw", "opus", "ogg-opus"}
-FLUX_SAMPLE_RATES = {8000, 16000, 24000, 44100, 48000}
-
-# name -> (min, max, is_int)
-THRESHOLDS: dict[str, tuple[float, float, bool]] = {
-    "eot_threshold": (0.5, 0.9, False),
-    "eager_eot_threshold": (0.3, 0.9, False),
-    "eot_timeout_ms": (500, 60000, True),
-}
 KNOWN_PARAMS = {
     "model",
     "encoding",
@@ -67,7 +66,6 @@ class ConnectParams:
     session_id: str | None
     since: int | None
     options: StreamOptions
-    tags: list[str] = field(default_factory=list)
     notices: list[Notice] = field(default_factory=list)
 
 
@@ -168,16 +166,15 @@ def parse_connect_params(query_string: bytes | str) -> ConnectParams:
     options.keyterms = validate_keyterms(keyterms, InvalidParameter)
     if keyterms:
         options.explicit.add("keyterms")
-    tags = values.get("tag", [])
     for name in values:
         if name not in KNOWN_PARAMS:
             notices.append(Notice("UNKNOWN_PARAMETER", f"Query parameter {name[:64]!r} is not recognised and was ignored."))
     options.extra = {k: v for k, v in values.items() if k in {"tag", "mip_opt_out"}}
-    return ConnectParams(session_id=session_id, since=since, options=options, tags=tags, notices=notices)
+    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices)
 
 
 def _check_eager(eot: float | None, eager: float | None, exc: type[RelayError]) -> None:
-    if eager is not None and eager > (eot if eot is not None else 0.7):
+    if eager is not None and eager > (eot if eot is not None else DEFAULT_EOT_THRESHOLD):
         raise exc("eager_eot_threshold must not be greater than eot_threshold.")
 
 
@@ -211,9 +208,6 @@ class BadClientMessage(Exception):
         self.description = description
 
 
-CLIENT_TYPES = {"CloseStream", "ForceEndTurn", "Configure", "KeepAlive", "Finalize"}
-
-
 def parse_client_text(text: str) -> ClientMessage:
     try:
         data = json.loads(text)
@@ -222,7 +216,7 @@ def parse_client_text(text: str) -> ClientMessage:
     if not isinstance(data, dict):
         raise BadClientMessage("INVALID_MESSAGE", "Control messages must be JSON objects with a type.")
     kind = data.get("type")
-    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
+    if not isinstance(kind, str) or kind not in CLIENT_MESSAGE_TYPES:
         shown = kind[:40] if isinstance(kind, str) else kind
         raise BadClientMessage("UNKNOWN_MESSAGE_TYPE", f"Unknown message type {shown!r}; it was ignored.")
     if kind == "Finalize":  # the v1 name; treat it as ending the turn now
@@ -269,7 +263,7 @@ def connected_body(*, session_id: str, resumed: bool, connection_id: str, engine
 
 
 def turn_info_body(
-    event: TurnEvent, *, turn_index: int, speaker: str, replayed: bool = False
+    event: TurnEvent, *, turn_index: int, speaker: str, replayed: bool = False, created_at: datetime | None = None
 ) -> str:
     body: dict[str, Any] = {
         "type": "TurnInfo",
@@ -288,27 +282,19 @@ def turn_info_body(
     body["speaker"] = speaker
     if replayed:
         body["replayed"] = True
+    if created_at is not None:
+        body["created_at"] = created_at.isoformat().replace("+00:00", "Z")
     return dumps(body)
 
 
 def turn_info_from_record(record: dict[str, Any]) -> str:
-    """A persisted turn (see relay.store.selectors) as a replayed EndOfTurn body."""
-    body = {
-        "type": "TurnInfo",
-        "event": "EndOfTurn",
-        "turn_index": record["index"],
-        "audio_window_start": record["audio_window_start"],
-        "audio_window_end": record["audio_window_end"],
-        "transcript": record["transcript"],
-        "words": record["words"],
-        "end_of_turn_confidence": record["end_of_turn_confidence"],
-        "trigger": record["trigger"],
-        "speaker": record["speaker"],
-        "replayed": True,
-    }
-    if record.get("created_at") is not None:
-        body["created_at"] = record["created_at"].isoformat().replace("+00:00", "Z")
-    return dumps(body)
+    """A persisted turn (a record from relay.store.turns.turn_record) as a replayed EndOfTurn.
+
+    Built by :func:`turn_info_body` from the turn's event, so replay and live bodies agree.
+    """
+    return turn_info_body(
+        record["event"], turn_index=record["index"], speaker=record["speaker"], replayed=True, created_at=record.get("created_at")
+    )
 
 
 def history_body(*, turns: int, last_turn_index: int | None, since: int | None) -> str:
@@ -326,8 +312,8 @@ def error_body(code: str, description: str) -> str:
 
 def configure_success_body(options: StreamOptions) -> str:
     thresholds = {
-        "eot_threshold": options.eot_threshold if options.eot_threshold is not None else 0.7,
-        "eot_timeout_ms": options.eot_timeout_ms if options.eot_timeout_ms is not None else 5000,
+        "eot_threshold": options.eot_threshold if options.eot_threshold is not None else DEFAULT_EOT_THRESHOLD,
+        "eot_timeout_ms": options.eot_timeout_ms if options.eot_timeout_ms is not None else DEFAULT_EOT_TIMEOUT_MS,
     }
     if options.eager_eot_threshold is not None:
         thresholds["eager_eot_threshold"] = options.eager_eot_threshold
@@ -342,7 +328,3 @@ def presence_body(*, event: str, connection_id: str, connections: int, session_i
     return dumps(
         {"type": "Presence", "event": event, "connection_id": connection_id, "connections": connections, "session_id": session_id}
     )
-
-
-def session_ended_body(reason: str) -> str:
-    return dumps({"type": "SessionEnded", "reason": reason})

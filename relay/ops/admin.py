@@ -27,7 +27,7 @@ from django.utils.text import Truncator
 from relay.ops import dashboard, exports, stability
 
 from relay.store import services
-from relay.models import Connection, RelayProcess, Session, Turn, live_cutoff
+from relay.models import Connection, RelayProcess, Session, Turn
 
 
 def _count(queryset: QuerySet) -> Coalesce:
@@ -299,16 +299,14 @@ class OutcomeFilter(admin.SimpleListFilter):
         return [("live", "live"), ("clean", "clean close"), ("unclean", "dropped or error"), ("orphaned", "orphaned (process gone)")]
 
     def queryset(self, request, queryset):
-        open_ = Q(closed_at__isnull=True)
-        live = open_ & Q(process__heartbeat_at__gte=live_cutoff(), process__stopped_at__isnull=True)
         if self.value() == "live":
-            return queryset.filter(live)
+            return queryset.live()
         if self.value() == "clean":
             return queryset.filter(closed_at__isnull=False, close_code__in=stability.CLEAN_CLOSE_CODES)
         if self.value() == "unclean":
             return queryset.filter(closed_at__isnull=False).exclude(close_code__in=stability.CLEAN_CLOSE_CODES)
         if self.value() == "orphaned":
-            return queryset.filter(open_).exclude(live)
+            return queryset.orphaned()
         return queryset
 
 
@@ -369,10 +367,7 @@ class ConnectionAdmin(admin.ModelAdmin):
     def state(self, obj: Connection) -> str:
         if obj.closed_at is not None:
             return badge("closed")
-        proc = obj.process
-        if proc is not None and proc.stopped_at is None and proc.heartbeat_at >= live_cutoff():
-            return badge("live")
-        return badge("orphaned")
+        return badge("live" if obj.is_live else "orphaned")
 
     @admin.display(description="duration")
     def duration(self, obj: Connection) -> str:
@@ -413,7 +408,7 @@ class RelayProcessAdmin(admin.ModelAdmin):
     def state(self, obj: RelayProcess) -> str:
         if obj.stopped_at is not None:
             return badge("ended")
-        return badge("live" if obj.heartbeat_at >= live_cutoff() else "orphaned")
+        return badge("live" if obj.is_live else "orphaned")
 
     @admin.display(description="open connections", ordering="open_conns")
     def open_connections(self, obj: RelayProcess) -> int:

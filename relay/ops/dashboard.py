@@ -1,4 +1,4 @@
-"""The operator dashboard (a staff-only admin page): the original design's four stability metrics
+"""The operator dashboard (a staff-only admin page): the four stability metrics (relay.ops.stability)
 over a chosen window, live sessions and connections, traffic, storage, and a chart over time.
 
 Reads only. The chart is an SVG drawn here from the numbers (no JavaScript, no CDN, no plotting
@@ -78,7 +78,6 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
     window = WINDOWS.get(window_key) or WINDOWS[DEFAULT_WINDOW]
     end = now or timezone.now()
     start = end - window.span
-    cutoff = live_cutoff()
 
     # Every connection that opened or ended in the window, or is still unclosed (live or orphaned).
     rows = list(
@@ -87,7 +86,7 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
         .values(*stability.RECORD_FIELDS, "audio_seconds")
         .iterator(chunk_size=2000)
     )
-    records = stability.records_from_rows(rows, live_cutoff=cutoff)
+    records = stability.records_from_rows(rows, live_cutoff=live_cutoff())
     metrics = stability.stability_metrics(records, start, end)
 
     n = max(1, int(window.span / window.bucket))
@@ -129,7 +128,6 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
         .order_by("-closed_at")
         .values("id", "session_id", "closed_at", "close_code", "close_reason", "last_error_code", "client_addr")[:10]
     )
-    processes = RelayProcess.objects.filter(stopped_at__isnull=True)
     return DashboardData(
         window=window,
         start=start,
@@ -137,8 +135,8 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
         metrics=metrics,
         live_sessions=live.values("session_id").distinct().count(),
         live_connections=live.count(),
-        processes_live=processes.filter(heartbeat_at__gte=cutoff).count(),
-        processes_stale=processes.filter(heartbeat_at__lt=cutoff).count(),
+        processes_live=RelayProcess.objects.live().count(),
+        processes_stale=RelayProcess.objects.stale().count(),
         connection_attempts=totals["n"] or 0,
         sessions_created=Session.objects.filter(created_at__gte=start, created_at__lt=end).count(),
         turns=turn_counts["total"] or 0,

@@ -26,6 +26,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidde
 from django.views.decorators.http import require_GET
 
 from relay.store import selectors
+from relay.store.turns import turn_fields
 from relay.models import Connection, Session
 
 FORMATS: dict[str, str] = {
@@ -85,10 +86,11 @@ class Cue:
 
 def cue(record: dict[str, Any], timeline: Timeline) -> Cue:
     speaker = record["speaker"]
+    event = record["event"]
     offset = timeline.offsets.get(speaker, 0.0)
-    start = offset + float(record["audio_window_start"])
-    end = max(offset + float(record["audio_window_end"]), start + 0.001)
-    return Cue(record["index"], start, end, timeline.labels.get(speaker, ""), record["transcript"].strip(), record)
+    start = offset + float(event.audio_window_start)
+    end = max(offset + float(event.audio_window_end), start + 0.001)
+    return Cue(record["index"], start, end, timeline.labels.get(speaker, ""), event.transcript.strip(), record)
 
 
 class Renderer:
@@ -140,12 +142,7 @@ class JsonRenderer(Renderer):
                 "end": round(c.end, 3),
                 "speaker": c.speaker,
                 "connection_id": r["speaker"],
-                "transcript": r["transcript"],
-                "words": r["words"],
-                "audio_window_start": r["audio_window_start"],
-                "audio_window_end": r["audio_window_end"],
-                "end_of_turn_confidence": r["end_of_turn_confidence"],
-                "trigger": r["trigger"],
+                **turn_fields(r["event"]),
                 "created_at": r["created_at"],
             }
             parts.append(("" if self.first else ",") + json.dumps(item, cls=DjangoJSONEncoder, ensure_ascii=False))
@@ -208,14 +205,8 @@ def export_chunks(*, session: Session, fmt: str) -> Iterator[str]:
     renderer = RENDERERS[fmt](session)
     timeline = session_timeline(session=session)
     yield renderer.header()
-    after = -1
-    page_size = settings.RELAY_EXPORT_PAGE_SIZE
-    while True:
-        page = selectors.turn_page(session_id=session.pk, after_index=after, limit=page_size)
+    for page in selectors.turn_pages(session_id=session.pk, page_size=settings.RELAY_EXPORT_PAGE_SIZE):
         yield renderer.page(cue(r, timeline) for r in page)
-        if len(page) < page_size:
-            break
-        after = page[-1]["index"]
     yield renderer.footer()
 
 
@@ -227,14 +218,8 @@ async def aexport_chunks(*, session: Session, fmt: str) -> AsyncIterator[bytes]:
     renderer = RENDERERS[fmt](session)
     timeline = await database_sync_to_async(session_timeline)(session=session)
     yield renderer.header().encode()
-    after = -1
-    page_size = settings.RELAY_EXPORT_PAGE_SIZE
-    while True:
-        page = await selectors.aturn_page(session_id=session.pk, after_index=after, limit=page_size)
+    async for page in selectors.aturn_pages(session_id=session.pk, page_size=settings.RELAY_EXPORT_PAGE_SIZE):
         yield renderer.page(cue(r, timeline) for r in page).encode()
-        if len(page) < page_size:
-            break
-        after = page[-1]["index"]
     yield renderer.footer().encode()
 
 

@@ -13,7 +13,6 @@ computed at scrape time, so they are correct across processes in both modes.
 from __future__ import annotations
 
 import hmac
-import logging
 import os
 from collections.abc import Iterator
 
@@ -32,9 +31,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from relay.exceptions import ALL_ERRORS
+from relay.ops.logs import get_logger
 from relay.ops.stability import CLEAN_CLOSE_CODES
 
-log = logging.getLogger("relay.ops.metrics")
+log = get_logger("relay.ops.metrics")
 
 #: Close codes reported as themselves; anything else a client sends becomes "other" (labels
 #: must stay a small set).
@@ -51,13 +51,13 @@ CONNECTIONS_CLOSED = Counter(
 )
 CONNECTION_DURATION = Histogram(
     "relay_connection_duration_seconds",
-    "How long connections stayed open (original design: good 5+ min, bad < 30 s).",
+    "How long connections stayed open (good 5+ min, bad < 30 s; see relay.ops.stability).",
     buckets=(1, 5, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, float("inf")),
 )
 RECONNECTION_GAP = Histogram(
     "relay_reconnection_gap_seconds",
     "Time from a session's previous connection closing to a resuming connection opening "
-    "(original design: good < 500 ms, bad > 2 s).",
+    "(good < 500 ms, bad > 2 s; see relay.ops.stability).",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, float("inf")),
 )
 TURNS = Counter("relay_turns", "Finished turns (EndOfTurn), by trigger.", ["trigger"])
@@ -65,7 +65,7 @@ AUDIO_BYTES = Counter("relay_audio_received_bytes", "Audio bytes received from c
 AUDIO_SECONDS = Counter("relay_audio_received_seconds", "Audio received from clients, in seconds of audio.")
 ERRORS = Counter("relay_errors", "Errors sent to clients, by stable error code.", ["code"])
 INBOUND_PAUSES = Counter(
-    "relay_inbound_pauses", "Times daphne stopped reading a client's socket because the relay was behind it (relay/server/flow.py)."
+    "relay_inbound_pauses", "Times daphne stopped reading a client's socket because the relay was behind it (relay/server/inbound_flow.py)."
 )
 
 
@@ -137,14 +137,14 @@ class DatabaseCollector:
     """
 
     def collect(self) -> Iterator[Metric]:
-        from relay.models import Connection, RelayProcess, live_cutoff
+        from relay.models import Connection, RelayProcess
 
         up = GaugeMetricFamily("relay_database_up", "1 when the scrape could read the database.")
         try:
             live = Connection.objects.live()
             connections = live.count()
             sessions = live.values("session_id").distinct().count()
-            processes = RelayProcess.objects.filter(heartbeat_at__gte=live_cutoff(), stopped_at__isnull=True).count()
+            processes = RelayProcess.objects.live().count()
         except Exception:
             log.warning("metrics_database_unavailable", exc_info=True)
             up.add_metric([], 0)

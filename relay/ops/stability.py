@@ -1,4 +1,4 @@
-"""The original design's four stability metrics, computed from connection histories.
+"""The four stability metrics the relay is judged by, computed from connection histories.
 
 Pure functions over :class:`ConnectionRecord` values (no ORM, no clock), so each metric is
 testable on a constructed history with a known answer; :func:`records_from_rows` adapts
@@ -164,7 +164,7 @@ def reconnection_time(records: Sequence[ConnectionRecord], start: datetime, end:
 
 
 def stability_metrics(records: Sequence[ConnectionRecord], start: datetime, end: datetime) -> list[Metric]:
-    """The four metrics, in the original design's order."""
+    """The four metrics, in the order operators read them: duration, drops, errors, reconnects."""
     return [
         connection_duration(records, start, end),
         disconnection_rate(records, start, end),

@@ -6,7 +6,6 @@ close, and a turn is written once, when it ends.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import socket
 import time
@@ -25,11 +24,13 @@ from django.utils import timezone
 from relay.live import admission as load
 from relay.store.batching import Batcher
 from relay.store.db import db_async
+from relay.store.turns import EVENT_FIELDS, turn_fields
 from relay.engines.base import TurnEvent
 from relay.exceptions import Forbidden, SessionEnded, SessionFull
 from relay.models import Connection, RelayProcess, Session, Turn
+from relay.ops.logs import get_logger
 
-log = logging.getLogger("relay.store.services")
+log = get_logger("relay.store.services")
 
 
 def session_group_name(session_id: str) -> str:
@@ -81,7 +82,6 @@ class Opened:
     session_id: str
     connection_id: str
     resumed: bool
-    engine: str
     others: list[str]
     gap_seconds: float | None = None
 
@@ -145,7 +145,7 @@ def connection_open(
         )
         if not created:
             Session.objects.filter(pk=session.pk).update(last_activity_at=now)
-    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, engine=engine, others=others, gap_seconds=gap)
+    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, others=others, gap_seconds=gap)
 
 
 def _authenticated(user: Any) -> bool:
@@ -200,7 +200,7 @@ def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
         Session.objects.bulk_create(sessions)
         Connection.objects.bulk_create(connections)
     return [
-        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, engine=c.engine, others=[], gap_seconds=None)
+        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, others=[], gap_seconds=None)
         for s, c in zip(sessions, connections)
     ]
 
@@ -246,7 +246,7 @@ class FinishedTurn:
     event: TurnEvent
 
 
-_TURN_UPDATE_FIELDS = ["connection", "transcript", "words", "audio_window_start", "audio_window_end", "end_of_turn_confidence", "trigger"]
+_TURN_UPDATE_FIELDS = ["connection", *EVENT_FIELDS]
 
 
 def turns_record(turns: list[FinishedTurn]) -> list[int]:
@@ -258,17 +258,8 @@ def turns_record(turns: list[FinishedTurn]) -> list[int]:
     """
     rows: dict[tuple[str, int], Turn] = {}
     for turn in turns:  # the same turn twice in a batch (a retry) is written once
-        event = turn.event
         rows[(turn.session_id, turn.index)] = Turn(
-            session_id=turn.session_id,
-            index=turn.index,
-            connection_id=turn.connection_id,
-            transcript=event.transcript,
-            words=[w.as_dict() for w in event.words],
-            audio_window_start=event.audio_window_start,
-            audio_window_end=event.audio_window_end,
-            end_of_turn_confidence=event.end_of_turn_confidence,
-            trigger=event.trigger or "model",
+            session_id=turn.session_id, index=turn.index, connection_id=turn.connection_id, **turn_fields(turn.event)
         )
     Turn.objects.bulk_create(
         list(rows.values()), update_conflicts=True, unique_fields=["session", "index"], update_fields=_TURN_UPDATE_FIELDS
@@ -325,7 +316,7 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
     layer = get_channel_layer()
     if layer is not None:
         async_to_sync(layer.group_send)(session_group_name(session_id), {"type": "session.end", "reason": reason[:200]})
-    log.info("session_ended session=%s reason=%r", session_id, reason)
+    log.info("session_ended", session=session_id, reason=reason)
     return bool(updated)
 
 

@@ -1,8 +1,8 @@
 from django.urls import path, re_path
 
-from relay.web import demo, views
-
+from relay.flux.constants import SESSION_ID_PATTERN
 from relay.ops import exports, health, metrics
+from relay.web import demo, views
 
 urlpatterns = [
     path("", demo.root, name="root"),
@@ -12,7 +12,7 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("metrics", metrics.metrics_view, name="metrics"),
     re_path(
-        r"^sessions/(?P<session_id>[A-Za-z0-9_.:\-]{1,128})/transcript\.(?P<fmt>txt|json|srt|vtt)$",
+        rf"^sessions/(?P<session_id>{SESSION_ID_PATTERN})/transcript\.(?P<fmt>txt|json|srt|vtt)$",
         exports.transcript_view,
         name="transcript-export",
     ),

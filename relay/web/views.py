@@ -7,7 +7,7 @@ from django.views.decorators.http import require_GET
 
 @require_GET
 def websocket_info(request: HttpRequest) -> JsonResponse:
-    """Plain HTTP on a WebSocket path: say how to connect (the original design's curl check)."""
+    """Plain HTTP on a WebSocket path: say how to connect (what ``curl http://host/v2/listen`` shows)."""
     scheme = "wss" if request.is_secure() else "ws"
     url = f"{scheme}://{request.get_host()}{request.path}"
     response = JsonResponse(

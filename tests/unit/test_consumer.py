@@ -181,12 +181,12 @@ async def test_unknown_parameter_and_model_get_warnings():
 
 
 async def test_mulaw_at_8khz_is_accepted():
-    import audioop  # noqa: F401  (stdlib G.711 codec on 3.11)
+    from relay.flux.audio import from_int16
 
     c = Client("/v2/listen?encoding=mulaw&sample_rate=8000")
     await c.connect()
     pcm = tone(0.6, rate=8000) + silence(0.8, rate=8000)
-    await c.send_audio(audioop.lin2ulaw(pcm, 2), chunk=640)
+    await c.send_audio(from_int16(pcm, "mulaw"), chunk=640)
     end = await c.recv_turn_end()
     assert end["transcript"] == "one two"
     await c.disconnect()

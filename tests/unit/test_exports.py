@@ -13,7 +13,8 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 
 from relay.ops import exports
-from relay.models import Session
+from relay.models import Session, Turn
+from relay.store import selectors
 from tests.support import histories
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -186,3 +187,37 @@ def test_sync_export_matches_for_admin_actions(db):
     histories.turns(s, histories.connection(s, opened=s.created_at, duration=1), TEXTS)
     assert exports.export_text(session=s, fmt="txt") == "".join(t + "\n" for t in TEXTS)
     assert [x.content for x in srt.parse(exports.export_text(session=s, fmt="srt"))] == TEXTS
+
+
+async def test_json_carries_detected_languages(async_client):
+    @sync_to_async
+    def build():
+        s = histories.session("langs")
+        made = histories.turns(s, histories.connection(s, opened=s.created_at, duration=1), ["hola", "hello"])
+        Turn.objects.filter(pk=made[0].pk).update(languages=["es"])
+
+    await build()
+    turns = json.loads((await fetch(async_client, "langs", "json"))[1])["turns"]
+    assert [t["languages"] for t in turns] == [["es"], []]
+
+
+@pytest.mark.parametrize("count,page_size", [(0, 3), (5, 3), (6, 3), (6, 10)])
+def test_turn_pages_read_every_turn_once_in_pages(db, count, page_size):
+    s = histories.session(f"pages-{count}-{page_size}")
+    histories.turns(s, histories.connection(s, opened=s.created_at, duration=1), [f"t{i}" for i in range(count)])
+    pages = list(selectors.turn_pages(session_id=s.pk, page_size=page_size))
+    assert all(pages) and all(len(p) <= page_size for p in pages)
+    assert [r["index"] for p in pages for r in p] == list(range(count))
+    after = [r["index"] for p in selectors.turn_pages(session_id=s.pk, after_index=1, page_size=page_size) for r in p]
+    assert after == list(range(2, count))
+
+
+async def test_aturn_pages_matches_turn_pages(db):
+    @sync_to_async
+    def build():
+        s = histories.session("apages")
+        histories.turns(s, histories.connection(s, opened=s.created_at, duration=1), [f"t{i}" for i in range(7)])
+
+    await build()
+    pages = [[r["index"] for r in p] async for p in selectors.aturn_pages(session_id="apages", after_index=0, page_size=3)]
+    assert pages == [[1, 2, 3], [4, 5, 6]]

@@ -109,3 +109,33 @@ def test_turn_info_shape():
     assert msg["words"] == [{"word": "hello", "confidence": 0.9, "start": 0.0, "end": 0.4}, {"word": "world", "confidence": 0.8}]
     update = json.loads(protocol.turn_info_body(TurnEvent("Update", 0), turn_index=0, speaker="c"))
     assert "trigger" not in update
+
+
+def test_replayed_turn_is_the_live_end_of_turn_plus_replay_fields():
+    from datetime import datetime, timezone
+
+    from relay.store.turns import turn_fields, turn_record
+
+    ev = TurnEvent("EndOfTurn", 5, "hola amigo", [Word("hola", 0.91234, 0.1, 0.5), Word("amigo", 0.8)], 0.0, 1.2, 0.876543, None, ["es", "en"])
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    row = {"index": 7, "connection_id": "c1", "created_at": created, **turn_fields(ev)}
+    replayed = json.loads(protocol.turn_info_from_record(turn_record(row)))
+    live = json.loads(protocol.turn_info_body(ev, turn_index=7, speaker="c1"))
+    assert replayed == {**live, "replayed": True, "created_at": "2026-01-02T03:04:05Z"}
+    assert replayed["languages"] == ["es", "en"] and replayed["trigger"] == "model"
+    row["languages"] = []  # a turn stored without languages replays without the field, like live
+    assert "languages" not in json.loads(protocol.turn_info_from_record(turn_record(row)))
+
+
+def test_flux_defaults_come_from_constants():
+    from relay.flux import constants
+
+    options = protocol.parse_connect_params(b"").options
+    assert options.model == constants.DEFAULT_MODEL
+    success = json.loads(protocol.configure_success_body(options))
+    assert success["thresholds"] == {"eot_threshold": constants.DEFAULT_EOT_THRESHOLD, "eot_timeout_ms": constants.DEFAULT_EOT_TIMEOUT_MS}
+    # an eager threshold above the default eot_threshold is refused when eot_threshold is unset
+    with pytest.raises(InvalidParameter):
+        protocol.parse_connect_params(f"eager_eot_threshold={constants.DEFAULT_EOT_THRESHOLD + 0.1:.2f}")
+    for kind in constants.CLIENT_MESSAGE_TYPES:
+        assert protocol.parse_client_text(json.dumps({"type": kind})).type in constants.CLIENT_MESSAGE_TYPES

@@ -118,3 +118,30 @@ def test_threshold_text_for_operators():
     assert metrics["connection_duration"].thresholds_display == "good ≥ 5 min 00 s, bad < 30.0 s"
     assert metrics["disconnection_rate"].thresholds_display == "good < 5%, bad > 20%"
     assert metrics["reconnection_time"].thresholds_display == "good < 500 ms, bad > 2.0 s"
+
+
+def test_live_is_one_rule_for_processes_and_their_connections(db, settings):
+    """A process is live when it heartbeated within three heartbeats and has not stopped."""
+    from django.utils import timezone as djtz
+
+    from relay.models import Connection, RelayProcess
+    from tests.support import histories
+
+    settings.RELAY_HEARTBEAT_SECONDS = 10
+    live = histories.process("live", heartbeat_age=5)
+    stale = histories.process("stale", heartbeat_age=31)
+    stopped = histories.process("stopped", stopped=True)
+    assert set(RelayProcess.objects.live().values_list("pk", flat=True)) == {"live"}
+    assert set(RelayProcess.objects.stale().values_list("pk", flat=True)) == {"stale"}
+    assert [p.is_live for p in (live, stale, stopped)] == [True, False, False]
+
+    s = histories.session("live-rule")
+    now = djtz.now()
+    open_on = {p.pk: histories.connection(s, opened=now, duration=None, proc=p) for p in (live, stale, stopped)}
+    no_process = histories.connection(s, opened=now, duration=None)
+    closed = histories.connection(s, opened=now, duration=1, proc=live)
+    assert list(Connection.objects.live()) == [open_on["live"]]
+    assert set(Connection.objects.orphaned()) == {open_on["stale"], open_on["stopped"], no_process}
+    by_pk = {c.pk: c for c in Connection.objects.select_related("process")}
+    assert [c.pk for c in by_pk.values() if c.is_live] == [open_on["live"].pk]
+    assert not by_pk[closed.pk].is_live

@@ -1,0 +1,57 @@
+"""A finished turn's fields, defined once: the engine's EndOfTurn to a ``Turn`` row and back.
+
+The writer (``services.turns_record``), the reader (``selectors.turn_page``), the replayed
+``TurnInfo`` (``relay.flux.protocol.turn_info_from_record``) and the JSON export all go through
+these functions, so a field added to ``TurnEvent`` and ``Turn`` is stored, replayed and exported
+by adding it here. No ORM calls: rows are plain dicts from ``.values()``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from relay.engines.base import TurnEvent, Word
+
+#: ``Turn`` fields that come from the engine's event; each is named as on ``TurnEvent``.
+EVENT_FIELDS = (
+    "transcript",
+    "words",
+    "audio_window_start",
+    "audio_window_end",
+    "end_of_turn_confidence",
+    "trigger",
+    "languages",
+)
+#: What a history read loads per turn: the event's fields and where the turn sits.
+ROW_FIELDS = ("index", *EVENT_FIELDS, "connection_id", "created_at")
+
+
+def turn_fields(event: TurnEvent) -> dict[str, Any]:
+    """The ``Turn`` field values (JSON-ready) of a finished turn's event."""
+    return {
+        "transcript": event.transcript,
+        "words": [w.as_dict() for w in event.words],
+        "audio_window_start": event.audio_window_start,
+        "audio_window_end": event.audio_window_end,
+        "end_of_turn_confidence": event.end_of_turn_confidence,
+        "trigger": event.trigger or "model",
+        "languages": list(event.languages or ()),
+    }
+
+
+def turn_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``.values(*ROW_FIELDS)`` row as the record replay and exports read.
+
+    ``index``, ``connection_id`` and ``created_at`` as stored; ``speaker``, the connection id as
+    a string ("" when that connection's row is gone); ``event``, the turn as the EndOfTurn
+    :class:`TurnEvent` it was, so a replayed body is built by the same code as a live one.
+    """
+    fields = {name: row[name] for name in EVENT_FIELDS}
+    fields["words"] = [Word(**w) for w in fields["words"]]
+    fields["languages"] = fields["languages"] or None
+    return {
+        "index": row["index"],
+        "connection_id": row["connection_id"],
+        "speaker": str(row["connection_id"]) if row["connection_id"] else "",
+        "created_at": row["created_at"],
+        "event": TurnEvent(event="EndOfTurn", turn=row["index"], **fields),
+    }
