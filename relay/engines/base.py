@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
+
+from relay.flux.constants import DEFAULT_MODEL
 
 EventName = Literal["StartOfTurn", "Update", "EagerEndOfTurn", "TurnResumed", "EndOfTurn"]
 
@@ -64,7 +66,7 @@ class EngineWarning:
 class StreamOptions:
     """What the client asked for, already validated by relay.flux.protocol."""
 
-    model: str = "flux-general-en"
+    model: str = DEFAULT_MODEL
     encoding: str = "linear16"
     sample_rate: int = 16000
     eot_threshold: float | None = None
@@ -84,6 +86,20 @@ class StreamOptions:
     @property
     def sample_width(self) -> int:
         return 2 if self.encoding == "linear16" else 1
+
+
+def model_ignored_warning(
+    options: StreamOptions, *, serving: str, supported: str | Collection[str] = DEFAULT_MODEL
+) -> EngineWarning | None:
+    """``MODEL_IGNORED`` when the client explicitly asked for a model this engine cannot serve.
+
+    A stream that never named a model gets the default silently; one that asked for another
+    model is told what transcribes it instead (``serving``, e.g. "using the fake engine").
+    """
+    models = {supported} if isinstance(supported, str) else set(supported)
+    if "model" not in options.explicit or options.model in models:
+        return None
+    return EngineWarning("MODEL_IGNORED", f"Model {options.model!r} is not available; {serving}.")
 
 
 _END = object()

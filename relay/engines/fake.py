@@ -11,10 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from relay.flux.audio import to_int16
 from relay.exceptions import ConfigureRejected
+from relay.flux.audio import to_int16
+from relay.flux.constants import DEFAULT_EOT_THRESHOLD
 
-from relay.engines.base import TRIGGER_END_OF_STREAM, Engine, EngineStream, EngineWarning, StreamOptions, TurnEvent, Word
+from relay.engines.base import (
+    TRIGGER_END_OF_STREAM,
+    Engine,
+    EngineStream,
+    EngineWarning,
+    StreamOptions,
+    TurnEvent,
+    Word,
+    model_ignored_warning,
+)
 
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -63,7 +73,7 @@ class FakeStream(EngineStream):
         eot = int(self.engine.options.get("eot_silence_ms", 500))
         if self.options.eot_threshold is not None:
             # A higher threshold asks for more certainty: wait longer before ending the turn.
-            eot = int(eot * (0.5 + self.options.eot_threshold) / 1.2)
+            eot = int(eot * (0.5 + self.options.eot_threshold) / (0.5 + DEFAULT_EOT_THRESHOLD))
         timeout = self.options.eot_timeout_ms
         return eot, timeout
 
@@ -83,8 +93,9 @@ class FakeStream(EngineStream):
         warnings = []
         if self.options.keyterms:
             warnings.append(EngineWarning("KEYTERMS_IGNORED", "The fake engine does not use keyterms."))
-        if "model" in self.options.explicit and self.options.model != "flux-general-en":
-            warnings.append(EngineWarning("MODEL_IGNORED", f"Model {self.options.model!r} is not available; using the fake engine."))
+        model_warning = model_ignored_warning(self.options, serving="using the fake engine")
+        if model_warning is not None:
+            warnings.append(model_warning)
         return warnings
 
     def feed(self, audio: bytes) -> None:

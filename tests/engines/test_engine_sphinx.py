@@ -48,14 +48,14 @@ async def test_sentence_clips_in_parallel_streams(engine):
 
 
 async def test_eight_khz_mulaw_is_decoded(engine):
-    from relay.flux.audio import audioop
+    from relay.flux.audio import from_int16
     import numpy as np
     import soxr
 
     turns = manifest()["long"]["turns"]
     samples = np.frombuffer(pcm("long.wav"), dtype="<i2").astype(np.float32) / 32768
     narrow = (np.clip(soxr.resample(samples, 16000, 8000), -1, 1) * 32767).astype("<i2").tobytes()
-    events = await run_stream(engine.open_stream(StreamOptions(encoding="mulaw", sample_rate=8000)), audioop.lin2ulaw(narrow, 2), chunk=800)
+    events = await run_stream(engine.open_stream(StreamOptions(encoding="mulaw", sample_rate=8000)), from_int16(narrow, "mulaw"), chunk=800)
     assert len(finals(events)) == len(turns)
     # The en-us model is wideband: upsampled telephone audio is nearly all it gets wrong.
     assert wer([t["text"] for t in turns], [e.transcript for e in finals(events)]) <= 0.95

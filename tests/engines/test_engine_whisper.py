@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soxr
 
-from relay.flux.audio import audioop  # the stdlib G.711 codec, imported quietly there
+from relay.flux.audio import from_int16
 from relay.engines.base import TRIGGER_END_OF_STREAM, StreamOptions
 from relay.engines.offline.whisper import BUNDLED_MODEL_SHA256, WhisperEngine, bundled_model_dir, check_model_dir
 from relay.exceptions import Capacity, EngineUnavailable
@@ -66,7 +66,7 @@ async def test_other_encodings_and_rates_are_resampled(engine, encoding, rate):
     if rate != 16000:
         samples = soxr.resample(samples, 16000, rate)
     linear = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-    audio = {"linear16": linear, "mulaw": audioop.lin2ulaw(linear, 2), "alaw": audioop.lin2alaw(linear, 2)}[encoding]
+    audio = from_int16(linear, encoding)
     options = StreamOptions(encoding=encoding, sample_rate=rate)
     events = await run_stream(engine.open_stream(options), audio, chunk=options.bytes_per_second // 10)
     # Telephone-band audio (8 kHz) loses what tells "brown" from "round": a looser bound there.

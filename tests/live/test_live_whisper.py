@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
+import soxr
 
-from relay.flux.audio import audioop
+from relay.flux.audio import from_int16
 from tests.support.live import LiveServer, sqlite_env, stream_audio
 from tests.support.speech import manifest, pcm, silence, wer
 
@@ -18,7 +20,7 @@ def test_daphne_transcribes_the_long_clip_with_whisper(tmp_path):
     clip = manifest()["clips"][10]
     with LiveServer({**sqlite_env(tmp_path), "RELAY_ENGINE": "whisper"}, log_name="daphne-whisper") as server:
         messages = asyncio.run(stream_audio(server.ws_url + "/v2/listen?session=whisper-live", pcm("long.wav"), chunk=2560, pace=2560 / 32000 / 5))
-        narrow = audioop.lin2ulaw(audioop.ratecv(pcm(clip["file"]) + silence(0.8), 2, 1, 16000, 8000, None)[0], 2)
+        narrow = from_int16(soxr.resample(np.frombuffer(pcm(clip["file"]) + silence(0.8), dtype="<i2"), 16000, 8000), "mulaw")
         phone = asyncio.run(
             stream_audio(server.ws_url + "/v2/listen?encoding=mulaw&sample_rate=8000", narrow, chunk=800, pace=800 / 8000 / 5)
         )

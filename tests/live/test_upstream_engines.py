@@ -1,6 +1,6 @@
 """The deepgram and cloudflare engines against a local fake Flux server, through the consumer.
 
-The sans-I/O parts of relay.engines.upstream.stream first (no sockets), then whole streams: a
+The sans-I/O parts (relay.engines.upstream.flux_client) first (no sockets), then whole streams: a
 WebsocketCommunicator client, the real consumer, the engine, and tests.support.fakeflux in the same loop.
 """
 from __future__ import annotations
@@ -13,12 +13,11 @@ from asgiref.sync import sync_to_async
 
 from relay.engines import get_engine
 from relay.engines.base import StreamOptions, TurnEvent, Word
-from relay.engines.upstream.stream import (
+from relay.engines.upstream.engine import Secret, UpstreamConfig
+from relay.engines.upstream.flux_client import (
     AudioLog,
     BadUpstreamMessage,
-    Secret,
     TurnMapper,
-    UpstreamConfig,
     flux_query,
     loggable_url,
     parse_server_message,

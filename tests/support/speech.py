@@ -12,7 +12,7 @@ import jiwer
 
 from relay.engines.base import EngineStream, TurnEvent
 
-SPEECH = Path(__file__).resolve().parent / "fixtures" / "speech"
+SPEECH = Path(__file__).resolve().parents[1] / "fixtures" / "speech"
 
 _NORMALIZE = jiwer.Compose(
     [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()]

@@ -14,17 +14,17 @@ import collections
 import concurrent.futures
 import heapq
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from relay.exceptions import EngineError, RelayError
+from relay.ops.logs import get_logger
 
 from relay.engines.base import Engine, EngineStream, StreamOptions
 
-log = logging.getLogger("relay.engines")
+log = get_logger("relay.engines")
 
 #: Priorities in a WorkerPool: lower runs first.
 PRIORITY_FINAL = 0
@@ -243,7 +243,7 @@ class OfflineStream(EngineStream):
         except RelayError as exc:
             self._fail(exc)
         except Exception as exc:
-            log.exception("engine_stream_failed engine=%s", self.engine.alias)
+            log.exception("engine_stream_failed", engine=self.engine.alias)
             self._fail(EngineError(f"The {self.engine.name} engine failed: {exc.__class__.__name__}."))
 
     def _fail(self, exc: RelayError) -> None:

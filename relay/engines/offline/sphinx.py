@@ -16,23 +16,24 @@ pool size (one thread by default); run more server processes for more sphinx str
 from __future__ import annotations
 
 import importlib.util
-import logging
 import re
 import threading
 from typing import Any
 
 import numpy as np
 
-from relay.flux.audio import Resampler
 from relay.exceptions import Capacity
+from relay.flux.audio import Resampler
+from relay.flux.constants import DEFAULT_EOT_THRESHOLD
+from relay.ops.logs import get_logger
 
+from relay.engines.base import TRIGGER_END_OF_STREAM, EngineWarning, StreamOptions, TurnEvent, Word, model_ignored_warning
 from relay.engines.offline.pool import PRIORITY_STREAM, OfflineEngine, OfflineStream, WorkerPool
-from relay.engines.base import TRIGGER_END_OF_STREAM, EngineWarning, StreamOptions, TurnEvent, Word
 
 if importlib.util.find_spec("pocketsphinx") is None:
     raise ImportError("The sphinx engine needs the 'pocketsphinx' package (pip install -r requirements.txt).")
 
-log = logging.getLogger("relay.engines.offline.sphinx")
+log = get_logger("relay.engines.offline.sphinx")
 
 RATE = 16000
 FRAME_RATE = 100  # pocketsphinx feature frames per second
@@ -65,7 +66,7 @@ class SphinxStream(OfflineStream):
     def _window(self) -> float:
         base = float(self.engine.options.get("eot_window_ms", 300)) / 1000
         if self.options.eot_threshold is not None:
-            base *= self.options.eot_threshold / 0.7
+            base *= self.options.eot_threshold / DEFAULT_EOT_THRESHOLD
         return min(2.0, max(0.12, base))
 
     async def start(self) -> list[EngineWarning]:
@@ -82,8 +83,10 @@ class SphinxStream(OfflineStream):
 
     def _warnings(self, fields: set[str]) -> list[EngineWarning]:
         warnings = []
-        if "model" in fields and self.options.model != "flux-general-en":
-            warnings.append(EngineWarning("MODEL_IGNORED", f"Model {self.options.model!r} is not available; using the pocketsphinx en-us model."))
+        if "model" in fields:
+            model_warning = model_ignored_warning(self.options, serving="using the pocketsphinx en-us model")
+            if model_warning is not None:
+                warnings.append(model_warning)
         if self.options.keyterms:
             warnings.append(EngineWarning("KEYTERMS_IGNORED", "The sphinx engine does not use keyterms."))
         if self.options.eager_eot_threshold is not None:

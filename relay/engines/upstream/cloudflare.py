@@ -10,11 +10,14 @@ from urllib.parse import quote
 from django.conf import settings
 
 from relay.exceptions import EngineUnavailable
+from relay.flux.constants import DEFAULT_MODEL
 
-from relay.engines.base import EngineWarning, StreamOptions
-from relay.engines.upstream.stream import Secret, UpstreamEngine, loggable_url
+from relay.engines.base import EngineWarning, StreamOptions, model_ignored_warning
+from relay.engines.upstream.engine import Secret, UpstreamEngine
+from relay.engines.upstream.flux_client import loggable_url
 
-CLOUDFLARE_MODEL = "flux-general-en"
+#: The one model ``@cf/deepgram/flux`` serves: Flux's default English model.
+CLOUDFLARE_MODEL = DEFAULT_MODEL
 
 
 class CloudflareEngine(UpstreamEngine):
@@ -50,6 +53,5 @@ class CloudflareEngine(UpstreamEngine):
         return {"linear16"}
 
     def option_warnings(self, options: StreamOptions) -> list[EngineWarning]:
-        if "model" in options.explicit and options.model != CLOUDFLARE_MODEL:
-            return [EngineWarning("MODEL_IGNORED", f"Cloudflare Workers AI serves {CLOUDFLARE_MODEL} only; model {options.model!r} was ignored.")]
-        return []
+        warning = model_ignored_warning(options, serving=f"Cloudflare Workers AI serves {CLOUDFLARE_MODEL} only", supported=CLOUDFLARE_MODEL)
+        return [warning] if warning is not None else []

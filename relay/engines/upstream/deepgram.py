@@ -10,7 +10,7 @@ from django.conf import settings
 
 from relay.exceptions import EngineUnavailable
 
-from relay.engines.upstream.stream import Secret, UpstreamEngine
+from relay.engines.upstream.engine import Secret, UpstreamEngine
 
 
 class DeepgramEngine(UpstreamEngine):

@@ -1,0 +1,65 @@
+"""Whisper (faster-whisper / CTranslate2) as a streaming turn engine, fully offline.
+
+How a turn is made:
+
+* **VAD: Silero** (the ONNX model faster-whisper ships), run on every 32 ms window in a small
+  front-end worker. It costs about 0.3 % of a core per stream, separates speech from noise far
+  better than an energy or WebRTC-style detector, and its per-window speech probability gives
+  the turn machine a clean signal. (pocketsphinx's endpointer decides on a 300 ms window, which
+  alone would eat half the end-of-turn latency budget.)
+* **StartOfTurn** after about 100 ms of speech; the turn keeps 400 ms of audio from before it.
+* **Updates**: the open turn is re-decoded greedily about every ``update_interval_ms`` of audio,
+  at low priority and at most one in flight per stream, so under load the cadence stretches
+  instead of the streams falling behind.
+* **Speculative final**: ``speculate_ms`` into a pause (longer when the pool is busy), the turn
+  is decoded with beam search and word alignment while the end-of-turn silence is still being
+  waited for. When the silence reaches ``eot_silence_ms`` (scaled by ``eot_threshold``) the
+  EndOfTurn goes out with that result at once; if speech resumes the result is dropped. With
+  ``eager_eot_threshold`` the same result is sent early as EagerEndOfTurn (and TurnResumed if
+  speech comes back), so the EndOfTurn transcript always equals the EagerEndOfTurn one.
+* **Short encoder windows**: CTranslate2 accepts mel inputs shorter than Whisper's 30 s. A turn
+  is encoded in a window of its own length plus 3 s of padding (at least 8 s), which is several
+  times cheaper than 30 s and, measured on the test set, as accurate; without the padding
+  Whisper falls into repetition loops, so the length of every decode is also capped.
+
+The model is loaded once per process (in a background thread, so the event loop never waits on
+it) and shared by every stream; decodes run in a :class:`~relay.engines.offline.pool.WorkerPool`
+sized by ``workers``. New streams get ``Capacity`` past ``max_streams`` or when decodes queue.
+
+The parts:
+
+* :mod:`.model`: the bundled model files, their sha256 check and cache directory;
+* :mod:`.runner`: :class:`WhisperModelRunner`, the loaded model and one decode (with the
+  repetition-loop guards);
+* :mod:`.vad`: :class:`SileroVad`, speech probability per 32 ms window;
+* :mod:`.stream`: :class:`WhisperStream`, the per-stream turn machine;
+* :mod:`.engine`: :class:`WhisperEngine`, what ``settings.RELAY_ENGINES`` names.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+# Checked before any submodule loads, so choosing this engine without its optional packages
+# fails with this message (the registry reports it as EngineUnavailable), and importing other
+# engines never needs them.
+for _module in ("faster_whisper", "ctranslate2", "onnxruntime"):
+    if importlib.util.find_spec(_module) is None:
+        raise ImportError(f"The whisper engine needs the {_module!r} package (pip install -r requirements.txt).")
+
+from .engine import WhisperEngine  # noqa: E402
+from .model import BUNDLED_MODEL_SHA256, bundled_model_dir, check_model_dir, default_cache_dir  # noqa: E402
+from .runner import Decoded, WhisperModelRunner  # noqa: E402
+from .stream import WhisperStream  # noqa: E402
+from .vad import SileroVad  # noqa: E402
+
+__all__ = [
+    "BUNDLED_MODEL_SHA256",
+    "Decoded",
+    "SileroVad",
+    "WhisperEngine",
+    "WhisperModelRunner",
+    "WhisperStream",
+    "bundled_model_dir",
+    "check_model_dir",
+    "default_cache_dir",
+]
