@@ -64,12 +64,12 @@ def tracemalloc_growth(top: int = 25) -> dict:
 
 
 def stats() -> dict:
-    from relay.live import consumer as consumers, admission as load
-    from relay.server import flow
+    from relay.live import admission
+    from relay.server import inbound_flow as flow
     from relay.store import services
 
-    out: dict = {"pid": os.getpid(), "active_streams": consumers.active_streams(), "patches": _patches,
-                 "loop_lag_ms": round(load.lag_ms(), 2), "write_latency_ms": round(load.write_latency_ms(), 2), "inbound_paused": flow.paused_count(),
+    out: dict = {"pid": os.getpid(), "active_streams": admission.active_streams(), "patches": _patches,
+                 "loop_lag_ms": round(admission.lag_ms(), 2), "write_latency_ms": round(admission.write_latency_ms(), 2), "inbound_paused": flow.paused_count(),
                  "batches": {b.name: [b.batches, b.items] for b in (services._new_connections, services._turn_indexes, services._finished_turns)},
                  "gc_frozen": gc.get_freeze_count(), "gc": {}}
     for gen, pauses in _pauses.items():

@@ -13,49 +13,43 @@ is left is the one that was declined:
 """
 from __future__ import annotations
 
-import contextvars
 from typing import Any
-
-_consumer: contextvars.ContextVar[Any] = contextvars.ContextVar("bench_ownfirst_consumer", default=None)
 
 
 def _own_first() -> None:
     """Send the speaker's EndOfTurn when the turn write starts instead of after it commits.
 
-    Wraps rather than copies the relay's code: ``_on_turn_event`` runs with the consumer in a
-    context variable; the turn write (``services.aturn_record``) first sends the body the consumer
-    is about to send, and the consumer's own later send of that same body is skipped.
+    Wraps the stream core's public methods rather than copying them: when an event's actions
+    end with the turn's store, the speaker's EndOfTurn is put in front of it, and the copy the
+    core sends once the store answers is dropped (its sequence id given back).
     """
-    from relay.live import consumer as consumers
     from relay.flux import protocol
-    from relay.store import services
+    from relay.live import session as core
 
-    cls = consumers.TranscriptionConsumer
-    on_turn_event, send, record = cls._on_turn_event, cls._send, services.aturn_record
+    cls = core.StreamSession
+    engine_event, index_allocated, turn_stored = cls.engine_event, cls.turn_index_allocated, cls.turn_stored
 
-    async def _on_turn_event(self, event):
-        token = _consumer.set(self)
-        try:
-            return await on_turn_event(self, event)
-        finally:
-            _consumer.reset(token)
+    def early(self: Any, actions: list) -> list:
+        if actions and isinstance(actions[-1], core.StoreTurn) and not self.client_gone:
+            store = actions[-1]
+            body = protocol.turn_info_body(store.event, turn_index=store.index, speaker=self.connection_id)
+            actions.insert(-1, core.SendClient(protocol.stamp(body, sequence_id=self.sequence_id, request_id=self.connection_id)))
+            self.sequence_id += 1
+            self.messages_sent += 1
+            self.bench_sent_early = True
+        return actions
 
-    async def _send(self, body_json: str) -> None:
-        if body_json == self.__dict__.pop("bench_sent_early", None):
-            return
-        await send(self, body_json)
+    def stored(self: Any, others: int):
+        finished, actions = turn_stored(self, others)
+        if self.__dict__.pop("bench_sent_early", False) and actions and isinstance(actions[0], core.SendClient):
+            actions = actions[1:]
+            self.sequence_id -= 1
+            self.messages_sent -= 1
+        return finished, actions
 
-    async def aturn_record(*, session_id, connection_id, index, event, **kwargs):
-        consumer = _consumer.get()
-        if consumer is not None and "bench_sent_early" not in consumer.__dict__:
-            body = protocol.turn_info_body(event, turn_index=index, speaker=connection_id)
-            await send(consumer, body)
-            consumer.bench_sent_early = body
-        return await record(session_id=session_id, connection_id=connection_id, index=index, event=event, **kwargs)
-
-    cls._on_turn_event = _on_turn_event
-    cls._send = _send
-    services.aturn_record = aturn_record
+    cls.engine_event = lambda self, event: early(self, engine_event(self, event))
+    cls.turn_index_allocated = lambda self, index: early(self, index_allocated(self, index))
+    cls.turn_stored = stored
 
 
 def apply(names: list[str]) -> None:

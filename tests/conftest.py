@@ -19,9 +19,9 @@ def _fake_engine_by_default(settings):
 
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
-    from relay.live import consumer as consumers
+    from relay.live import admission
     from relay.store import services
 
-    consumers._connect_limiter = None
+    admission.reset()
     services._last_beat = 0.0  # each test starts with an empty database
     yield

@@ -1,43 +1,93 @@
-"""Is this process past its capacity? The signal for refusing new streams.
+"""Whether this process takes a new stream: rate, count and load, each measured here.
 
-A stream cap by count needs sizing per machine, engine and traffic; two measurements say it
-directly, each averaged over the last couple of seconds:
+* **rate**: connection attempts per client address per minute (``RELAY_CONNECTS_PER_MINUTE``);
+  past it, ``RATE_LIMITED``.
+* **count**: streams this process serves (``RELAY_MAX_STREAMS_PER_PROCESS``); past it,
+  ``CAPACITY``. A slot is reserved before the connection's first await, so a burst of connects
+  cannot all pass the check, and given back by :func:`release`.
+* **load**, each averaged over the last couple of seconds, so a single garbage-collection pause
+  refuses no one:
 
-* **event-loop lag**: a timer asks to wake every ``INTERVAL`` seconds and records how late it
-  woke. A mean, not a maximum, so a single garbage-collection pause refuses no one.
-* **write latency**: how long the turn writes that gate the protocol (a turn's index at
-  StartOfTurn, a finished turn before its EndOfTurn) take from the call to the commit, queueing
-  in the group commit included. A process whose loop still turns but whose writes wait behind a
-  saturated CPU (or a slow database) delays every EndOfTurn. New connections' own writes do not
-  count: a burst of connects slows only itself, and is served.
+  - *event-loop lag*: a timer asks to wake every ``INTERVAL`` seconds and records how late it
+    woke;
+  - *write latency*: how long the turn writes that gate the protocol (a turn's index at
+    StartOfTurn, a finished turn before its EndOfTurn) take from the call to the commit,
+    queueing in the group commit included. New connections' own writes and the flush of closing
+    streams do not count: a burst of connects or of hang-ups slows only itself.
 
-While either mean passes its limit (``RELAY_MAX_LOOP_LAG_MS``, ``RELAY_MAX_WRITE_LATENCY_MS``),
-new streams are refused with ``CAPACITY`` (close 4013, try again later), and the streams already
-open keep the process.
+  While either passes its limit (``RELAY_MAX_LOOP_LAG_MS``, ``RELAY_MAX_WRITE_LATENCY_MS``), new
+  streams get ``CAPACITY`` (close 4013, try again later) and the open ones keep the process.
+
+Every measurement reads :data:`clock`, which tests replace with :func:`use_clock`.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from django.conf import settings
 
+from relay.exceptions import Capacity, RateLimited
+from relay.live.limits import SlidingWindowLimiter
+
 INTERVAL = 0.1
 WINDOW = 2.0
-_BUCKET = 0.5
+BUCKET = 0.5
 
-_lags: deque[float] = deque(maxlen=int(WINDOW / INTERVAL))
+clock: Callable[[], float] = time.monotonic
+
+_active = 0
+_connects: SlidingWindowLimiter | None = None
+_lags: deque[tuple[float, float]] = deque()  # (when, lag seconds), oldest first
+_writes: deque[list[float]] = deque()  # [bucket start, total seconds, count], oldest first
 _task: asyncio.Task | None = None
 _loop: asyncio.AbstractEventLoop | None = None
-_writes: deque[list[float]] = deque()  # [bucket start, total seconds, count], oldest first
 
 
+def check_rate(address: str) -> None:
+    """Count a connection attempt from ``address``; raise RateLimited past the limit."""
+    if not _connects_allowed(address):
+        raise RateLimited("Too many connection attempts from this address; try again in a minute.")
+
+
+def admit() -> None:
+    """Take a stream slot, or raise Capacity (too many streams, or the process is overloaded)."""
+    global _active
+    if _active >= settings.RELAY_MAX_STREAMS_PER_PROCESS:
+        raise Capacity()
+    busy = overloaded()
+    if busy:
+        raise Capacity(f"This relay process is overloaded ({busy}); try again later.")
+    _active += 1
+
+
+def release() -> None:
+    """Give back a slot :func:`admit` took."""
+    global _active
+    _active = max(0, _active - 1)
+
+
+def active_streams() -> int:
+    """Streams this process is serving now."""
+    return _active
+
+
+def _connects_allowed(address: str) -> bool:
+    global _connects
+    limit = settings.RELAY_CONNECTS_PER_MINUTE
+    if _connects is None or _connects.limit != limit:
+        _connects = SlidingWindowLimiter(limit, 60.0, clock=lambda: clock())
+    return _connects.hit(address)
+
+
+# -- load -------------------------------------------------------------------------------------
 async def _watch() -> None:
     while True:
         asked = time.perf_counter()
         await asyncio.sleep(INTERVAL)
-        _lags.append(max(0.0, time.perf_counter() - asked - INTERVAL))
+        note_lag(max(0.0, time.perf_counter() - asked - INTERVAL))
 
 
 def _ensure_watching() -> None:
@@ -49,35 +99,53 @@ def _ensure_watching() -> None:
         _task = loop.create_task(_watch())
 
 
+def note_lag(seconds: float) -> None:
+    """The loop woke ``seconds`` later than asked."""
+    now = clock()
+    _lags.append((now, seconds))
+    while _lags and _lags[0][0] < now - WINDOW:
+        _lags.popleft()
+
+
 def lag_ms() -> float:
     """Mean event-loop lag over the last couple of seconds, in milliseconds."""
-    if not _lags:
-        return 0.0
-    return 1000.0 * sum(_lags) / len(_lags)
+    since = clock() - WINDOW
+    recent = [lag for when, lag in _lags if when >= since]
+    return 1000.0 * sum(recent) / len(recent) if recent else 0.0
 
 
 def note_write(seconds: float) -> None:
     """One turn write took ``seconds`` from the call to the commit."""
-    now = time.monotonic()
-    start = now - now % _BUCKET
+    now = clock()
+    start = now - now % BUCKET
     if not _writes or _writes[-1][0] != start:
         _writes.append([start, 0.0, 0])
-        while _writes and _writes[0][0] < now - WINDOW - _BUCKET:
+        while _writes and _writes[0][0] < now - WINDOW - BUCKET:
             _writes.popleft()
     bucket = _writes[-1]
     bucket[1] += seconds
     bucket[2] += 1
 
 
-def write_latency_ms() -> float:
-    """Mean latency of the turn writes of the last couple of seconds (0 without writes)."""
-    since = time.monotonic() - WINDOW - _BUCKET
-    total = count = 0.0
+def _recent_writes() -> tuple[float, int]:
+    since = clock() - WINDOW - BUCKET
+    total, count = 0.0, 0
     for start, seconds, n in _writes:
         if start >= since:
             total += seconds
-            count += n
+            count += int(n)
+    return total, count
+
+
+def write_latency_ms() -> float:
+    """Mean latency of the turn writes of the last couple of seconds (0 without writes)."""
+    total, count = _recent_writes()
     return 1000.0 * total / count if count else 0.0
+
+
+def writes_counted() -> int:
+    """How many turn writes the current window holds (what the write-latency mean is over)."""
+    return _recent_writes()[1]
 
 
 def overloaded() -> str:
@@ -92,7 +160,16 @@ def overloaded() -> str:
     return ""
 
 
+def use_clock(new_clock: Callable[[], float]) -> None:
+    """Measure with ``new_clock`` (tests pass a fake one) and forget what was measured."""
+    global clock
+    clock = new_clock
+    reset()
+
+
 def reset() -> None:
-    """Forget the measurements (tests)."""
+    """Forget the measurements and the connect counts."""
+    global _connects
     _lags.clear()
     _writes.clear()
+    _connects = None

@@ -9,6 +9,7 @@ import hashlib
 import secrets
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from relay.store.db import db_async
@@ -57,3 +58,20 @@ def token_authenticate(*, key: str) -> ApiToken:
 
 
 atoken_authenticate = db_async(token_authenticate)
+
+
+async def authenticate(scope: dict[str, Any]) -> Any:
+    """The Django user of a WebSocket: from an API token, else the login session.
+
+    Records the token's pk in the scope. Raises Unauthorized for a bad or revoked key, and for
+    no credentials at all when ``RELAY_REQUIRE_AUTH`` is on.
+    """
+    user = scope.get("user")
+    key = key_from_scope(scope)
+    if key is not None:
+        token = await atoken_authenticate(key=key)
+        scope["relay_token"] = token.pk
+        return token.user or user
+    if settings.RELAY_REQUIRE_AUTH and not getattr(user, "is_authenticated", False):
+        raise Unauthorized()
+    return user

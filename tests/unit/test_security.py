@@ -11,9 +11,11 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 
-from relay.live import auth, admission as load
+from relay.live import admission as load
+from relay.live import auth
 from relay.models import ApiToken, Session
 from tests.support.audio import silence, tone
+from tests.support.clock import FakeClock
 from tests.support.live import ROOT
 from tests.support.wsclient import Client
 
@@ -78,10 +80,18 @@ async def block_loop(seconds: float, times: int) -> None:
         await asyncio.sleep(0.11)  # let the lag watcher take a (late) sample
 
 
-async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(settings):
+@pytest.fixture
+def clock():
+    """The admission measurements' clock, moved by hand (restored afterwards)."""
+    fake = FakeClock()
+    load.use_clock(fake)
+    yield fake
+    load.use_clock(time.monotonic)
+
+
+async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(settings, clock):
     settings.RELAY_MAX_LOOP_LAG_MS = 50
     settings.RELAY_MAX_WRITE_LATENCY_MS = 0  # this test is about the loop
-    load.reset()
     first = Client("/v2/listen?session=lag-a")
     await first.connect()  # starts the watch
     assert not load.overloaded()
@@ -94,7 +104,7 @@ async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(set
     settings.RELAY_MAX_LOOP_LAG_MS = 0  # off: the same lag refuses no one
     assert load.lag_ms() > 50 and not load.overloaded()
     settings.RELAY_MAX_LOOP_LAG_MS = 50
-    await asyncio.sleep(load.WINDOW + 0.3)  # the late samples age out
+    clock.advance(load.WINDOW + 0.3)  # the late samples age out
     assert not load.overloaded()
     again = Client("/v2/listen?session=lag-b")
     assert (await again.connect())["type"] == "Connected"
@@ -102,10 +112,9 @@ async def test_a_process_whose_event_loop_runs_late_refuses_new_streams_only(set
     await first.disconnect()
 
 
-async def test_a_process_whose_database_writes_lag_refuses_new_streams_only(settings):
+async def test_a_process_whose_database_writes_lag_refuses_new_streams_only(settings, clock):
     settings.RELAY_MAX_LOOP_LAG_MS = 0
     settings.RELAY_MAX_WRITE_LATENCY_MS = 100
-    load.reset()
     first = Client("/v2/listen")
     await first.connect()
     assert load.write_latency_ms() == 0  # a connect's own rows do not count (a burst is served)
@@ -119,7 +128,7 @@ async def test_a_process_whose_database_writes_lag_refuses_new_streams_only(sett
     assert (code, seen["code"]) == (4013, "CAPACITY") and "database writes take" in seen["description"]
     await first.send_audio(tone(0.5) + silence(0.7))  # the open stream goes on
     assert (await first.recv_turn_end())["transcript"] == "one two"
-    await asyncio.sleep(load.WINDOW + load._BUCKET + 0.1)  # the slow writes age out
+    clock.advance(load.WINDOW + load.BUCKET + 0.1)  # the slow writes age out
     assert load.overloaded() == ""
     again = Client("/v2/listen")
     assert (await again.connect())["type"] == "Connected"
@@ -127,12 +136,9 @@ async def test_a_process_whose_database_writes_lag_refuses_new_streams_only(sett
     await first.disconnect()
 
 
-async def test_the_flush_of_closing_streams_is_not_counted_as_load(settings):
+async def test_the_flush_of_closing_streams_is_not_counted_as_load(settings, clock):
     """A mass disconnect stores every open turn at once; that queue must not refuse the reconnects."""
-    load.reset()
-
-    def timed_writes() -> int:
-        return sum(n for _, _, n in load._writes)
+    timed_writes = load.writes_counted
 
     c = Client("/v2/listen")
     await c.connect()

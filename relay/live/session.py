@@ -1,0 +1,459 @@
+"""The state of one connection's stream, with no I/O: events in, actions out.
+
+:class:`StreamSession` decides everything the relay promises about one connection (sequence ids,
+session-wide turn indexes for the engine's turns, what is stored before it is sent, which events
+reach the session's other tabs and when, replay dedupe, what an error or a hang-up does) and
+carries out none of it. Each method takes one event (a client frame, an engine event, a
+channel-layer message, the result of a store call, a timer) and returns the actions it implies,
+in the order they must happen. :mod:`relay.live.consumer` performs them and feeds results back;
+unit tests drive this class directly with no server, database, channel layer or event loop.
+
+The ordering rules, each kept here:
+
+* ``Connected`` is the first message; every message is stamped with the next ``sequence_id``.
+* An engine turn gets its session-wide index (:class:`AllocateTurnIndex`) before its first event
+  is sent, and one index for all its events.
+* ``EndOfTurn`` is stored (:class:`StoreTurn`) before anyone hears of it, the speaker included:
+  it is the client's receipt, and replay relies on it. The store reports how many other live
+  connections the session has *after* the commit; a joiner counted there gets the turn live,
+  one that committed later reads it from history. So the turn goes to the group when this
+  connection knew of peers or the store counted some.
+* Other tabs get at most one interim ``Update`` per ``listener_update_seconds`` of audio. A held
+  Update is replaced by newer ones, dropped by the turn's next non-Update event, and otherwise
+  released by a timer, so a listener never stays behind a paused speaker.
+* A live final whose index this connection already replayed is not sent twice.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from relay.engines.base import EngineWarning, StreamOptions, TurnEvent
+from relay.exceptions import BacklogExceeded, ConfigureRejected, FrameTooLarge, RateLimited, RelayError
+from relay.flux import protocol
+from relay.flux.audio import SampleAligner
+from relay.live.limits import SlidingWindowLimiter
+
+LISTENER_UPDATE = "listener_update"
+"""The one timer a stream uses: release the Update held back from other tabs."""
+
+
+# -- actions ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SendClient:
+    """Send this (already stamped) text frame to the client."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendGroup:
+    """Send this channel-layer message to the session's group (other tabs, any process)."""
+
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedAudio:
+    """Give these whole samples to the engine stream."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateTurnIndex:
+    """Reserve the session's next turn index; answer with :meth:`StreamSession.turn_index_allocated`."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTurn:
+    """Store the finished turn; answer with :meth:`StreamSession.turn_stored` (live peers after commit).
+
+    ``timed``: an open stream waits on this write (admission measures it); a closing stream's
+    flush does not.
+    """
+
+    index: int
+    event: TurnEvent
+    timed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """Call :meth:`StreamSession.timer_fired` with ``name`` after ``delay`` seconds."""
+
+    name: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CountPresence:
+    """Count the session's live connections; answer with :meth:`StreamSession.presence_counted`."""
+
+    event: str
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForceEndTurn:
+    """Ask the engine to end the current turn now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Configure:
+    """Apply validated thresholds/keyterms; answer with ``configured`` or ``configure_rejected``."""
+
+    thresholds: dict[str, Any]
+    keyterms: list[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStream:
+    """The client asked to end: flush the engine (its last turn is stored and sent), close 1000."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """End the stream with this error: flush and store, send ``Error``, close with its code."""
+
+    error: RelayError
+
+
+Action = SendClient | SendGroup | FeedAudio | AllocateTurnIndex | StoreTurn | StartTimer | CountPresence | ForceEndTurn | Configure | CloseStream | Fail
+NOTHING: tuple[Action, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A turn this connection stored, for the caller's log and metrics."""
+
+    index: int
+    event: TurnEvent
+
+
+class StreamSession:
+    """One connection's stream: Flux in from the client and the engine, Flux out to the session."""
+
+    def __init__(
+        self,
+        *,
+        options: StreamOptions,
+        max_frame_bytes: int,
+        max_backlog_seconds: float,
+        listener_update_seconds: float,
+        configures_per_minute: int,
+        channel_name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.use_options(options)
+        self.max_frame_bytes = max_frame_bytes
+        self.max_backlog_seconds = max_backlog_seconds
+        self.listener_update_seconds = listener_update_seconds
+        self.channel_name = channel_name
+        self.clock = clock
+        self._configures = SlidingWindowLimiter(configures_per_minute, 60.0, clock=clock)
+
+        self.session_id = ""
+        self.connection_id = ""
+        self.sequence_id = 0
+        self.peers: set[str] = set()  # other live connections of the session
+        self.replayed: set[int] = set()  # turn indexes this connection got by replay
+        self.streaming = False  # audio and control frames are taken (after Connected, until the end)
+        self.closing = False  # an end (error, CloseStream) is under way
+        self.client_gone = False
+        self.flushing = False  # the engine is being flushed: the stream's last events are coming
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.engine_error: RelayError | None = None
+
+        self._engine_turn: int | None = None
+        self._turn_index: int | None = None
+        self._waiting: TurnEvent | None = None  # an event waiting for its turn index
+        self._final: tuple[str, int, bool, TurnEvent] | None = None  # an EndOfTurn waiting for its store
+        self._listener_update_at = float("-inf")
+        self._held: tuple[str, int, float] | None = None
+        self._timer_pending = False
+
+        self.audio_bytes = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.errors = 0
+        self.last_error_code = ""
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, channel_name: str = "") -> StreamSession:
+        """A session with the limits a deployment configured (``RELAY_*`` settings)."""
+        return cls(
+            options=StreamOptions(),
+            max_frame_bytes=settings.RELAY_MAX_FRAME_BYTES,
+            max_backlog_seconds=settings.RELAY_MAX_BACKLOG_SECONDS,
+            listener_update_seconds=settings.RELAY_LISTENER_UPDATE_SECONDS,
+            configures_per_minute=settings.RELAY_CONFIGURES_PER_MINUTE,
+            channel_name=channel_name,
+        )
+
+    # -- connecting ----------------------------------------------------------------------------
+    def use_options(self, options: StreamOptions) -> None:
+        """The stream's options, as the connection's query string set them."""
+        self.options = options
+        self._aligner = SampleAligner(options.sample_width)
+        self.bytes_per_second = options.bytes_per_second
+
+    def opened(self, *, session_id: str, connection_id: str, others: list[str], resumed: bool, engine: str) -> list[Action]:
+        """The connection row is committed: say ``Connected`` (always the first message)."""
+        self.session_id = session_id
+        self.connection_id = connection_id
+        self.peers = set(others)
+        return self._send([], protocol.connected_body(session_id=session_id, resumed=resumed, connection_id=connection_id, engine=engine))
+
+    def joined(self, *, sharing: bool) -> list[Action]:
+        """The group join was attempted (``sharing``: it worked); announce this tab."""
+        out: list[Action] = []
+        if not sharing:
+            self._send(out, protocol.warning_body("SHARING_UNAVAILABLE", "Live sharing with other tabs is unavailable right now; your own transcript is not affected."))
+        self._send(out, protocol.presence_body(event="join", connection_id=self.connection_id, connections=len(self.peers) + 1, session_id=self.session_id))
+        if self.peers:
+            out.append(SendGroup(self._presence_message("join")))
+        return out
+
+    def replay_page(self, records: list[dict[str, Any]]) -> list[Action]:
+        """Finished turns read from the store, oldest first, sent as replayed EndOfTurn."""
+        out: list[Action] = []
+        for record in records:
+            self.replayed.add(record["index"])
+            self._send(out, protocol.turn_info_from_record(record))
+        return out
+
+    def replay_done(self, *, turns: int, last_turn_index: int | None, since: int | None) -> list[Action]:
+        return self._send([], protocol.history_body(turns=turns, last_turn_index=last_turn_index, since=since))
+
+    def ready(self, warnings: list[EngineWarning | protocol.Notice]) -> list[Action]:
+        """Set-up is done: send the warnings gathered meanwhile and take audio from now on."""
+        out: list[Action] = []
+        for warning in warnings:
+            self._send(out, protocol.warning_body(warning.code, warning.description))
+        self.streaming = True
+        return out
+
+    # -- client -> relay -----------------------------------------------------------------------
+    def receive_bytes(self, data: bytes) -> list[Action] | tuple[Action, ...]:
+        size = len(data)
+        if not size or self.closing or not self.streaming:
+            return NOTHING
+        if size > self.max_frame_bytes:
+            return [Fail(FrameTooLarge(f"Frames may be at most {self.max_frame_bytes} bytes; got {size}."))]
+        self.messages_received += 1
+        self.audio_bytes += size
+        pcm = self._aligner.push(data)
+        return [FeedAudio(pcm)] if pcm else NOTHING
+
+    def backlog(self, seconds: float) -> Fail | None:
+        """The engine's unprocessed audio after a feed; too much ends the stream."""
+        if seconds > self.max_backlog_seconds and not self.closing:
+            return Fail(BacklogExceeded())
+        return None
+
+    def receive_text(self, text: str) -> list[Action] | tuple[Action, ...]:
+        if self.closing or not self.streaming:
+            return NOTHING
+        self.messages_received += 1
+        if len(text) > self.max_frame_bytes:
+            return [Fail(FrameTooLarge(f"Frames may be at most {self.max_frame_bytes} bytes."))]
+        try:
+            message = protocol.parse_client_text(text)
+        except protocol.BadClientMessage as exc:
+            return self._send([], protocol.warning_body(exc.code, exc.description))
+        if message.type == "KeepAlive":
+            return NOTHING
+        if message.type == "ForceEndTurn":
+            return [ForceEndTurn()]
+        if message.type == "Configure":
+            if not self._configures.hit("configure"):
+                return [Fail(RateLimited("Too many Configure messages; at most %d a minute." % self._configures.limit))]
+            try:
+                thresholds, keyterms = protocol.parse_configure(message.data, self.options)
+            except ConfigureRejected as exc:
+                return self.configure_rejected(exc)
+            return [Configure(thresholds, keyterms)]
+        # CloseStream
+        self.closing = True
+        self.close_code, self.close_reason = 1000, "CloseStream"
+        return [CloseStream()]
+
+    def configured(self, options: StreamOptions, warnings: list[EngineWarning]) -> list[Action]:
+        self.options = options
+        out = self._send([], protocol.configure_success_body(options))
+        for warning in warnings:
+            self._send(out, protocol.warning_body(warning.code, warning.description))
+        return out
+
+    def configure_rejected(self, exc: ConfigureRejected) -> list[Action]:
+        return self._send([], protocol.configure_failure_body(exc.code, exc.description))
+
+    def client_disconnected(self, code: int) -> None:
+        """The socket is gone: nothing more is sent to it; the stream is flushed and stored."""
+        self.client_gone = True
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = "client closed" if code in (1000, 1001) else "connection lost"
+
+    # -- engine -> clients ---------------------------------------------------------------------
+    def engine_warning(self, warning: EngineWarning) -> list[Action]:
+        return self._send([], protocol.warning_body(warning.code, warning.description))
+
+    def engine_event(self, event: TurnEvent) -> list[Action]:
+        if event.turn != self._engine_turn or self._turn_index is None:
+            self._engine_turn = event.turn
+            self._turn_index = None
+            self._waiting = event
+            return [AllocateTurnIndex()]
+        return self._turn_event(event)
+
+    def turn_index_allocated(self, index: int) -> list[Action]:
+        event, self._waiting = self._waiting, None
+        assert event is not None, "turn_index_allocated without a waiting event"
+        self._turn_index = index
+        return self._turn_event(event)
+
+    def _turn_event(self, event: TurnEvent) -> list[Action]:
+        index = self._turn_index
+        assert index is not None
+        body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id)
+        out: list[Action] = []
+        fan_out = bool(self.peers)
+        if event.event == "Update":
+            if fan_out:
+                # Each Update carries the whole turn so far, so one held back loses nothing.
+                if event.audio_window_end - self._listener_update_at < self.listener_update_seconds:
+                    self._held = (body, index, event.audio_window_end)
+                    fan_out = False
+                    if not self._timer_pending:
+                        self._timer_pending = True
+                        out.append(StartTimer(LISTENER_UPDATE, self.listener_update_seconds))
+                else:
+                    self._listener_update_at = event.audio_window_end
+                    self._held = None
+        else:
+            self._listener_update_at = float("-inf")
+            self._held = None
+        if event.event == "EndOfTurn":
+            self._final = (body, index, fan_out, event)
+            out.append(StoreTurn(index=index, event=event, timed=not self.flushing))
+            return out
+        self._send(out, body)
+        if fan_out:
+            out.append(SendGroup(self._event_message(body, index, final=False)))
+        return out
+
+    def turn_stored(self, others: int) -> tuple[Finished, list[Action]]:
+        """The finished turn is committed; ``others``: the session's other live connections then."""
+        final, self._final = self._final, None
+        assert final is not None, "turn_stored without a finished turn"
+        body, index, fan_out, event = final
+        self._turn_index = None
+        self._engine_turn = None
+        out = self._send([], body)
+        if fan_out or others > 0:
+            out.append(SendGroup(self._event_message(body, index, final=True)))
+        return Finished(index, event), out
+
+    def engine_failed(self, error: RelayError) -> None:
+        """The engine's event stream died; the stream ends with ``error`` (see :meth:`fail`)."""
+        self.engine_error = error
+
+    def timer_fired(self, name: str) -> list[Action]:
+        if name != LISTENER_UPDATE:
+            return []
+        self._timer_pending = False
+        held, self._held = self._held, None
+        if held is None:  # superseded meanwhile
+            return []
+        body, index, audio_end = held
+        self._listener_update_at = audio_end
+        return [SendGroup(self._event_message(body, index, final=False))]
+
+    # -- other tabs -> this one ----------------------------------------------------------------
+    def layer_event(self, message: dict[str, Any]) -> list[Action] | tuple[Action, ...]:
+        if message["origin"] == self.channel_name:
+            return NOTHING
+        if message["final"] and message["turn_index"] in self.replayed:
+            return NOTHING
+        return self._send([], message["body"])
+
+    def layer_presence(self, message: dict[str, Any]) -> list[Action] | tuple[Action, ...]:
+        if message["origin"] == self.channel_name:
+            return NOTHING
+        if message["event"] == "join":
+            self.peers.add(message["connection_id"])
+        else:
+            self.peers.discard(message["connection_id"])
+        if self.client_gone or self.closing:
+            return NOTHING
+        return [CountPresence(message["event"], message["connection_id"])]
+
+    def presence_counted(self, event: str, connection_id: str, count: int | None) -> list[Action]:
+        """``count``: the session's live connections, or None when the store could not say."""
+        if count is None:
+            count = len(self.peers) + 1
+        return self._send([], protocol.presence_body(event=event, connection_id=connection_id, connections=count, session_id=self.session_id))
+
+    # -- ending --------------------------------------------------------------------------------
+    def fail(self, error: RelayError) -> bool:
+        """Begin ending the stream with ``error``; False when an end is already under way."""
+        if self.closing:
+            return False
+        self.closing = True
+        self._record_error(error)
+        return True
+
+    def flush_started(self) -> None:
+        """The stream is ending; its remaining events are a flush, not load on open streams."""
+        self.flushing = True
+
+    def final_error(self, error: RelayError | None) -> tuple[RelayError | None, list[Action]]:
+        """After the flush: the error to report (an engine failure during the flush counts)."""
+        if error is None and self.engine_error is not None:
+            error = self.engine_error
+            self._record_error(error)
+        if error is None:
+            return None, []
+        return error, self._send([], protocol.error_body(error.code, error.description))
+
+    def leave(self) -> list[Action]:
+        """The connection is over: other tabs hear that it left."""
+        self._held = None
+        if not self.peers:
+            return []
+        return [SendGroup(self._presence_message("leave"))]
+
+    def counters(self) -> dict[str, Any]:
+        """The connection's totals, as the store records them."""
+        return {
+            "audio_bytes": self.audio_bytes,
+            "audio_seconds": self.audio_bytes / self.bytes_per_second if self.bytes_per_second else 0.0,
+            "messages_received": self.messages_received,
+            "messages_sent": self.messages_sent,
+            "errors": self.errors,
+            "last_error_code": self.last_error_code,
+        }
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _record_error(self, error: RelayError) -> None:
+        self.errors += 1
+        self.last_error_code = error.code
+        self.close_code, self.close_reason = error.close_code, error.code
+
+    def _send(self, out: list[Action], body: str) -> list[Action]:
+        if not self.client_gone:
+            out.append(SendClient(protocol.stamp(body, sequence_id=self.sequence_id, request_id=self.connection_id)))
+            self.sequence_id += 1
+            self.messages_sent += 1
+        return out
+
+    def _event_message(self, body: str, index: int, *, final: bool) -> dict[str, Any]:
+        return {"type": "relay.event", "origin": self.channel_name, "body": body, "turn_index": index, "final": final}
+
+    def _presence_message(self, event: str) -> dict[str, Any]:
+        return {"type": "relay.presence", "event": event, "connection_id": self.connection_id, "origin": self.channel_name}
