@@ -142,7 +142,11 @@ class Turn(models.Model):
     audio_window_end = models.FloatField(default=0.0)
     end_of_turn_confidence = models.FloatField(default=0.0)
     trigger = models.CharField(max_length=32, blank=True)
-    languages = models.JSONField(default=list, blank=True, help_text="Languages the engine detected, when it reports them.")
+    # db_default too: processes of the previous release (a rolling deploy) insert turns without it.
+    languages = models.JSONField(
+        default=list, db_default=models.Value([], output_field=models.JSONField()), blank=True,
+        help_text="Languages the engine detected, when it reports them.",
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:

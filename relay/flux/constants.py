@@ -26,6 +26,10 @@ CLIENT_MESSAGE_TYPES = frozenset({"CloseStream", "ForceEndTurn", "Configure", "K
 #: TurnInfo events, in the order a turn can produce them.
 TURN_EVENTS = ("StartOfTurn", "Update", "EagerEndOfTurn", "TurnResumed", "EndOfTurn")
 
+#: The relay's own messages, beyond Flux, that a client asks for with ``relay_events=``. A plain
+#: Flux client (an official SDK) gets none of them, so it never sees a message type it does not know.
+RELAY_EVENTS = frozenset({"presence", "history"})
+
 #: Every encoding Flux accepts, and the sample rates it allows for raw encodings.
 FLUX_ENCODINGS = frozenset({"linear16", "linear32", "mulaw", "alaw", "opus", "ogg-opus"})
 FLUX_SAMPLE_RATES = frozenset({8000, 16000, 24000, 44100, 48000})

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 from relay.flux.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
 from relay.flux.constants import (
+    RELAY_EVENTS,
     CLIENT_MESSAGE_TYPES,
     DEFAULT_EOT_THRESHOLD,
     DEFAULT_EOT_TIMEOUT_MS,
@@ -50,6 +51,7 @@ KNOWN_PARAMS = {
     "session",
     "since",
     "token",
+    "relay_events",
 }
 
 
@@ -67,6 +69,7 @@ class ConnectParams:
     since: int | None
     options: StreamOptions
     notices: list[Notice] = field(default_factory=list)
+    relay_events: frozenset[str] = frozenset()
 
 
 def validate_session_id(value: str) -> str:
@@ -170,7 +173,16 @@ def parse_connect_params(query_string: bytes | str) -> ConnectParams:
         if name not in KNOWN_PARAMS:
             notices.append(Notice("UNKNOWN_PARAMETER", f"Query parameter {name[:64]!r} is not recognised and was ignored."))
     options.extra = {k: v for k, v in values.items() if k in {"tag", "mip_opt_out"}}
-    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices)
+    relay_events = parse_relay_events(values.get("relay_events", []), notices)
+    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices, relay_events=relay_events)
+
+
+def parse_relay_events(raw: list[str], notices: list[Notice]) -> frozenset[str]:
+    """``relay_events=presence,history`` (comma-separated or repeated): the relay's extra messages."""
+    wanted = {name.strip().lower() for item in raw for name in item.split(",") if name.strip()}
+    for name in sorted(wanted - RELAY_EVENTS)[:8]:
+        notices.append(Notice("UNKNOWN_RELAY_EVENT", f"relay_events {name[:32]!r} is not one of {', '.join(sorted(RELAY_EVENTS))}; it was ignored."))
+    return frozenset(wanted & RELAY_EVENTS)
 
 
 def _check_eager(eot: float | None, eager: float | None, exc: type[RelayError]) -> None:

@@ -6,6 +6,7 @@ the subprotocol pair ``Sec-WebSocket-Protocol: token, <key>``. Keys are stored a
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import secrets
 from typing import Any
 
@@ -47,12 +48,18 @@ def key_from_scope(scope: dict[str, Any]) -> str | None:
     return None
 
 
-def token_authenticate(*, key: str) -> ApiToken:
+def token_authenticate(*, key: str) -> ApiToken | None:
+    """The relay token ``key`` names; None when the relay issued no such key.
+
+    Raises Unauthorized for a key the relay issued and revoked: that is never served.
+    """
     if not key or len(key) > 200:
-        raise Unauthorized("The API token is not valid.")
-    token = ApiToken.objects.select_related("user").filter(digest=digest(key), revoked_at__isnull=True).first()
+        return None
+    token = ApiToken.objects.select_related("user").filter(digest=digest(key)).first()
     if token is None:
-        raise Unauthorized("The API token is not valid.")
+        return None
+    if token.revoked_at is not None:
+        raise Unauthorized("The API token was revoked.")
     ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
     return token
 
@@ -60,18 +67,35 @@ def token_authenticate(*, key: str) -> ApiToken:
 atoken_authenticate = db_async(token_authenticate)
 
 
-async def authenticate(scope: dict[str, Any]) -> Any:
-    """The Django user of a WebSocket: from an API token, else the login session.
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a WebSocket is: its Django user, the relay token it used, and what was ignored."""
 
-    Records the token's pk in the scope. Raises Unauthorized for a bad or revoked key, and for
-    no credentials at all when ``RELAY_REQUIRE_AUTH`` is on.
+    user: Any
+    token_id: int | None = None
+    ignored_key: bool = False
+
+
+UNKNOWN_CREDENTIALS_IGNORED = "UNKNOWN_CREDENTIALS_IGNORED"
+
+
+async def authenticate(scope: dict[str, Any]) -> Credentials:
+    """The credentials of a WebSocket, under the relay's policy.
+
+    A relay token signs in as its user; a revoked one is refused. A key the relay did not issue
+    (a Deepgram key, say: Deepgram's SDKs always send one) is refused when ``RELAY_REQUIRE_AUTH``
+    is on, and otherwise ignored: the stream is served as anonymous and told so with a Warning.
+    Without any key, the login session decides (and ``RELAY_REQUIRE_AUTH`` needs one).
     """
     user = scope.get("user")
     key = key_from_scope(scope)
     if key is not None:
         token = await atoken_authenticate(key=key)
-        scope["relay_token"] = token.pk
-        return token.user or user
+        if token is not None:
+            return Credentials(user=token.user or user, token_id=token.pk)
+        if settings.RELAY_REQUIRE_AUTH:
+            raise Unauthorized("The API token is not valid.")
+        return Credentials(user=user, ignored_key=True)
     if settings.RELAY_REQUIRE_AUTH and not getattr(user, "is_authenticated", False):
         raise Unauthorized()
-    return user
+    return Credentials(user=user)

@@ -71,8 +71,11 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         client = str((self.scope.get("client") or ("", 0))[0] or "")
         admission.check_rate(client)
         params = protocol.parse_connect_params(self.scope.get("query_string", b""))
-        self.session.use_options(params.options)
-        user = await auth.authenticate(self.scope)
+        self.session.use_options(params.options, params.relay_events)
+        credentials = await auth.authenticate(self.scope)
+        if credentials.ignored_key:  # never the key itself in the log
+            self.log.info("unknown_credentials_ignored", client=client)
+            params.notices.append(protocol.Notice(auth.UNKNOWN_CREDENTIALS_IGNORED, "The relay does not know the API key this client sent and serves it without one (RELAY_REQUIRE_AUTH is off)."))
         admission.admit()
         self.admitted = True
         engine = get_engine()
@@ -80,7 +83,7 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
             raise UnsupportedEncoding(f"The {engine.name} engine does not accept {params.options.encoding}.")
         headers = dict(self.scope.get("headers", []))
         opened = await services.aconnection_open(
-            session_id=params.session_id, user=user, engine=engine.alias, since=params.since,
+            session_id=params.session_id, user=credentials.user, engine=engine.alias, since=params.since,
             client_addr=client, user_agent=headers.get(b"user-agent", b"").decode("latin-1"),
         )
         self.log = log.bind(session=opened.session_id, connection=opened.connection_id)

@@ -195,9 +195,10 @@ class StreamSession:
         )
 
     # -- connecting ----------------------------------------------------------------------------
-    def use_options(self, options: StreamOptions) -> None:
-        """The stream's options, as the connection's query string set them."""
+    def use_options(self, options: StreamOptions, relay_events: frozenset[str] = frozenset()) -> None:
+        """The stream's options and the relay extensions it asked for, from the query string."""
         self.options = options
+        self.relay_events = relay_events
         self._aligner = SampleAligner(options.sample_width)
         self.bytes_per_second = options.bytes_per_second
 
@@ -213,7 +214,8 @@ class StreamSession:
         out: list[Action] = []
         if not sharing:
             self._send(out, protocol.warning_body("SHARING_UNAVAILABLE", "Live sharing with other tabs is unavailable right now; your own transcript is not affected."))
-        self._send(out, protocol.presence_body(event="join", connection_id=self.connection_id, connections=len(self.peers) + 1, session_id=self.session_id))
+        if "presence" in self.relay_events:
+            self._send(out, protocol.presence_body(event="join", connection_id=self.connection_id, connections=len(self.peers) + 1, session_id=self.session_id))
         if self.peers:
             out.append(SendGroup(self._presence_message("join")))
         return out
@@ -227,6 +229,9 @@ class StreamSession:
         return out
 
     def replay_done(self, *, turns: int, last_turn_index: int | None, since: int | None) -> list[Action]:
+        """The replay is complete; a client that asked for ``history`` is told so."""
+        if "history" not in self.relay_events:
+            return []
         return self._send([], protocol.history_body(turns=turns, last_turn_index=last_turn_index, since=since))
 
     def ready(self, warnings: list[EngineWarning | protocol.Notice]) -> list[Action]:
@@ -389,7 +394,7 @@ class StreamSession:
             self.peers.add(message["connection_id"])
         else:
             self.peers.discard(message["connection_id"])
-        if self.client_gone or self.closing:
+        if self.client_gone or self.closing or "presence" not in self.relay_events:
             return NOTHING
         return [CountPresence(message["event"], message["connection_id"])]
 

@@ -61,8 +61,8 @@ class Tab:
 
 async def scenario(p1: LiveServer, p2: LiveServer) -> None:
     sid = "mp-" + p1.ws_url[-5:]
-    a = Tab(f"{p1.ws_url}/v2/listen?session={sid}")
-    b = Tab(f"{p2.ws_url}/v2/listen?session={sid}")
+    a = Tab(f"{p1.ws_url}/v2/listen?session={sid}&relay_events=presence,history")
+    b = Tab(f"{p2.ws_url}/v2/listen?session={sid}&relay_events=presence,history")
     ha = await a.open()
     hb = await b.open()
     assert hb["resumed"] is True

@@ -11,7 +11,11 @@ from transcription_site.asgi import application
 
 
 class Client:
-    def __init__(self, path: str = "/v2/listen", headers: list[tuple[bytes, bytes]] | None = None, subprotocols=None) -> None:
+    def __init__(self, path: str = "/v2/listen", headers: list[tuple[bytes, bytes]] | None = None, subprotocols=None,
+                 relay_events: str | None = "presence,history") -> None:
+        """``relay_events``: the relay's extra messages to ask for (None: a plain Flux client)."""
+        if relay_events is not None:
+            path += ("&" if "?" in path else "?") + "relay_events=" + relay_events
         self.comm = WebsocketCommunicator(application, path, headers=headers or [], subprotocols=subprotocols)
         self.messages: list[dict[str, Any]] = []
 

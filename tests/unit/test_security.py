@@ -224,3 +224,29 @@ async def test_connects_without_a_login_cookie_skip_the_user_lookup(monkeypatch)
     assert (await c.connect())["type"] == "Connected"
     await c.disconnect()
     assert len(looked_up) == 1  # a login cookie is still resolved the usual way
+
+
+async def test_with_auth_off_an_unknown_key_is_served_as_anonymous_and_told(settings, caplog):
+    settings.RELAY_REQUIRE_AUTH = False
+    key = "dg-made-up-key-0123456789"
+    c = Client("/v2/listen?session=anon-key", headers=[(b"authorization", f"Token {key}".encode())])
+    assert (await c.connect())["type"] == "Connected"
+    warning = await c.recv()
+    assert (warning["type"], warning["code"]) == ("Warning", "UNKNOWN_CREDENTIALS_IGNORED")
+    await c.disconnect()
+    assert (await sync_to_async(Session.objects.get)(pk="anon-key")).owner_id is None
+    assert "unknown_credentials_ignored" in caplog.text and key not in caplog.text
+
+
+async def test_with_auth_off_a_relay_token_signs_in_and_a_revoked_one_is_refused(settings):
+    settings.RELAY_REQUIRE_AUTH = False
+    user = await sync_to_async(get_user_model().objects.create_user)("svc2", password="x-Relay-123")
+    token, key = await sync_to_async(auth.token_create)(name="ci", user=user)
+    c = Client("/v2/listen?session=tok-off", headers=[(b"authorization", f"Token {key}".encode())])
+    assert (await c.connect())["type"] == "Connected"
+    await c.send_json({"type": "KeepAlive"})
+    await c.disconnect()
+    assert not [m for m in c.messages if m.get("code") == "UNKNOWN_CREDENTIALS_IGNORED"]
+    assert (await sync_to_async(Session.objects.get)(pk="tok-off")).owner_id == user.pk
+    await sync_to_async(ApiToken.objects.filter(pk=token.pk).update)(revoked_at="2026-01-01T00:00:00Z")
+    assert await refused(Client("/v2/listen", headers=[(b"authorization", f"Token {key}".encode())])) == (4001, "UNAUTHORIZED")

@@ -230,3 +230,21 @@ async def test_connections_per_session_are_capped(settings):
     assert (await d.connect())["type"] == "Connected"
     await a.disconnect()
     await d.disconnect()
+
+
+async def test_a_plain_flux_client_gets_no_relay_messages_but_its_history():
+    speaker = Client("/v2/listen?session=plain-flux")
+    await speaker.connect()
+    await speaker.send_audio(tone(0.5) + silence(0.7))
+    await speaker.recv_turn_end()
+    plain = Client("/v2/listen?session=plain-flux", relay_events=None)
+    assert (await plain.connect())["type"] == "Connected"
+    replayed = await plain.recv()
+    assert (replayed["type"], replayed["event"], replayed["replayed"]) == ("TurnInfo", "EndOfTurn", True)
+    await speaker.send_audio(tone(0.5) + silence(0.7))  # a live turn of the other tab reaches it
+    await plain.recv_turn_end()
+    await speaker.disconnect()  # its leave is a Presence: not for this client
+    await plain.send_json({"type": "CloseStream"})
+    await plain.expect_close()
+    assert {m["type"] for m in plain.messages} <= {"Connected", "TurnInfo"}, {m["type"] for m in plain.messages}
+    await plain.disconnect()

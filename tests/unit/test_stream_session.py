@@ -13,7 +13,11 @@ from tests.support.clock import FakeClock
 ME = "me.channel"
 
 
-def new_session(*, peers: list[str] | None = None, clock: FakeClock | None = None, listener_update_seconds: float = 0.5, **options) -> StreamSession:
+ALL_EVENTS = frozenset({"presence", "history"})
+
+
+def new_session(*, peers: list[str] | None = None, clock: FakeClock | None = None, listener_update_seconds: float = 0.5,
+                relay_events: frozenset[str] = ALL_EVENTS, **options) -> StreamSession:
     s = StreamSession(
         options=StreamOptions(**options),
         max_frame_bytes=1000,
@@ -23,6 +27,7 @@ def new_session(*, peers: list[str] | None = None, clock: FakeClock | None = Non
         channel_name=ME,
         clock=clock or FakeClock(),
     )
+    s.use_options(s.options, relay_events)
     s.opened(session_id="room", connection_id="c1", others=peers or [], resumed=False, engine="fake")
     s.joined(sharing=True)
     s.ready([])
@@ -62,6 +67,7 @@ def finish(s: StreamSession, ev: TurnEvent, *, others: int = 0, index: int | Non
 # -- sequence ids and Connected -----------------------------------------------------------------
 def test_connected_is_first_and_every_message_takes_the_next_sequence_id():
     s = StreamSession(options=StreamOptions(), max_frame_bytes=1000, max_backlog_seconds=30, listener_update_seconds=0.5, configures_per_minute=3, channel_name=ME)
+    s.use_options(StreamOptions(), ALL_EVENTS)
     first = sent(s.opened(session_id="room", connection_id="c1", others=["c0"], resumed=True, engine="fake"))
     join = s.joined(sharing=False)
     rest = sent(join) + sent(s.ready([EngineWarning("W", "w")]))
@@ -275,3 +281,25 @@ def test_nothing_is_sent_to_a_client_that_is_gone_and_its_close_is_recorded():
     before = s.sequence_id
     _, after = finish(s, event("EndOfTurn"))
     assert not sent(after) and group(after) and s.sequence_id == before  # other tabs still get it
+
+
+# -- relay extensions are opt-in ----------------------------------------------------------------
+def test_a_plain_flux_client_gets_only_flux_message_types():
+    s = StreamSession(options=StreamOptions(), max_frame_bytes=1000, max_backlog_seconds=30, listener_update_seconds=0.5, configures_per_minute=3, channel_name=ME)
+    out = s.opened(session_id="room", connection_id="c1", others=["c0"], resumed=True, engine="fake")
+    join = s.joined(sharing=True)
+    out += join + s.replay_done(turns=0, last_turn_index=None, since=None) + s.ready([])
+    assert [m["type"] for m in sent(out)] == ["Connected"]
+    assert group(join)  # other tabs still learn of this one
+    assert s.layer_presence({"type": "relay.presence", "event": "join", "connection_id": "c2", "origin": "x"}) == ()
+    assert s.peers == {"c0", "c2"}  # tracked for fan-out all the same
+    assert [m["sequence_id"] for m in sent(s.engine_warning(EngineWarning("W", "w")))] == [1]
+
+
+def test_replayed_turns_reach_a_plain_flux_client_as_ordinary_end_of_turn():
+    s = new_session(relay_events=frozenset())
+    row = {"index": 0, "audio_window_start": 0.0, "audio_window_end": 1.0, "transcript": "x", "words": [], "end_of_turn_confidence": 0.9,
+           "trigger": "model", "languages": [], "connection_id": "c0", "created_at": None}
+    (turn,) = sent(s.replay_page([turn_record(row)]))
+    assert (turn["type"], turn["event"]) == ("TurnInfo", "EndOfTurn")
+    assert s.replay_done(turns=1, last_turn_index=0, since=None) == []

@@ -309,7 +309,7 @@ function onTurn(message) {
 const wsScheme = window.location.protocol === "https:" ? "wss:" : "ws:";
 const connection = new RelayConnection({
   endpoint: `${wsScheme}//${window.location.host}${config.wsPath}`,
-  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000 }),
+  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000, relay_events: "presence,history" }),
   onMessage,
   onStatus,
   bufferSeconds: config.bufferSeconds,
