@@ -4,11 +4,16 @@ Access follows the rules for joining a session: the id is the capability, and a 
 owner is readable only by that user and by staff. Ended sessions stay exportable.
 
 History is read page by page (``relay.store.selectors``) and streamed, so a long session is never held
-in memory. Times: turn windows are relative to their connection's audio, so each turn is placed
-at its connection's offset from the session's start (its ``opened_at``) plus its audio window.
-With one connection that is exactly the audio timeline. Speakers are labelled ("Speaker 1: ...")
-only when turns came from connections that were open at the same time (several tabs); a single
-user's sequential reconnects read as one voice.
+in memory. Times: turn windows are relative to their connection's audio, so every connection gets
+an offset on one session timeline and each turn is placed at that offset plus its audio window
+(:func:`session_timeline`). A connection starts at its wall-clock offset from the session's
+creation, but never before the audio of an earlier connection that had closed when it opened
+has ended: a file uploaded faster than real time takes its audio's length on the timeline, so a
+second upload follows the first instead of overlapping it, while a live reconnect (whose audio
+is never longer than the wall clock) keeps the real gap. Connections open at the same time
+(several tabs) keep their wall-clock offsets and are told apart by speaker labels ("Speaker 1:
+...") given only then; a single user's sequential connections read as one voice, whose cues
+never overlap.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import srt
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db.models import Max
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 
@@ -55,13 +61,22 @@ class Timeline:
 
 
 def session_timeline(*, session: Session) -> Timeline:
+    """Each connection's offset on the session's one timeline, and speaker labels if any overlapped."""
     rows = list(
         Connection.objects.filter(session=session, turns__isnull=False)
-        .distinct()
-        .order_by("opened_at")
-        .values("id", "opened_at", "closed_at")
+        .annotate(last_window_end=Max("turns__audio_window_end"))
+        .order_by("opened_at", "id")
+        .values("id", "opened_at", "closed_at", "audio_seconds", "last_window_end")
     )
-    offsets = {str(r["id"]): max(0.0, (r["opened_at"] - session.created_at).total_seconds()) for r in rows}
+    offsets: dict[str, float] = {}
+    ended: list[tuple[Any, float]] = []  # (closed_at, where its audio ends on the timeline)
+    for r in rows:
+        offset = max(0.0, (r["opened_at"] - session.created_at).total_seconds())
+        # Audio of connections that had closed before this one opened comes first.
+        offset = max([offset, *(end for closed_at, end in ended if closed_at <= r["opened_at"])])
+        offsets[str(r["id"])] = offset
+        if r["closed_at"] is not None:
+            ended.append((r["closed_at"], offset + max(r["audio_seconds"] or 0.0, r["last_window_end"] or 0.0)))
     concurrent = False
     latest_end = None
     for r in rows:

@@ -5,6 +5,20 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
 
+def _register_reason_phrase() -> None:
+    """ASGI carries only the status code; daphne writes the status line with Twisted, whose
+    public ``twisted.web.http.RESPONSES`` table lacks 426, so the line read ``426 Unknown Status``.
+    Adding the phrase there (when Twisted is installed: not under uvicorn alone) fixes it."""
+    try:
+        from twisted.web import http
+    except ImportError:
+        return
+    http.RESPONSES.setdefault(426, b"Upgrade Required")
+
+
+_register_reason_phrase()
+
+
 @require_GET
 def websocket_info(request: HttpRequest) -> JsonResponse:
     """Plain HTTP on a WebSocket path: say how to connect (what ``curl http://host/v2/listen`` shows)."""

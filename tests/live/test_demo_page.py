@@ -72,6 +72,7 @@ def test_page_renders_with_everything_a_person_uses(client):
         'id="mic"',
         'role="meter"',
         'id="share-link"',
+        'id="language"',
         'aria-live="polite"',
         'role="log"',
         'data-download="txt"',

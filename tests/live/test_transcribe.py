@@ -1,5 +1,6 @@
 """The CLI client against a real daphne (fake engine): turns printed as they come, any format
-sox reads, resuming a session, errors reported."""
+PyAV decodes (mp3, ogg, flac made here by PyAV from a WAV), resuming a session, errors reported,
+and a session of two uploads exported on one timeline."""
 from __future__ import annotations
 
 import json
@@ -42,17 +43,44 @@ def test_wav_streams_and_prints_turns_in_order(server, tmp_path):
     assert "audio:" in result.stderr and "100%" in result.stderr  # the progress bar reached the end
 
 
-def test_any_format_sox_reads_is_converted(server, tmp_path):
-    wav = tmp_path / "speech.wav"
-    wav.write_bytes(wav_bytes(SPEECH))
-    flac = tmp_path / "speech-44k-stereo.flac"
-    subprocess.run(["sox", str(wav), "-r", "44100", "-c", "2", str(flac)], check=True)
-    source = open_audio(str(flac), chunk_ms=100)
-    assert source.converted and source.rate == 16000 and source.seconds == pytest.approx(len(SPEECH) / 32000, abs=0.01)
-    result = transcribe(str(flac), "--url", server.ws_url + "/v2/listen", "--no-progress")
+def encode(pcm: bytes, path, *, codec: str, rate: int = 44100, layout: str = "stereo") -> None:
+    """``pcm`` (16 kHz mono s16) written by PyAV as ``path`` in ``codec``, at another rate and layout."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        resampler = av.AudioResampler(format=stream.codec_context.codec.audio_formats[0].name, layout=layout, rate=rate)
+        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for converted in (*resampler.resample(frame), *resampler.resample(None)):
+            converted.pts = None
+            for packet in stream.encode(converted):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+@pytest.mark.parametrize(("name", "codec"), [("speech.mp3", "libmp3lame"), ("speech.ogg", "libopus"), ("speech.flac", "flac")])
+def test_any_format_pyav_decodes_is_converted(server, tmp_path, name, codec):
+    path = tmp_path / name
+    encode(SPEECH, path, codec=codec, rate=48000 if codec == "libopus" else 44100)
+    source = open_audio(str(path), chunk_ms=100)
+    assert source.converted and source.rate == 16000
+    assert source.seconds == pytest.approx(len(SPEECH) / 32000, abs=0.1)  # encoders pad a frame or so
+    pcm = b"".join(source.chunks())
+    assert len(pcm) / 32000 == pytest.approx(len(SPEECH) / 32000, abs=0.1)
+    result = transcribe(str(path), "--url", server.ws_url + "/v2/listen", "--no-progress")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 4 and lines[0] == "[0] one two three" and lines[3].startswith("[3] one two")
+
+
+def test_the_audio_track_of_a_video_file_is_transcribed(tmp_path):
+    path = tmp_path / "talk.m4a"  # an MP4 container, as a video file's audio comes
+    encode(SPEECH, path, codec="aac")
+    pcm = b"".join(open_audio(str(path), chunk_ms=100).chunks())
+    assert len(pcm) / 32000 == pytest.approx(len(SPEECH) / 32000, abs=0.1)
 
 
 def test_realtime_resume_and_json_lines(server, tmp_path):
@@ -80,7 +108,7 @@ def test_unreadable_files_and_urls_are_clear_errors(tmp_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not audio at all" * 10)
     result = transcribe(str(junk), "--url", "ws://127.0.0.1:9/v2/listen")
-    assert result.returncode != 0 and "sox cannot read" in result.stderr
+    assert result.returncode != 0 and "Cannot decode" in result.stderr
     assert "No such file" in transcribe(str(tmp_path / "missing.wav")).stderr
     wav = tmp_path / "short.wav"
     wav.write_bytes(wav_bytes(tone(0.2)))
@@ -111,3 +139,28 @@ def test_what_the_cli_streamed_exports_and_probes_answer_over_daphne(server, tmp
     with urllib.request.urlopen(server.http_url + "/metrics") as response:
         names = {s.name for f in text_string_to_metric_families(response.read().decode()) for s in f.samples}
     assert {"relay_live_connections", "relay_live_sessions", "relay_database_up"} <= names
+
+
+def test_two_uploads_into_one_session_export_without_overlapping_cues(server, tmp_path):
+    """Uploads go faster than real time: the second one's audio follows the first's, not the clock."""
+    import urllib.request
+
+    import srt
+
+    wav = tmp_path / "speech.wav"
+    wav.write_bytes(wav_bytes(SPEECH))
+    for _ in range(2):
+        result = transcribe(str(wav), "--url", server.ws_url + "/v2/listen", "--session", "cli-two", "--no-progress")
+        assert result.returncode == 0, result.stderr
+    with urllib.request.urlopen(server.http_url + "/sessions/cli-two/transcript.srt") as response:
+        subs = list(srt.parse(response.read().decode()))
+    with urllib.request.urlopen(server.http_url + "/sessions/cli-two/transcript.vtt") as response:
+        vtt = response.read().decode()
+    assert len(subs) == 8
+    for before, after in zip(subs, subs[1:]):
+        assert after.start >= before.end, f"cue {after.index} starts before cue {before.index} ends"
+    # The second upload starts where the first's audio ended, not seconds of wall clock later.
+    audio = len(SPEECH) / 32000
+    assert subs[4].start.total_seconds() == pytest.approx(audio, abs=0.5)
+    times = [line.split(" --> ") for line in vtt.splitlines() if " --> " in line]
+    assert len(times) == 8 and all(a[1] <= b[0] for a, b in zip(times, times[1:]))

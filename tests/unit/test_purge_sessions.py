@@ -67,3 +67,10 @@ def test_retention_zero_keeps_everything(aged, settings):
 def test_days_must_be_positive(aged):
     with pytest.raises(CommandError):
         run("--days", "0")
+
+
+def test_verbosity_zero_prints_nothing(aged, settings):
+    assert run("--days", "30", "-v", "0") == ("", "")
+    assert Session.objects.count() == 2
+    settings.RELAY_RETENTION_DAYS = 0
+    assert run("-v", "0") == ("", "")

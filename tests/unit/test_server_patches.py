@@ -19,7 +19,7 @@ from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import abstract
 
 from relay import server
-from relay.server import PatchTargetMissing, autobahn_logs, consumer_loop, inbound_flow, patches, send_limit, shutdown
+from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, inbound_flow, patches, send_limit, shutdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +71,8 @@ BROKEN = [
     (daphne.server.Server, "kill_all_applications", _install_shutdown, "daphne", "Server.kill_all_applications"),
     (AsyncConsumer, "channel_layer_alias", consumer_loop.install, "channels", "AsyncConsumer.channel_layer_alias"),
     (AsyncConsumer, "dispatch", consumer_loop.install, "channels", "AsyncConsumer.dispatch"),
+    (WebSocketProtocol, "handle_reply", close_reason.install, "daphne", "WebSocketProtocol.handle_reply"),
+    (websocket_protocol.WebSocketProtocol, "sendClose", close_reason.install, "autobahn", "WebSocketProtocol.sendClose"),
 ]
 
 
@@ -88,6 +90,55 @@ def test_install_refuses_when_a_target_changed_its_signature(monkeypatch):
     monkeypatch.setattr(WebSocketProtocol, "serverSend", lambda self, payload, is_binary=False: None)
     with pytest.raises(PatchTargetMissing, match=r"parameters \(self, payload, is_binary\), expected \(self, content, binary"):
         send_limit.install(limit_bytes=1024)
+
+
+def test_close_reason_refuses_when_daphne_closes_some_other_way(monkeypatch):
+    def serverClose(self, code=None):
+        self.sendCloseFrame(code=code or 1000)
+
+    monkeypatch.setattr(WebSocketProtocol, "serverClose", serverClose)
+    with pytest.raises(PatchTargetMissing, match="serverClose but its code no longer uses sendClose"):
+        close_reason.install()
+
+
+class _Closing:
+    """Just enough of daphne's protocol for handle_reply: a state and a recorded close."""
+
+    STATE_CONNECTING, STATE_OPEN = 0, 1
+
+    def __init__(self, state: int = 1) -> None:
+        self.state = state
+        self.closed: list[tuple[int | None, str | None]] = []
+
+    def sendClose(self, code=None, reason=None):
+        self.closed.append((code, reason))
+
+    def serverClose(self, code=None):
+        self.sendClose(code=1000 if code is None else code)
+
+    def serverReject(self):
+        self.closed.append(("rejected", None))
+
+
+def test_close_reason_sends_the_reason_truncated_and_leaves_other_replies_to_daphne(monkeypatch):
+    monkeypatch.setattr(WebSocketProtocol, "handle_reply", WebSocketProtocol.handle_reply)
+    close_reason.install()
+    handle_reply = WebSocketProtocol.handle_reply
+    assert handle_reply.relay_patched
+    close_reason.install()
+    assert WebSocketProtocol.handle_reply is handle_reply  # not wrapped twice
+
+    proto = _Closing()
+    handle_reply(proto, {"type": "websocket.close", "code": 4029, "reason": "RATE_LIMITED"})
+    handle_reply(proto, {"type": "websocket.close", "code": 4008, "reason": "é" * 100})
+    handle_reply(proto, {"type": "websocket.close", "code": 4012})
+    assert proto.closed[0] == (4029, "RATE_LIMITED")
+    assert proto.closed[1] == (4008, "é" * 61) and len(proto.closed[1][1].encode()) <= 123
+    assert proto.closed[2] == (4012, None)  # no reason: daphne's own serverClose
+
+    refused = _Closing(state=_Closing.STATE_CONNECTING)
+    handle_reply(refused, {"type": "websocket.close", "code": 4003, "reason": "FORBIDDEN"})
+    assert refused.closed == [("rejected", None)]  # before accept: an HTTP 403, as daphne does
 
 
 def test_install_refuses_when_daphne_stores_its_queue_elsewhere(monkeypatch):

@@ -43,7 +43,8 @@ class Command(BaseCommand):
         if days is None:
             days = settings.RELAY_RETENTION_DAYS
             if days <= 0:
-                self.stdout.write("Retention is off (RELAY_RETENTION_DAYS=0): nothing deleted. Pass --days to purge anyway.")
+                if verbosity > 0:
+                    self.stdout.write("Retention is off (RELAY_RETENTION_DAYS=0): nothing deleted. Pass --days to purge anyway.")
                 return
         cutoff = timezone.now() - timedelta(days=days)
         candidates = (
@@ -86,6 +87,8 @@ class Command(BaseCommand):
         finally:
             bar.close()
         processes, _ = self._stale_processes(cutoff).delete()
+        if verbosity == 0:  # cron: silent unless it fails; a dry run still reports, being asked to
+            return
         self.stdout.write(
             self.style.SUCCESS(
                 f"Deleted {deleted['sessions']} session(s) idle since before {when}, with {deleted['connections']} "

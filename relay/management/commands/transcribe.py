@@ -2,8 +2,9 @@
 
 ``python manage.py transcribe FILE [--url ws://host:port/v2/listen] [--session ID] [--realtime]``
 
-16-bit mono WAV goes as it is (at its own sample rate); anything else (other WAVs, FLAC, MP3,
-Ogg...) is converted to 16 kHz mono Int16 by ``sox`` as it streams. Finished turns are printed to
+16-bit mono WAV goes as it is (at its own sample rate); anything else PyAV (FFmpeg, installed
+with faster-whisper) opens (MP3, M4A/AAC, Ogg/Opus/Vorbis, FLAC, other WAVs, a video file's
+first audio track) is decoded and resampled to 16 kHz mono Int16 as it streams. Finished turns are printed to
 stdout as they arrive, with a progress bar on stderr. It speaks only the public protocol, so it
 works against any relay (or Flux-compatible endpoint), not just this process's database.
 
@@ -16,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 import wave
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from relay.flux.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v2/listen"
-SOX_RATE = 16000
+CONVERTED_RATE = 16000
 
 
 @dataclass
@@ -59,7 +58,7 @@ def open_audio(path: str, *, chunk_ms: int) -> AudioSource:
         simple = False
     if simple and MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         return AudioSource(rate, frames / rate, _wav_chunks(path, rate * chunk_ms // 1000))
-    return _sox_source(path, chunk_ms=chunk_ms)
+    return _decoded_source(path, chunk_ms=chunk_ms)
 
 
 def _wav_chunks(path: str, frames_per_chunk: int) -> Iterator[bytes]:
@@ -68,34 +67,48 @@ def _wav_chunks(path: str, frames_per_chunk: int) -> Iterator[bytes]:
             yield data
 
 
-def _sox_source(path: str, *, chunk_ms: int) -> AudioSource:
-    sox = shutil.which("sox")
-    if sox is None:
-        raise CommandError("This file is not 16-bit mono WAV and sox is not installed to convert it (apt-get install sox).")
-    seconds = None
-    probe = subprocess.run([sox, "--i", "-D", path], capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise CommandError(f"sox cannot read {path}: {probe.stderr.strip() or 'unknown format'}")
+def _decoded_source(path: str, *, chunk_ms: int) -> AudioSource:
+    """Any file with an audio track, decoded by PyAV and resampled to 16 kHz mono s16 as it streams."""
     try:
-        seconds = float(probe.stdout.strip()) or None
-    except ValueError:
-        pass
-    command = [sox, "-V1", path, "-t", "raw", "-e", "signed-integer", "-b", "16", "-c", "1", "-r", str(SOX_RATE), "-L", "-"]
-    chunk_bytes = SOX_RATE * 2 * chunk_ms // 1000
+        import av
+    except ImportError as exc:  # pragma: no cover - av comes with faster-whisper (requirements.txt)
+        raise CommandError("This file is not 16-bit mono WAV and PyAV is not installed to decode it (pip install av).") from exc
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise CommandError(f"Cannot decode {path}: no audio track found in it.")
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / 1_000_000 if container.duration else None
+    except av.FFmpegError as exc:
+        raise CommandError(f"Cannot decode {path}: {exc}") from exc
+    chunk_bytes = CONVERTED_RATE * 2 * chunk_ms // 1000
 
     def chunks() -> Iterator[bytes]:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=CONVERTED_RATE)
+        pending = bytearray()
         try:
-            while data := proc.stdout.read(chunk_bytes):
-                yield data
-        finally:
-            proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            if proc.wait() != 0:
-                raise CommandError(f"sox failed on {path}: {err}")
+            with av.open(path) as container:
+                for frame in _with_flush(container.decode(container.streams.audio[0])):
+                    for out in resampler.resample(frame):
+                        pending += out.to_ndarray().tobytes()  # packed s16 mono: one plane, exact length
+                    while len(pending) >= chunk_bytes:
+                        yield bytes(pending[:chunk_bytes])
+                        del pending[:chunk_bytes]
+        except av.FFmpegError as exc:
+            raise CommandError(f"Cannot decode {path}: {exc}") from exc
+        if pending:
+            yield bytes(pending)
 
-    return AudioSource(SOX_RATE, seconds, chunks(), converted=True)
+    return AudioSource(CONVERTED_RATE, seconds or None, chunks(), converted=True)
+
+
+def _with_flush(frames: Iterator[Any]) -> Iterator[Any]:
+    """The decoded frames, then None, which flushes what the resampler still holds."""
+    yield from frames
+    yield None
 
 
 def stream_url(base: str, *, session: str | None, since: int | None, rate: int) -> str:
@@ -116,7 +129,7 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("file", help="WAV, or any format sox reads")
+        parser.add_argument("file", help="WAV, or any audio or video file FFmpeg (PyAV) decodes: mp3, m4a, ogg, flac...")
         parser.add_argument("--url", default=os.environ.get("RELAY_URL", DEFAULT_URL), help=f"relay WebSocket URL (default {DEFAULT_URL}, or $RELAY_URL)")
         parser.add_argument("--session", help="join or resume this session id (default: a new session)")
         parser.add_argument("--since", type=int, help="replay only turns after this index when resuming")
