@@ -49,6 +49,14 @@ class UnsupportedSampleRate(RelayError):
     close_code = 4008
 
 
+class InvalidAudio(RelayError):
+    """The audio cannot be decoded in the declared encoding (garbage, or too many bad packets)."""
+
+    code = "INVALID_AUDIO"
+    close_code = 4007
+    description = "The audio could not be decoded in the declared encoding."
+
+
 class FrameTooLarge(RelayError):
     """A single WebSocket message exceeded RELAY_MAX_FRAME_BYTES."""
 
@@ -166,6 +174,7 @@ ALL_ERRORS: list[type[RelayError]] = [
     InvalidParameter,
     UnsupportedEncoding,
     UnsupportedSampleRate,
+    InvalidAudio,
     FrameTooLarge,
     BacklogExceeded,
     Forbidden,

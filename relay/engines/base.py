@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from relay.flux import audio
 from relay.flux.constants import DEFAULT_MODEL
 
 EventName = Literal["StartOfTurn", "Update", "EagerEndOfTurn", "TurnResumed", "EndOfTurn"]
@@ -52,6 +53,10 @@ class TurnEvent:
     end_of_turn_confidence: float = 0.0
     trigger: str | None = None
     languages: list[str] | None = None
+    #: ``time.monotonic()`` (this process) by which the engine had received the audio up to
+    #: ``audio_window_end``: the consumer measures end of speech to EndOfTurn from it
+    #: (``relay_end_of_turn_latency_seconds``). None where the engine cannot tell.
+    speech_ended_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +78,9 @@ class StreamOptions:
     eager_eot_threshold: float | None = None
     eot_timeout_ms: int | None = None
     keyterms: list[str] = field(default_factory=list)
+    #: ``language_hint`` values as the client gave them (only with ``flux-general-multi``);
+    #: one pins the language, several narrow detection to them, none detects freely.
+    language_hints: list[str] = field(default_factory=list)
     extra: dict[str, list[str]] = field(default_factory=dict)
 
     #: Fields the client set explicitly (so an engine warns only about what was asked for).
@@ -80,12 +88,12 @@ class StreamOptions:
 
     @property
     def bytes_per_second(self) -> int:
-        width = 2 if self.encoding == "linear16" else 1
-        return self.sample_rate * width
+        """Exact for PCM and G.711; an estimate for compressed audio (see relay.flux.audio)."""
+        return audio.bytes_per_second(self.encoding, self.sample_rate)
 
     @property
     def sample_width(self) -> int:
-        return 2 if self.encoding == "linear16" else 1
+        return audio.sample_width(self.encoding)
 
 
 def model_ignored_warning(
@@ -100,6 +108,19 @@ def model_ignored_warning(
     if "model" not in options.explicit or options.model in models:
         return None
     return EngineWarning("MODEL_IGNORED", f"Model {options.model!r} is not available; {serving}.")
+
+
+def base_language(code: str) -> str:
+    """``pt-BR`` -> ``pt``: Whisper knows base languages only (Flux maps unknown locales the same way)."""
+    return code.split("-", 1)[0].strip().lower()
+
+
+def language_ignored_warning(options: StreamOptions, *, serving: str) -> EngineWarning | None:
+    """``LANGUAGE_IGNORED`` when the client gave language hints this engine cannot use."""
+    if not options.language_hints:
+        return None
+    hints = ", ".join(options.language_hints)
+    return EngineWarning("LANGUAGE_IGNORED", f"Language hint {hints} is not used; {serving}.")
 
 
 _END = object()
@@ -175,13 +196,19 @@ class EngineStream:
         raise NotImplementedError
 
     async def configure(
-        self, thresholds: dict[str, Any], keyterms: list[str] | None
+        self, thresholds: dict[str, Any], keyterms: list[str] | None, *, language_hints: list[str] | None = None
     ) -> list[EngineWarning]:
-        """Apply new thresholds/keyterms mid-stream; raise ConfigureRejected to refuse."""
+        """Apply new thresholds/keyterms/language hints mid-stream; raise ConfigureRejected to refuse.
+
+        ``language_hints`` is passed only when the client sent it (so an engine overriding this
+        with the two positional arguments alone still works for every other Configure).
+        """
         for key, value in thresholds.items():
             setattr(self.options, key, value)
         if keyterms is not None:
             self.options.keyterms = list(keyterms)
+        if language_hints is not None:
+            self.options.language_hints = list(language_hints)
         return []
 
     async def finish(self) -> None:
@@ -213,4 +240,5 @@ class Engine:
         return True, "ok"
 
     def supported_encodings(self) -> set[str]:
-        return {"linear16", "mulaw", "alaw"}
+        """Every Flux encoding by default: engines decode through relay.flux.codecs."""
+        return set(audio.SUPPORTED_ENCODINGS)

@@ -3,16 +3,19 @@
 Speech is any 10 ms window whose RMS exceeds ``energy_threshold`` (tone bursts and silence make
 turns). The transcript names the speech blocks of the turn: one word per ``update_interval_ms``
 of speech ("one two three ..."), so a test knows exactly what to expect from the audio it sent.
-Costs one numpy dot product per 10 ms of audio.
+Costs one numpy dot product per 10 ms of audio. Compressed audio is decoded inline, on the
+event loop (this is a test engine; real engines decode in their worker pools), with the same
+decoders and the same INVALID_AUDIO_PACKET / INVALID_AUDIO rules.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
-from relay.exceptions import ConfigureRejected
-from relay.flux.audio import to_int16
+from relay.exceptions import ConfigureRejected, InvalidAudio
+from relay.flux.codecs import INVALID_AUDIO_PACKET, PACKET_ENCODINGS, decoder_for, frame_packet
 from relay.flux.constants import DEFAULT_EOT_THRESHOLD
 
 from relay.engines.base import (
@@ -23,6 +26,7 @@ from relay.engines.base import (
     StreamOptions,
     TurnEvent,
     Word,
+    language_ignored_warning,
     model_ignored_warning,
 )
 
@@ -41,7 +45,9 @@ class FakeStream(EngineStream):
 
     def __init__(self, engine: "FakeEngine", options: StreamOptions) -> None:
         super().__init__(engine, options)
-        self.rate = options.sample_rate
+        self.decoder = decoder_for(options.encoding, options.sample_rate)
+        self.audio_failed = False
+        self.rate = self.decoder.rate
         self.window = max(1, self.rate // 100)  # 10 ms of samples
         self._pending = np.zeros(0, dtype=np.int16)
         self.samples_done = 0
@@ -80,7 +86,8 @@ class FakeStream(EngineStream):
     def _end_turn(self, trigger: str) -> None:
         if not self.in_turn:
             return
-        self.emit(self._event("EndOfTurn", end_of_turn_confidence=0.95 if trigger == "model" else 1.0, trigger=trigger))
+        # Audio is processed inline in feed(), so now is when the audio that ended the turn arrived.
+        self.emit(self._event("EndOfTurn", end_of_turn_confidence=0.95 if trigger == "model" else 1.0, trigger=trigger, speech_ended_at=time.monotonic()))
         self.in_turn = False
         self.eager_sent = False
         self.words = []
@@ -96,10 +103,31 @@ class FakeStream(EngineStream):
         model_warning = model_ignored_warning(self.options, serving="using the fake engine")
         if model_warning is not None:
             warnings.append(model_warning)
+        language_warning = language_ignored_warning(self.options, serving="the fake engine makes English number words")
+        if language_warning is not None:
+            warnings.append(language_warning)
         return warnings
 
     def feed(self, audio: bytes) -> None:
-        samples = to_int16(audio, self.options.encoding)
+        if self._closed or self.audio_failed:
+            return
+        try:
+            samples = self.decoder.decode(frame_packet(audio) if self.options.encoding in PACKET_ENCODINGS else audio)
+        except InvalidAudio as exc:
+            # The consumer ends the stream on this error and still calls finish(), which ends
+            # and stores the open turn; no more audio is taken meanwhile.
+            self.audio_failed = True
+            self._audio_warnings()
+            self.emit(exc)
+            return
+        self._audio_warnings()
+        self._windows(samples)
+
+    def _audio_warnings(self) -> None:
+        for description in self.decoder.take_warnings():
+            self.emit(EngineWarning(INVALID_AUDIO_PACKET, description))
+
+    def _windows(self, samples: np.ndarray) -> None:
         if self._pending.size:
             samples = np.concatenate((self._pending, samples))
         n_windows = samples.size // self.window
@@ -149,13 +177,27 @@ class FakeStream(EngineStream):
     async def force_end_turn(self) -> None:
         self._end_turn("manual")
 
-    async def configure(self, thresholds: dict[str, Any], keyterms: list[str] | None) -> list[EngineWarning]:
+    async def configure(
+        self, thresholds: dict[str, Any], keyterms: list[str] | None, *, language_hints: list[str] | None = None
+    ) -> list[EngineWarning]:
         if thresholds.get("eot_timeout_ms") == 0:
             raise ConfigureRejected("eot_timeout_ms must be positive.")
-        await super().configure(thresholds, keyterms)
-        return [EngineWarning("KEYTERMS_IGNORED", "The fake engine does not use keyterms.")] if keyterms else []
+        await super().configure(thresholds, keyterms, language_hints=language_hints)
+        warnings = [EngineWarning("KEYTERMS_IGNORED", "The fake engine does not use keyterms.")] if keyterms else []
+        if language_hints:
+            warnings.append(EngineWarning("LANGUAGE_IGNORED", "The fake engine makes English number words; language hints are not used."))
+        return warnings
 
     async def finish(self) -> None:
+        if self._closed:
+            return
+        if not self.audio_failed:
+            try:
+                self._windows(self.decoder.finish())
+            except InvalidAudio as exc:
+                self.audio_failed = True
+                self.emit(exc)
+            self._audio_warnings()
         self._end_turn(TRIGGER_END_OF_STREAM)
         self.end()
 

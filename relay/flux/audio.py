@@ -1,7 +1,9 @@
-"""Audio helpers with no I/O: sample alignment, G.711 decoding, resampling.
+"""Audio helpers with no I/O: sample alignment, PCM and G.711 decoding, resampling.
 
 Clients may split samples across WebSocket frames (odd-length linear16 frames); engines always
-receive whole samples. G.711 (mu-law, A-law) is decoded through 256-entry tables computed once
+receive whole samples (compressed encodings pass through whole: their decoders in
+:mod:`relay.flux.codecs` reassemble them). linear32 is 32-bit signed little-endian PCM, as
+Deepgram's Flux announcement defines it. G.711 (mu-law, A-law) is decoded through 256-entry tables computed once
 from the ITU-T G.711 formulas (the standard library's ``audioop`` is gone in Python 3.13), and
 resampling uses soxr (a well-kept high-quality resampler), not hand-rolled loops.
 """
@@ -9,9 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 
-SUPPORTED_ENCODINGS = ("linear16", "mulaw", "alaw")
+SUPPORTED_ENCODINGS = ("linear16", "linear32", "mulaw", "alaw", "opus", "ogg-opus")
+#: Bytes per sample of the sample-based encodings; compressed ones have no fixed width.
+SAMPLE_WIDTHS = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
+COMPRESSED_ENCODINGS = frozenset({"opus", "ogg-opus"})
+#: What a second of compressed audio is taken to weigh when sizing backlogs and buffers
+#: (32 kbit/s, speech Opus at a usual bitrate; a higher bitrate only makes limits stricter).
+COMPRESSED_BYTES_PER_SECOND = 4000
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
+
+
+def sample_width(encoding: str) -> int:
+    """Bytes per sample; 1 for compressed encodings, which SampleAligner passes through as sent."""
+    return SAMPLE_WIDTHS.get(encoding, 1)
+
+
+def bytes_per_second(encoding: str, sample_rate: int) -> int:
+    if encoding in COMPRESSED_ENCODINGS:
+        return COMPRESSED_BYTES_PER_SECOND
+    return sample_rate * sample_width(encoding)
 
 
 class SampleAligner:
@@ -82,6 +101,8 @@ def to_int16(data: bytes, encoding: str) -> np.ndarray:
     """Decode whole samples of ``encoding`` to Int16 PCM."""
     if encoding == "linear16":
         return np.frombuffer(data, dtype="<i2")
+    if encoding == "linear32":
+        return (np.frombuffer(data, dtype="<i4") >> 16).astype(np.int16)
     if encoding == "mulaw":
         return _ULAW_TO_INT16[np.frombuffer(data, dtype=np.uint8)]
     if encoding == "alaw":
@@ -94,24 +115,54 @@ def from_int16(samples: np.ndarray | bytes, encoding: str) -> bytes:
     pcm = np.frombuffer(samples, dtype="<i2") if isinstance(samples, (bytes, bytearray, memoryview)) else np.asarray(samples, dtype=np.int16)
     if encoding == "linear16":
         return pcm.astype("<i2").tobytes()
+    if encoding == "linear32":
+        return (pcm.astype("<i4") << 16).tobytes()
     return _g711_encode(pcm, encoding).tobytes()
 
 
 class Resampler:
-    """Streaming conversion of any supported input to float32 mono at ``target_rate``."""
+    """Streaming conversion of any supported input to float32 mono at ``target_rate``.
+
+    Decodes too (:func:`relay.flux.codecs.decoder_for`), so call :meth:`process` where CPU work
+    belongs (an engine's worker pool), then hand :meth:`take_warnings` to the client. For
+    ``opus`` the data is length-prefixed packets (:func:`relay.flux.codecs.frame_packet`).
+    """
 
     def __init__(self, encoding: str, source_rate: int, target_rate: int = 16000) -> None:
+        from relay.flux.codecs import decoder_for
+
         self.encoding = encoding
-        self.source_rate = source_rate
+        self.decoder = decoder_for(encoding, source_rate)
+        self.source_rate = self.decoder.rate
         self.target_rate = target_rate
         self._stream = None
-        if source_rate != target_rate:
+        self.failed = False
+        if self.source_rate != target_rate:
             import soxr
 
-            self._stream = soxr.ResampleStream(source_rate, target_rate, 1, dtype="float32", quality="HQ")
+            self._stream = soxr.ResampleStream(self.source_rate, target_rate, 1, dtype="float32", quality="HQ")
 
     def process(self, data: bytes, last: bool = False) -> np.ndarray:
-        samples = to_int16(data, self.encoding).astype(np.float32) / 32768.0
+        """Raises relay.exceptions.InvalidAudio when the audio is past saving; from then on the
+        decoder takes nothing more, but ``last=True`` still flushes what was decoded before."""
+        from relay.exceptions import InvalidAudio
+
+        pcm = np.zeros(0, dtype=np.int16)
+        if not self.failed:
+            try:
+                if data:
+                    pcm = self.decoder.decode(data)
+                if last:
+                    tail = self.decoder.finish()
+                    pcm = np.concatenate((pcm, tail)) if tail.size else pcm
+            except InvalidAudio:
+                self.failed = True
+                raise
+        samples = pcm.astype(np.float32) / 32768.0
         if self._stream is None:
             return samples
         return self._stream.resample_chunk(samples, last=last)
+
+    def take_warnings(self) -> list[str]:
+        """``INVALID_AUDIO_PACKET`` descriptions since the last call."""
+        return self.decoder.take_warnings()

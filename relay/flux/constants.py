@@ -9,6 +9,19 @@ import re
 
 #: The model a stream gets without ``model=``; the relay's engines are all English-first.
 DEFAULT_MODEL = "flux-general-en"
+#: Flux's multilingual model: detects each turn's language (reported in TurnInfo ``languages``)
+#: and is the only model that takes ``language_hint``.
+MULTILINGUAL_MODEL = "flux-general-multi"
+#: Language hints a client may give (``language_hint=``, ``language=``, Configure
+#: ``language_hints``): Whisper's language codes, a superset of Flux's ten. A locale subtag
+#: (``pt-BR``) is accepted and means its base language, as Flux does.
+LANGUAGE_CODES = frozenset(
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he "
+    "hi hr ht hu hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl "
+    "nn no oc pa pl ps pt ro ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz "
+    "vi yi yo zh yue".split()
+)
+MAX_LANGUAGE_HINTS = 10
 #: Flux's default end-of-turn confidence threshold (allowed 0.5-0.9).
 DEFAULT_EOT_THRESHOLD = 0.7
 #: Flux's default cap on a turn's silence before it is ended regardless of confidence.

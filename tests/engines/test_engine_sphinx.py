@@ -88,6 +88,9 @@ async def test_warns_about_what_it_cannot_honour(engine):
     )
     events = await run_stream(engine.open_stream(options), silence(0.3))
     assert sorted(e.code for e in events) == ["EAGER_EOT_UNSUPPORTED", "EOT_TIMEOUT_IGNORED", "KEYTERMS_IGNORED"]
+    multi = StreamOptions(model="flux-general-multi", language_hints=["de"], explicit={"model", "language_hints"})
+    events = await run_stream(engine.open_stream(multi), silence(0.3))
+    assert sorted(e.code for e in events) == ["LANGUAGE_IGNORED", "MODEL_IGNORED"]
 
 
 async def test_capacity_past_max_streams(engine):

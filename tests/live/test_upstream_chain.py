@@ -56,11 +56,11 @@ async def stream(url: str, audio: bytes, *, close: bool = True) -> tuple[list[di
     messages = []
     async with websockets.connect(url, max_size=None) as ws:
         messages.append(json.loads(await ws.recv()))
-        for chunk in chunks(audio):
-            await ws.send(chunk)
-        if close:
-            await ws.send(json.dumps({"type": "CloseStream"}))
         try:
+            for chunk in chunks(audio):
+                await ws.send(chunk)
+            if close:
+                await ws.send(json.dumps({"type": "CloseStream"}))
             async for raw in ws:
                 messages.append(json.loads(raw))
         except websockets.ConnectionClosedError:
@@ -97,9 +97,11 @@ def test_a_client_of_relay_a_gets_relay_b_turns(tmp_path):
 def test_relay_b_refusing_relay_a_key_is_upstream_auth_failed(tmp_path):
     env_a, env_b = database(tmp_path, "a"), database(tmp_path, "b")
     mint_token(env_b)
-    with LiveServer(env_b, log_name="relay-b") as b, relay_a(b, env_a, "rly_not-a-token-of-b") as a:
+    # Without RELAY_REQUIRE_AUTH, B would serve an unknown key as anonymous. B refuses after the
+    # handshake (Error, close 4001), and A says so instead of Connected.
+    with LiveServer({**env_b, "RELAY_REQUIRE_AUTH": "1"}, log_name="relay-b") as b, relay_a(b, env_a, "rly_not-a-token-of-b") as a:
         messages, code = asyncio.run(stream(a.ws_url + "/v2/listen", tone(0.5), close=False))
-        assert code == 4011 and messages[-1]["type"] == "Error" and messages[-1]["code"] == "UPSTREAM_AUTH_FAILED"
+        assert code == 4011 and [m["type"] for m in messages] == ["Error"] and messages[0]["code"] == "UPSTREAM_AUTH_FAILED"
         assert "rly_not-a-token-of-b" not in json.dumps(messages) and "rly_not-a-token-of-b" not in a.output()
 
 

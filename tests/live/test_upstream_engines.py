@@ -18,6 +18,7 @@ from relay.engines.upstream.flux_client import (
     AudioLog,
     BadUpstreamMessage,
     TurnMapper,
+    configure_message,
     flux_query,
     loggable_url,
     parse_server_message,
@@ -41,6 +42,10 @@ def test_flux_query_passes_the_client_parameters_through():
         "&keyterm=Relay&keyterm=a+b&tag=t1"
     )
     assert flux_query(StreamOptions(), include_model=False) == "encoding=linear16&sample_rate=16000"
+    multi = StreamOptions(model="flux-general-multi", language_hints=["de", "pt-BR"])
+    assert flux_query(multi) == "model=flux-general-multi&encoding=linear16&sample_rate=16000&language_hint=de&language_hint=pt-BR"
+    assert flux_query(multi, include_model=False) == "encoding=linear16&sample_rate=16000"  # Cloudflare: English only
+    assert json.loads(configure_message(None, None, ["es"])) == {"type": "Configure", "language_hints": ["es"]}
     assert with_query("wss://gw.example/v2/listen?x=1", "a=2") == "wss://gw.example/v2/listen?x=1&a=2"
     assert loggable_url("wss://user:pw@gw.example:8443/v2/listen?keyterm=secret") == "wss://gw.example:8443/v2/listen"
 
@@ -266,6 +271,22 @@ async def test_wrong_key_gets_401_and_a_key_revoked_mid_stream_ends_the_stream(u
 
 
 @pytestmark_db
+@pytest.mark.parametrize("refusal", [("UNAUTHORIZED", 4001), ("FORBIDDEN", 4003)])
+async def test_refusal_after_the_handshake_is_an_error_instead_of_connected(upstream, refusal):
+    # A relay upstream accepts the socket and then refuses the token: Error, close 4001. start()
+    # waits for the upstream's first word, so the client never sees Connected. A keepalive longer
+    # than the read timeout: the clean-up of the refused link must not wait for it.
+    async with FakeFlux(api_key=KEY, plans={0: Plan(refuse_in_band=refusal)}) as fake:
+        upstream(fake, KEEPALIVE_SECONDS=60.0)
+        c = Client("/v2/listen?session=refused-in-band")
+        connected, _ = await c.comm.connect()
+        assert connected
+        code, seen = await c.expect_close(timeout=5)
+        assert code == 4011 and [m["type"] for m in seen] == ["Error"] and seen[0]["code"] == "UPSTREAM_AUTH_FAILED"
+        assert len(fake.connections) == 1 and fake.attempts == 1  # never retried
+
+
+@pytestmark_db
 async def test_drop_mid_turn_reconnects_resends_and_keeps_numbering(upstream):
     # Turn 0: StartOfTurn, 3 Updates, EndOfTurn (5 TurnInfos); turn 1 drops after StartOfTurn + 2 Updates.
     async with FakeFlux(api_key=KEY, plans={0: Plan(drop_after_turninfo=8)}) as fake:
@@ -408,9 +429,19 @@ async def test_no_fallback_engine_is_an_error(upstream):
 
     upstream(None, port=free_port(), FALLBACK_ENGINE="")
     c = Client()
-    await c.connect()
+    await c.comm.connect()
     code, seen = await c.expect_close()
-    assert code == 4013 and seen[-1]["code"] == "ENGINE_UNAVAILABLE"
+    assert code == 4013 and [m["type"] for m in seen] == ["Error"] and seen[0]["code"] == "ENGINE_UNAVAILABLE"
+    assert "cannot be reached" in seen[0]["description"]
+
+    # Reachable, but the connection fails before the upstream says a word: the same.
+    async with FakeFlux(api_key=KEY, plans={0: Plan(refuse_in_band=("INTERNAL_SERVER_ERROR", 1011))}) as fake:
+        upstream(fake, FALLBACK_ENGINE="")
+        c = Client()
+        await c.comm.connect()
+        code, seen = await c.expect_close()
+        assert code == 4013 and [m["type"] for m in seen] == ["Error"] and seen[0]["code"] == "ENGINE_UNAVAILABLE"
+        assert len(fake.connections) == 1
 
 
 @pytestmark_db

@@ -49,6 +49,9 @@ class Plan:
     stall_after_messages: int | None = None  # send nothing after this many messages (Connected = 1)
     junk_before_turninfo: int | None = None  # send malformed frames before this TurnInfo
     error_after_connect: tuple[str, int] | None = None  # send Error(code) then close(close_code)
+    #: Accept the socket, then Error(code) and close(close_code) with no Connected: how a relay
+    #: (tests/live/test_upstream_chain.py) refuses an API token it does not know.
+    refuse_in_band: tuple[str, int] | None = None
     deaf: bool = False  # never hears speech
     refuse_configure: bool = False  # answer every Configure with ConfigureFailure
     drop_on: frozenset[str] = frozenset()  # abort TCP instead of handling these message types
@@ -212,9 +215,10 @@ class FakeFlux:
                     await ws.close(1011, "NET-0001")
                     return
 
-        await send({"type": "Connected"})
-        if plan.error_after_connect is not None:
-            code, close_code = plan.error_after_connect
+        if plan.refuse_in_band is None:
+            await send({"type": "Connected"})
+        if plan.error_after_connect is not None or plan.refuse_in_band is not None:
+            code, close_code = plan.error_after_connect or plan.refuse_in_band  # type: ignore[misc]
             await send({"type": "Error", "code": code, "description": "The fake refuses this stream."})
             await ws.close(close_code, code)
             conn.closed, conn.close_code = True, close_code

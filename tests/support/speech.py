@@ -95,3 +95,27 @@ def check_turn_grammar(events: list) -> None:
                 assert eager is None, f"Update after EagerEndOfTurn: {names}"
         if eager is not None:
             assert evs[-1].transcript == eager.transcript
+
+
+def synthesize(voice: str, text: str, directory: Path, *, wpm: int = 160) -> bytes:
+    """Speak ``text`` with espeak-ng now (for languages the committed set lacks): 16 kHz mono Int16.
+
+    Same tools and sox settings as scripts/make_test_audio.py; skips the test without them.
+    """
+    import shutil
+    import subprocess
+
+    import pytest
+
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install espeak-ng sox)")
+    raw, out = directory / f"{voice}-raw.wav", directory / f"{voice}.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(raw), text], check=True, capture_output=True)
+    subprocess.run(
+        ["sox", "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", str(out), "rate", "-v"],
+        check=True,
+        capture_output=True,
+    )
+    with wave.open(str(out)) as w:
+        return w.readframes(w.getnframes())

@@ -19,10 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from relay.exceptions import EngineError, RelayError
+from relay.exceptions import EngineError, InvalidAudio, RelayError
+from relay.flux.audio import Resampler
+from relay.flux.codecs import INVALID_AUDIO_PACKET, PACKET_ENCODINGS, frame_packet
+from relay.ops import metrics
 from relay.ops.logs import get_logger
 
-from relay.engines.base import Engine, EngineStream, StreamOptions
+from relay.engines.base import Engine, EngineStream, EngineWarning, StreamOptions, TurnEvent
 
 log = get_logger("relay.engines")
 
@@ -30,6 +33,8 @@ log = get_logger("relay.engines")
 PRIORITY_FINAL = 0
 PRIORITY_STREAM = 1
 PRIORITY_UPDATE = 2
+#: The ``kind`` label of relay_engine_job_seconds for each priority.
+_JOB_KINDS = {PRIORITY_FINAL: "final", PRIORITY_STREAM: "stream", PRIORITY_UPDATE: "update"}
 
 
 class WorkerPool:
@@ -43,8 +48,12 @@ class WorkerPool:
     letting every stream fall behind.
     """
 
-    def __init__(self, workers: int, name: str, *, max_wait: float = 1.0) -> None:
+    def __init__(self, workers: int, name: str, *, max_wait: float = 1.0, engine: str = "") -> None:
         self.workers = max(1, int(workers))
+        # relay_engine_job_seconds, by the job's priority; children made once, not per job.
+        self._job_seconds = {
+            priority: metrics.ENGINE_JOB_SECONDS.labels(engine=engine or name, kind=kind) for priority, kind in _JOB_KINDS.items()
+        }
         self.low_limit = max(1, self.workers - 1)
         self.max_wait = max_wait
         self._heap: list[tuple[int, int, float, Any]] = []
@@ -85,18 +94,23 @@ class WorkerPool:
                 self.busy += 1
                 self.busy_low += low
             started = time.monotonic()
+            ran = False
             try:
                 if future.set_running_or_notify_cancel():
+                    ran = True
                     try:
                         future.set_result(fn(*args))
                     except BaseException as exc:  # handed to the awaiting stream
                         future.set_exception(exc)
             finally:
+                elapsed = time.monotonic() - started
                 with self._cond:
                     self.busy -= 1
                     self.busy_low -= low
-                    self.busy_seconds += time.monotonic() - started
+                    self.busy_seconds += elapsed
                     self._cond.notify_all()
+                if ran and priority in self._job_seconds:
+                    self._job_seconds[priority].observe(elapsed)
 
     def idle(self) -> bool:
         """A worker is free and nothing is waiting."""
@@ -146,9 +160,22 @@ class OfflineStream(EngineStream):
     """
 
     engine: "OfflineEngine"
+    #: The stream's decoder and resampler, used in the worker pool; the skipped bad packets it
+    #: reports go to the client as INVALID_AUDIO_PACKET warnings after each step.
+    resampler: Resampler | None = None
+    #: ``time.monotonic()`` when the batch being processed was taken off the inbox: the audio in
+    #: it had arrived by then. Taken once per batch by the stream's task, never in feed(); while
+    #: the stream keeps up that is within one loop turn of the audio's arrival (behind, the
+    #: batch's wait in the inbox is not counted). Subclasses put it on EndOfTurn events as
+    #: ``TurnEvent.speech_ended_at`` (:meth:`stamped`).
+    fed_at: float | None = None
 
     def __init__(self, engine: "OfflineEngine", options: StreamOptions) -> None:
         super().__init__(engine, options)
+        # Raw Opus is a packet per frame: the frames queued here are joined, so keep their edges.
+        self._framed = options.encoding in PACKET_ENCODINGS
+        self._finishing: _Control | None = None
+        self._audio_failed = False
         self._inbox: collections.deque[bytes | _Control] = collections.deque()
         self._pending_bytes = 0
         self._wake = asyncio.Event()
@@ -177,6 +204,8 @@ class OfflineStream(EngineStream):
     def feed(self, audio: bytes) -> None:
         if self._closed:
             return
+        if self._framed:
+            audio = frame_packet(audio)
         self._inbox.append(audio)
         self._pending_bytes += len(audio)
         self._wake.set()
@@ -225,7 +254,9 @@ class OfflineStream(EngineStream):
                         if item.kind == "force":
                             await self.end_turn_now("manual")
                             continue
+                        self._finishing = item
                         await self.flush()
+                        self._audio_warnings()
                         self._release()
                         self.end()
                         if item.done is not None and not item.done.done():
@@ -236,8 +267,18 @@ class OfflineStream(EngineStream):
                     while self._inbox and not isinstance(self._inbox[0], _Control):
                         parts.append(self._inbox.popleft())  # type: ignore[arg-type]
                     data = b"".join(parts)
-                    await self.process_audio(data)
+                    self.fed_at = time.monotonic()
+                    if not self._audio_failed:
+                        try:
+                            await self.process_audio(data)
+                        except InvalidAudio as exc:
+                            # Undecodable audio ends the stream, but not this task: the consumer
+                            # still calls finish(), which ends and stores the open turn.
+                            self._audio_failed = True
+                            self._audio_warnings()
+                            self.emit(exc)
                     self._pending_bytes -= len(data)
+                    self._audio_warnings()
         except asyncio.CancelledError:
             raise
         except RelayError as exc:
@@ -246,11 +287,23 @@ class OfflineStream(EngineStream):
             log.exception("engine_stream_failed", engine=self.engine.alias)
             self._fail(EngineError(f"The {self.engine.name} engine failed: {exc.__class__.__name__}."))
 
+    def stamped(self, event: TurnEvent, fed_at: float | None = None) -> TurnEvent:
+        """``event`` with ``speech_ended_at`` set when it is an EndOfTurn (``fed_at``: the batch's, by default)."""
+        if event.event == "EndOfTurn" and event.speech_ended_at is None:
+            event.speech_ended_at = self.fed_at if fed_at is None else fed_at
+        return event
+
+    def _audio_warnings(self) -> None:
+        if self.resampler is not None:
+            for description in self.resampler.take_warnings():
+                self.emit(EngineWarning(INVALID_AUDIO_PACKET, description))
+
     def _fail(self, exc: RelayError) -> None:
         self._release()
+        self._audio_warnings()
         self.emit(exc)
         self.end()
-        for item in self._inbox:
+        for item in (*self._inbox, self._finishing):
             if isinstance(item, _Control) and item.done is not None and not item.done.done():
                 item.done.set_result(None)
         self._inbox.clear()

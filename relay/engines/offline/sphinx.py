@@ -27,7 +27,15 @@ from relay.flux.audio import Resampler
 from relay.flux.constants import DEFAULT_EOT_THRESHOLD
 from relay.ops.logs import get_logger
 
-from relay.engines.base import TRIGGER_END_OF_STREAM, EngineWarning, StreamOptions, TurnEvent, Word, model_ignored_warning
+from relay.engines.base import (
+    TRIGGER_END_OF_STREAM,
+    EngineWarning,
+    StreamOptions,
+    TurnEvent,
+    Word,
+    language_ignored_warning,
+    model_ignored_warning,
+)
 from relay.engines.offline.pool import PRIORITY_STREAM, OfflineEngine, OfflineStream, WorkerPool
 
 if importlib.util.find_spec("pocketsphinx") is None:
@@ -87,6 +95,10 @@ class SphinxStream(OfflineStream):
             model_warning = model_ignored_warning(self.options, serving="using the pocketsphinx en-us model")
             if model_warning is not None:
                 warnings.append(model_warning)
+        if "language_hints" in fields:
+            language_warning = language_ignored_warning(self.options, serving="the sphinx engine transcribes English only")
+            if language_warning is not None:
+                warnings.append(language_warning)
         if self.options.keyterms:
             warnings.append(EngineWarning("KEYTERMS_IGNORED", "The sphinx engine does not use keyterms."))
         if self.options.eager_eot_threshold is not None:
@@ -95,9 +107,11 @@ class SphinxStream(OfflineStream):
             warnings.append(EngineWarning("EOT_TIMEOUT_IGNORED", "The sphinx engine ends turns after its endpointer window; eot_timeout_ms is not used."))
         return warnings
 
-    async def configure(self, thresholds: dict[str, Any], keyterms: list[str] | None) -> list[EngineWarning]:
-        await super().configure(thresholds, keyterms)
-        fields = set(thresholds) | ({"keyterm"} if keyterms else set())
+    async def configure(
+        self, thresholds: dict[str, Any], keyterms: list[str] | None, *, language_hints: list[str] | None = None
+    ) -> list[EngineWarning]:
+        await super().configure(thresholds, keyterms, language_hints=language_hints)
+        fields = set(thresholds) | ({"keyterm"} if keyterms else set()) | ({"language_hints"} if language_hints else set())
         warnings = self._warnings(fields - {"model"})
         if "eot_threshold" in thresholds:
             warnings.append(EngineWarning("EOT_THRESHOLD_NEXT_STREAM", "The sphinx endpointer window is fixed per stream; eot_threshold applies to new streams."))
@@ -196,15 +210,15 @@ class SphinxStream(OfflineStream):
     # -- loop side ------------------------------------------------------------------------------
     async def process_audio(self, audio: bytes) -> None:
         for event in await self.engine.pool.run(PRIORITY_STREAM, self._process, audio, False):
-            self.emit(event)
+            self.emit(self.stamped(event))
 
     async def end_turn_now(self, trigger: str) -> None:
         for event in await self.engine.pool.run(PRIORITY_STREAM, self._force):
-            self.emit(event)
+            self.emit(self.stamped(event))
 
     async def flush(self) -> None:
         for event in await self.engine.pool.run(PRIORITY_STREAM, self._process, b"", True):
-            self.emit(event)
+            self.emit(self.stamped(event))
 
 
 class SphinxEngine(OfflineEngine):
@@ -220,7 +234,7 @@ class SphinxEngine(OfflineEngine):
         self.workers = int(self.options.get("workers") or 1)
         self.max_streams = int(self.options.get("max_streams") or 16)
         self.update_interval_s = float(self.options.get("update_interval_ms", 250)) / 1000
-        self.pool = WorkerPool(self.workers, f"sphinx-{alias}", max_wait=float(self.options.get("max_queue_wait_s", 1.0)))
+        self.pool = WorkerPool(self.workers, f"sphinx-{alias}", max_wait=float(self.options.get("max_queue_wait_s", 1.0)), engine=alias)
         self._idle: list[Any] = []
         self._idle_lock = threading.Lock()
 

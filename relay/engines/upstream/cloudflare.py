@@ -12,7 +12,7 @@ from django.conf import settings
 from relay.exceptions import EngineUnavailable
 from relay.flux.constants import DEFAULT_MODEL
 
-from relay.engines.base import EngineWarning, StreamOptions, model_ignored_warning
+from relay.engines.base import EngineWarning, StreamOptions, language_ignored_warning, model_ignored_warning
 from relay.engines.upstream.engine import Secret, UpstreamEngine
 from relay.engines.upstream.flux_client import loggable_url
 
@@ -53,5 +53,6 @@ class CloudflareEngine(UpstreamEngine):
         return {"linear16"}
 
     def option_warnings(self, options: StreamOptions) -> list[EngineWarning]:
-        warning = model_ignored_warning(options, serving=f"Cloudflare Workers AI serves {CLOUDFLARE_MODEL} only", supported=CLOUDFLARE_MODEL)
-        return [warning] if warning is not None else []
+        serving = f"Cloudflare Workers AI serves {CLOUDFLARE_MODEL} only"
+        warnings = [model_ignored_warning(options, serving=serving, supported=CLOUDFLARE_MODEL), language_ignored_warning(options, serving=serving)]
+        return [w for w in warnings if w is not None]

@@ -133,6 +133,7 @@ class LinkedStream(EngineStream):
     _wake: asyncio.Event
     _link: Link | None
     _last_link: Link | None
+    _started: asyncio.Future | None  # start() waits on it until the first link hears the upstream
     _finishing: bool
     _force_pos: int | None
     _loud_end: int
@@ -214,6 +215,8 @@ class LinkedStream(EngineStream):
                     log.warning("upstream_bad_message", engine=self.engine.alias, reason=str(exc), chars=len(raw))
                 else:
                     self._on_message(link, msg)
+                if self._started is not None and not self._started.done():
+                    self._started.set_result(None)  # it spoke (Connected) rather than refuse: started
                 link.audio_since_message = False
                 link.clock = loop.time() if self._owes_answer(link) else None
         except ConnectionClosed:
@@ -294,8 +297,11 @@ class LinkedStream(EngineStream):
                 link.close_sent = True
             idle = loop.time() - link.last_send
             try:
-                await asyncio.wait_for(self._wake.wait(), max(self.config.keepalive_seconds - idle, 0.001))
-            except asyncio.TimeoutError:
+                # Not wait_for: on 3.11 it drops a cancel that lands as the wake-up does, and the
+                # writer then sleeps until the keepalive while _serve waits for it to end.
+                async with asyncio.timeout(max(self.config.keepalive_seconds - idle, 0.001)):
+                    await self._wake.wait()
+            except TimeoutError:
                 if not link.close_sent:
                     # The client is silent: keep the upstream from closing an idle connection.
                     await ws.send(KEEPALIVE)

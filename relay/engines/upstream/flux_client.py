@@ -63,6 +63,8 @@ def flux_query(options: StreamOptions, *, include_model: bool = True) -> str:
         if value is not None:
             pairs.append((name, _number(value)))
     pairs += [("keyterm", term) for term in options.keyterms]
+    if include_model:  # Flux takes hints only with model=flux-general-multi, which the relay checked
+        pairs += [("language_hint", hint) for hint in options.language_hints]
     for name in ("tag", "mip_opt_out"):
         pairs += [(name, value) for value in options.extra.get(name, [])]
     return urlencode(pairs)
@@ -83,13 +85,17 @@ def loggable_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def configure_message(thresholds: Mapping[str, Any] | None = None, keyterms: list[str] | None = None) -> str:
+def configure_message(
+    thresholds: Mapping[str, Any] | None = None, keyterms: list[str] | None = None, language_hints: list[str] | None = None
+) -> str:
     """A Flux ``Configure`` message; only what is given is changed upstream."""
     body: dict[str, Any] = {"type": "Configure"}
     if thresholds:
         body["thresholds"] = dict(thresholds)
     if keyterms is not None:
         body["keyterms"] = keyterms
+    if language_hints is not None:
+        body["language_hints"] = language_hints
     return json.dumps(body)
 
 

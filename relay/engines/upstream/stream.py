@@ -20,7 +20,7 @@ import numpy as np
 from websockets.exceptions import InvalidURI, WebSocketException
 
 from relay.exceptions import ConfigureRejected, EngineError, EngineUnavailable, RelayError, UpstreamAuthFailed
-from relay.flux.audio import to_int16
+from relay.flux.audio import COMPRESSED_ENCODINGS, to_int16
 from relay.ops.logs import get_logger
 
 from relay.engines.base import TRIGGER_END_OF_STREAM, EngineStream, EngineWarning, StreamOptions
@@ -127,31 +127,44 @@ class UpstreamStream(LinkedStream):
             self._force_pos = self.log.fed
         self._send_text(FORCE_END_TURN)
 
-    async def configure(self, thresholds: dict[str, Any], keyterms: list[str] | None) -> list[EngineWarning]:
+    async def configure(
+        self, thresholds: dict[str, Any], keyterms: list[str] | None, *, language_hints: list[str] | None = None
+    ) -> list[EngineWarning]:
+        hints = {} if language_hints is None else {"language_hints": language_hints}
         if self._fallback is not None:
-            warnings = await self._fallback.configure(thresholds, keyterms)
-            await super().configure(thresholds, keyterms)  # the consumer reports our options
+            warnings = await self._fallback.configure(thresholds, keyterms, **hints)
+            await super().configure(thresholds, keyterms, **hints)  # the consumer reports our options
             return warnings
+        warnings: list[EngineWarning] = []
+        if language_hints is not None and not self.engine.sends_model:
+            # An upstream with a fixed English model (Cloudflare) would refuse them.
+            if language_hints:
+                warnings.append(EngineWarning("LANGUAGE_IGNORED", f"The {self.engine.alias} upstream serves one English model; language hints are not used."))
+            language_hints = None
         before = {name: getattr(self.options, name) for name in thresholds}
-        old_keyterms = list(self.options.keyterms)
+        old_keyterms, old_hints = list(self.options.keyterms), list(self.options.language_hints)
         # Applied locally first: a reconnect sends the new values as query parameters.
-        await super().configure(thresholds, keyterms)
+        await super().configure(thresholds, keyterms, language_hints=language_hints)
         link = self._link
         if link is None:
-            return []
+            return warnings
+        if not thresholds and keyterms is None and language_hints is None:
+            return warnings  # nothing left to send upstream
         reply: asyncio.Future = asyncio.get_running_loop().create_future()
         link.configures.append((reply, False))
-        self._send_text(configure_message(thresholds, keyterms))
+        self._send_text(configure_message(thresholds, keyterms, language_hints))
         try:
-            rejected = await asyncio.wait_for(asyncio.shield(reply), self.config.stall_seconds)
-        except asyncio.TimeoutError:
-            return []  # unconfirmed; a silent upstream is the stall watchdog's business
+            async with asyncio.timeout(self.config.stall_seconds):  # not wait_for: see _write_loop
+                rejected = await asyncio.shield(reply)
+        except TimeoutError:
+            return warnings  # unconfirmed; a silent upstream is the stall watchdog's business
         if rejected is not None:
             for name, value in before.items():
                 setattr(self.options, name, value)
             self.options.keyterms = old_keyterms
+            self.options.language_hints = old_hints
             raise ConfigureRejected(rejected)
-        return []
+        return warnings
 
     async def finish(self) -> None:
         self._finishing = True
@@ -159,8 +172,9 @@ class UpstreamStream(LinkedStream):
         task = self._task
         if task is not None and not task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(task), self.config.close_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.config.close_timeout):
+                    await asyncio.shield(task)
+            except TimeoutError:
                 log.warning("upstream_flush_incomplete", engine=self.engine.alias, timeout=f"{self.config.close_timeout:.1f}s")
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -182,6 +196,8 @@ class UpstreamStream(LinkedStream):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _is_loud(self, audio: bytes) -> bool:
+        if self.options.encoding in COMPRESSED_ENCODINGS:
+            return True  # not decoded here (the upstream does): keep it all for resend, up to the bound
         samples = to_int16(audio, self.options.encoding).astype(np.float32)
         return bool(samples.size) and float(np.dot(samples, samples)) / samples.size > self._loud_limit
 
@@ -194,6 +210,19 @@ class UpstreamStream(LinkedStream):
         elif exc is not None:
             self._failed = True
             self.emit(exc)
+
+    def _starting_without_fallback(self, why: str) -> bool:
+        """Whether the stream ends here: the first connection failed before the upstream said a
+        word, and there is no fallback engine to wait for. Otherwise the stream starts and the
+        outage runs its course (reconnects, then the fallback) as it would later."""
+        if self._started is None or self._started.done():
+            return False
+        fallback = self.config.fallback_engine
+        if fallback and fallback != self.engine.alias:
+            self._signal_started()
+            return False
+        self._signal_started(EngineUnavailable(f"The upstream speech service {why} and no fallback engine is configured."))
+        return True
 
     def _run_ended(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is None:
@@ -224,8 +253,8 @@ class UpstreamStream(LinkedStream):
                 return
             except Rejected as exc:
                 log.warning("upstream_rejected", engine=alias, url=url, status=exc.args[0])
-                self._signal_started()
                 await self._switch_to_fallback(0.0, reason=f"refused the stream (HTTP {exc})")
+                self._signal_started()
                 return
             except InvalidURI:
                 log.error("upstream_bad_url", engine=alias)
@@ -234,14 +263,16 @@ class UpstreamStream(LinkedStream):
             except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
                 status = getattr(getattr(exc, "response", None), "status_code", "")
                 log.warning("upstream_connect_failed", engine=alias, url=url, error=type(exc).__name__, status=status, attempt=attempt)
-                self._signal_started()
+                if self._starting_without_fallback("cannot be reached"):
+                    return
                 if outage_since is None:
                     outage_since = loop.time()
                 if not warned:
                     self._warn(RECONNECTING, "The upstream speech service cannot be reached; retrying. Audio is kept and will be sent when it is back.")
                     warned = True
                 continue
-            self._signal_started()
+            # start() waits on: the upstream's first message (its Connected), or a refusal after
+            # the handshake (a relay checks its API tokens then: Error, close 4001).
             replay = self.log.size / self.bps
             if warned:
                 lost = self.log.lost / self.bps
@@ -263,6 +294,8 @@ class UpstreamStream(LinkedStream):
                 link = self._last_link
                 healthy = link is not None and (link.answered or (kind == "dropped" and loop.time() - opened >= self.config.stall_seconds))
                 log.warning("upstream_lost", engine=alias, url=url, reason=kind, detail=str(exc), healthy=healthy)
+                if self._starting_without_fallback("dropped the stream as it opened"):
+                    return
                 if healthy or outage_since is None:
                     outage_since = loop.time()
                     attempt = 0
@@ -281,8 +314,7 @@ class UpstreamStream(LinkedStream):
             stream, warnings = await fallback_stream_open(alias, self.options, upstream_alias=self.engine.alias)
         except RelayError as exc:
             log.error("upstream_fallback_failed", engine=self.engine.alias, fallback=alias, error=exc.description)
-            self._failed = True
-            self.emit(EngineUnavailable(f"The upstream speech service {why} and no fallback engine is available."))
+            self._signal_started(EngineUnavailable(f"The upstream speech service {why} and no fallback engine is available."))
             return
         log.warning("upstream_fallback", engine=self.engine.alias, fallback=alias, reason=why, replay=f"{self.log.size / self.bps:.2f}s")
         if self._force_pos is not None and self.turns.open:

@@ -234,7 +234,9 @@ function buildTurn(turn) {
   who.className = "speaker";
   meta.append(who);
   const time = document.createElement("time");
-  meta.append(time);
+  const language = document.createElement("span");
+  language.className = "turn-lang";
+  meta.append(time, language);
   const text = document.createElement("p");
   text.className = "turn-text";
   li.append(meta, text);
@@ -252,6 +254,10 @@ function fillTurn(li, turn) {
     time.textContent = "earlier";
   }
   li.querySelector(".turn-text").textContent = turn.transcript;
+  const language = li.querySelector(".turn-lang");
+  language.textContent = (turn.languages || []).join(", ");
+  language.title = turn.languages?.length ? "Language of this turn" : "";
+  language.hidden = !turn.languages?.length;
 }
 
 function insertOrdered(list, li, index) {
@@ -305,11 +311,43 @@ function onTurn(message) {
   if (stick) scroller.scrollTop = scroller.scrollHeight;
 }
 
+// --- language: English only (flux-general-en), detected per turn, or one language (a hint) -------
+const LANGUAGE_KEY = "relay:language";  // a preference of this browser, not of the session
+const languageSelect = $("language");
+try {
+  const saved = localStorage.getItem(LANGUAGE_KEY);
+  if (saved && [...languageSelect.options].some((o) => o.value === saved)) languageSelect.value = saved;
+} catch {
+  // Private mode: English only, as by default.
+}
+
+function languageQuery() {
+  const choice = languageSelect.value;
+  if (choice === "en") return { model: "flux-general-en" };
+  return choice === "auto" ? { model: "flux-general-multi" } : { model: "flux-general-multi", language_hint: choice };
+}
+
+languageSelect.addEventListener("change", async () => {
+  try {
+    localStorage.setItem(LANGUAGE_KEY, languageSelect.value);
+  } catch {
+    // Not kept across reloads; this page still uses it.
+  }
+  if (recording || micBusy) return;
+  // The query is read when connecting: reconnect so the next turn uses the new language.
+  micBusy = true;
+  renderMic();
+  await connection.finish();
+  connection.open();
+  micBusy = false;
+  renderMic();
+});
+
 // --- the relay connection -----------------------------------------------------------------------
 const wsScheme = window.location.protocol === "https:" ? "wss:" : "ws:";
 const connection = new RelayConnection({
   endpoint: `${wsScheme}//${window.location.host}${config.wsPath}`,
-  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000, relay_events: "presence,history" }),
+  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000, relay_events: "presence,history", ...languageQuery() }),
   onMessage,
   onStatus,
   bufferSeconds: config.bufferSeconds,
@@ -344,6 +382,7 @@ function renderMic() {
   micButton.setAttribute("aria-pressed", String(recording));
   $("mic-label").textContent = recording ? "Stop" : "Start microphone";
   micButton.disabled = micBusy;
+  languageSelect.disabled = recording || micBusy;
   body.dataset.recording = String(recording);
   const elapsed = recording ? Math.floor((Date.now() - recordingStartedAt) / 1000) : 0;
   $("elapsed").textContent = `${Math.floor(elapsed / 60)}:${String(elapsed % 60).padStart(2, "0")}`;

@@ -62,6 +62,7 @@ export class Transcript {
       final,
       replayed: Boolean(message.replayed),
       trigger: message.trigger || null,
+      languages: Array.isArray(message.languages) ? message.languages : [],
     };
     if (final) {
       this.interims.delete(index);

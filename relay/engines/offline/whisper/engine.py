@@ -42,8 +42,8 @@ class WhisperEngine(OfflineEngine):
         self.speculate_s = float(opts.get("speculate_ms", 64)) / 1000
         self.speculate_busy_s = max(self.speculate_s, float(opts.get("speculate_busy_ms", 160)) / 1000)
         self.max_turn_s = float(opts.get("max_turn_s", 25.0))
-        self.pool = WorkerPool(self.workers, f"whisper-{alias}", max_wait=float(opts.get("max_queue_wait_s", 1.5)))
-        self.frontend = WorkerPool(1, f"whisper-{alias}-vad")
+        self.pool = WorkerPool(self.workers, f"whisper-{alias}", max_wait=float(opts.get("max_queue_wait_s", 1.5)), engine=alias)
+        self.frontend = WorkerPool(1, f"whisper-{alias}-vad", engine=alias)
         self.model_label = "Whisper"
         self.runner: WhisperModelRunner
         self.vad: SileroVad

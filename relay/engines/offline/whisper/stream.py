@@ -7,16 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from relay.exceptions import EngineError
 from relay.flux.audio import Resampler
-from relay.flux.constants import DEFAULT_EOT_THRESHOLD
+from relay.flux.constants import DEFAULT_EOT_THRESHOLD, DEFAULT_MODEL, MULTILINGUAL_MODEL
 from relay.ops.logs import get_logger
 
-from relay.engines.base import TRIGGER_END_OF_STREAM, EngineWarning, StreamOptions, TurnEvent, Word, model_ignored_warning
+from relay.engines.base import (
+    TRIGGER_END_OF_STREAM,
+    EngineWarning,
+    StreamOptions,
+    TurnEvent,
+    Word,
+    base_language,
+    language_ignored_warning,
+    model_ignored_warning,
+)
 from relay.engines.offline.pool import PRIORITY_FINAL, PRIORITY_STREAM, PRIORITY_UPDATE, OfflineStream
 
 from .runner import RATE, Decoded
@@ -29,6 +39,9 @@ log = get_logger("relay.engines.offline.whisper")
 
 START_WINDOWS = 3  # ~100 ms of speech opens a turn
 PREROLL_S = 0.4
+#: flux-general-multi: a turn's language is settled by the first decode with this much audio (or
+#: by its final when shorter). Earlier Updates decode in a provisional guess and report none.
+LANGUAGE_LOCK_S = 2.0
 
 
 class WhisperStream(OfflineStream):
@@ -47,6 +60,12 @@ class WhisperStream(OfflineStream):
         self._out_idle.set()
         self.update_task: asyncio.Task | None = None
         self.spec: asyncio.Future | None = None
+        # flux-general-multi only (set in start()): the pinned language (one hint), the languages
+        # detection chooses from (several hints), the last turn's language (the prior).
+        self.multilingual = False
+        self.pinned: str | None = None
+        self.candidates: frozenset[str] | None = None
+        self.last_language: str | None = None
         self._reset_turn()
         self.preroll: list[np.ndarray] = []
         self.speech_run = 0
@@ -80,12 +99,39 @@ class WhisperStream(OfflineStream):
             raise
         self.vad_state = self.engine.vad.new_state()
         await super().start()
-        warning = model_ignored_warning(self.options, serving=f"transcribing English with {self.engine.model_label}")
-        return [warning] if warning is not None else []
+        runner = self.engine.runner
+        if self.options.model == MULTILINGUAL_MODEL and runner.multilingual:
+            self.multilingual = True
+            return self._apply_hints()
+        serving = f"transcribing English with {self.engine.model_label}"
+        supported = {DEFAULT_MODEL, MULTILINGUAL_MODEL} if runner.multilingual else DEFAULT_MODEL
+        warnings = [model_ignored_warning(self.options, serving=serving, supported=supported), language_ignored_warning(self.options, serving=serving)]
+        return [w for w in warnings if w is not None]
 
-    async def configure(self, thresholds: dict[str, Any], keyterms: list[str] | None) -> list[EngineWarning]:
-        await super().configure(thresholds, keyterms)  # _limits() and _hotwords() read the options live
-        return []
+    def _apply_hints(self) -> list[EngineWarning]:
+        """One usable hint pins the language; several narrow detection to them; none: any language."""
+        codes = list(dict.fromkeys(base_language(h) for h in self.options.language_hints))
+        usable = [c for c in codes if c in self.engine.runner.languages]
+        self.pinned = usable[0] if len(usable) == 1 else None
+        self.candidates = frozenset(usable) if len(usable) > 1 else None
+        if self.pinned is not None:
+            self.turn_language = self.pinned
+        unknown = [c for c in codes if c not in usable]
+        if not unknown:
+            return []
+        return [EngineWarning("LANGUAGE_IGNORED", f"{self.engine.model_label} cannot transcribe {', '.join(unknown)}; that hint is not used.")]
+
+    async def configure(
+        self, thresholds: dict[str, Any], keyterms: list[str] | None, *, language_hints: list[str] | None = None
+    ) -> list[EngineWarning]:
+        # _limits() and _hotwords() read the options live; new hints apply from the next decode.
+        await super().configure(thresholds, keyterms, language_hints=language_hints)
+        if language_hints is None:
+            return []
+        if not self.multilingual:
+            warning = language_ignored_warning(self.options, serving=f"transcribing English with {self.engine.model_label}")
+            return [warning] if warning is not None else []
+        return self._apply_hints()
 
     # -- turn state -----------------------------------------------------------------------------
     def _reset_turn(self) -> None:
@@ -102,6 +148,7 @@ class WhisperStream(OfflineStream):
         self.updates_started = False
         self.eager_sent = False
         self.last_decoded: Decoded | None = None
+        self.turn_language: str | None = self.pinned  # flux-general-multi: settled for this turn
 
     def _now(self) -> float:
         return self.windows_done * WINDOW_S
@@ -121,8 +168,17 @@ class WhisperStream(OfflineStream):
             words=words,
             audio_window_start=round(start, 3),
             audio_window_end=round(end, 3),
+            languages=self._languages(name, decoded),
             **extra,
         )
+
+    def _languages(self, name: str, decoded: Decoded | None) -> list[str] | None:
+        """flux-general-multi: a final's own language; otherwise the turn's, once settled."""
+        if not self.multilingual:
+            return None
+        if name in ("EagerEndOfTurn", "EndOfTurn") and decoded is not None and decoded.language:
+            return [decoded.language]
+        return [self.turn_language] if self.turn_language else None
 
     def _out(self, item: TurnEvent | asyncio.Future) -> None:
         self._outbox.append(item)
@@ -154,7 +210,11 @@ class WhisperStream(OfflineStream):
 
     def _launch(self, final: bool) -> asyncio.Future:
         priority = PRIORITY_FINAL if final else PRIORITY_UPDATE
-        return asyncio.ensure_future(self.engine.pool.run(priority, self.engine.runner.decode, self._turn_pcm(), final, self._hotwords()))
+        if not self.multilingual:
+            return asyncio.ensure_future(self.engine.pool.run(priority, self.engine.runner.decode, self._turn_pcm(), final, self._hotwords()))
+        # turn_language None: the decode detects the language on its own encoder output.
+        decode = functools.partial(self.engine.runner.decode, candidates=self.candidates, prior=self.last_language)
+        return asyncio.ensure_future(self.engine.pool.run(priority, decode, self._turn_pcm(), final, self._hotwords(), self.turn_language))
 
     # -- audio ----------------------------------------------------------------------------------
     def _frontend(self, data: bytes, last: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +309,8 @@ class WhisperStream(OfflineStream):
         if turn != self.turn or not self.in_turn or self.eager_sent or self._closed:
             return
         self.last_decoded = decoded
+        if self.multilingual and self.turn_language is None and decoded.seconds >= LANGUAGE_LOCK_S:
+            self.turn_language = decoded.language
         confidence = min(0.99, self.silence / max(self._limits()[0], 1e-3))
         self._out(self._turn_event("Update", decoded, end_of_turn_confidence=round(confidence, 3)))
 
@@ -277,10 +339,14 @@ class WhisperStream(OfflineStream):
         self.spec = None  # handed over: _reset_turn must not cancel it
         confidence = {"model": max(self.options.eot_threshold or DEFAULT_EOT_THRESHOLD, 0.9), "timeout": 0.5}.get(trigger, 1.0)
         window = (self.turn, self.turn_start, self._now())
+        fed_at = self.fed_at  # the turn's end arrived with this batch, not with the one after its decode
 
         async def final() -> TurnEvent:
             decoded: Decoded = await job
-            return self._turn_event("EndOfTurn", decoded, window=window, end_of_turn_confidence=confidence, trigger=trigger)
+            if decoded.language and self.multilingual:
+                self.last_language = decoded.language
+            event = self._turn_event("EndOfTurn", decoded, window=window, end_of_turn_confidence=confidence, trigger=trigger)
+            return self.stamped(event, fed_at)
 
         self._out(asyncio.ensure_future(final()))
         self.turn += 1
