@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hmac
 import os
+import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -33,6 +35,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from relay.exceptions import ALL_ERRORS
 from relay.ops.logs import get_logger
 from relay.ops.stability import CLEAN_CLOSE_CODES
+
+if TYPE_CHECKING:
+    from relay.engines.base import TurnEvent
 
 log = get_logger("relay.ops.metrics")
 
@@ -64,9 +69,88 @@ TURNS = Counter("relay_turns", "Finished turns (EndOfTurn), by trigger.", ["trig
 AUDIO_BYTES = Counter("relay_audio_received_bytes", "Audio bytes received from clients.")
 AUDIO_SECONDS = Counter("relay_audio_received_seconds", "Audio received from clients, in seconds of audio.")
 ERRORS = Counter("relay_errors", "Errors sent to clients, by stable error code.", ["code"])
+REFUSALS = Counter(
+    "relay_refusals", "Connection attempts refused before they became connections, by error code.", ["code"]
+)
+LAYER_OUTAGES = Counter(
+    "relay_layer_outages", "Times this process lost its channel layer (Redis); each ends with a resync of its streams."
+)
 INBOUND_PAUSES = Counter(
     "relay_inbound_pauses", "Times daphne stopped reading a client's socket because the relay was behind it (relay/server/inbound_flow.py)."
 )
+
+
+# --- latency histograms --------------------------------------------------------------------------
+# Observed once per turn, replay, engine job or database write, never per audio frame. Histograms
+# aggregate across processes in multiprocess mode like the counters (buckets add up), so
+# histogram_quantile() over sum by (le) of any one process's scrape covers the host. Buckets sit
+# around each one's expected range with room on both sides to see it move.
+#: End of speech to EndOfTurn. The clock starts when the engine had the audio up to the turn's
+#: audio_window_end (the end-of-turn silence the engine waited for is before it, not in it), so
+#: it is the relay's and engine's own delay: tens of ms with the fake engine, a few hundred with
+#: a Whisper final decode; seconds mean a backlog.
+END_OF_TURN_LATENCY = Histogram(
+    "relay_end_of_turn_latency_seconds",
+    "End of a turn's audio (received by the engine up to audio_window_end) to its EndOfTurn sent to the speaker, "
+    "for turns the engine ended on its own (model, timeout, max_duration).",
+    ["engine"],
+    buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, float("inf")),
+)
+FORCE_END_TURN_LATENCY = Histogram(
+    "relay_force_end_turn_latency_seconds",
+    "ForceEndTurn received to the EndOfTurn (trigger manual) sent to the speaker.",
+    ["engine"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, float("inf")),
+)
+#: One job in an offline engine's worker pool (relay.engines.offline.pool): ``final`` and
+#: ``update`` are Whisper decodes (tens of ms to seconds), ``stream`` the per-batch audio work
+#: (Silero VAD, the pocketsphinx search: milliseconds).
+ENGINE_JOB_SECONDS = Histogram(
+    "relay_engine_job_seconds",
+    "Time one job ran in an offline engine's worker pool, by engine and kind (final, update, stream).",
+    ["engine", "kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, float("inf")),
+)
+REPLAY_FIRST_TURN = Histogram(
+    "relay_replay_first_turn_seconds",
+    "A resuming connection's replay: from its start to the first replayed turn sent (one history page read).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
+)
+#: The same writes that feed admission's RELAY_MAX_WRITE_LATENCY_MS (100 ms), group commit
+#: included; an attempt that fails (and is retried by relay.store.retry) is not observed.
+DB_WRITE_SECONDS = Histogram(
+    "relay_db_write_seconds",
+    "A turn write as its stream waits for it, group commit included: kind index (turn index allocation) or turn (the finished turn).",
+    ["kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30, float("inf")),
+)
+#: Triggers whose EndOfTurn follows the end of speech; a manual one follows a ForceEndTurn and
+#: end_of_stream the close, so they are measured elsewhere or not at all.
+_SPEECH_TRIGGERS = frozenset({"model", "timeout", "max_duration"})
+
+
+def end_of_turn_sent(engine: str, event: TurnEvent, forced_at: float | None) -> float | None:
+    """The speaker got ``event`` (an EndOfTurn): observe its latency; returns ``forced_at`` still pending.
+
+    A manual EndOfTurn answers the ForceEndTurn at ``forced_at`` (which is then used up).
+    """
+    now = time.monotonic()
+    if event.trigger == "manual":
+        if forced_at is not None:
+            FORCE_END_TURN_LATENCY.labels(engine=engine).observe(max(0.0, now - forced_at))
+        return None
+    if event.trigger in _SPEECH_TRIGGERS and event.speech_ended_at is not None:
+        END_OF_TURN_LATENCY.labels(engine=engine).observe(max(0.0, now - event.speech_ended_at))
+    return forced_at
+
+
+def replay_first_turn(seconds: float) -> None:
+    REPLAY_FIRST_TURN.observe(seconds)
+
+
+def db_write(kind: str, seconds: float) -> None:
+    """A turn write finished (``kind`` index or turn), as relay.store.services times it."""
+    DB_WRITE_SECONDS.labels(kind=kind).observe(seconds)
 
 
 def close_outcome(code: int | None) -> str:
