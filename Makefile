@@ -9,7 +9,7 @@ PORT ?= 8000
 # oversized frames with its own Error/close code.
 DAPHNE_FLAGS ?= --websocket-max-message-size 4194304 --websocket-max-frame-size 4194304 --application-close-timeout 15
 
-.PHONY: run test install install-dev migrate bench bench-engines soak clean
+.PHONY: run serve-prod check-port test install install-dev migrate bench bench-engines soak clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,14 +23,41 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 install: $(VENV)/.installed
 
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev sdk-js
+
+# Deepgram's JS SDK for tests/live/test_sdk_compat.py, pinned by tests/sdk/js/package-lock.json.
+# Installed with `npm ci` when node and npm exist (the JS cases skip without node).
+SDK_JS := tests/sdk/js
+.PHONY: sdk-js
+sdk-js:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory $(SDK_JS)/node_modules/.installed; \
+	else echo "sdk-js: node/npm not found; the JS SDK tests will skip"; fi
+
+$(SDK_JS)/node_modules/.installed: $(SDK_JS)/package.json $(SDK_JS)/package-lock.json
+	npm ci --prefix $(SDK_JS) --no-audit --no-fund --loglevel=error
+	touch $@
 
 migrate: install
 	$(PY) manage.py migrate --noinput
 
-run: migrate
+# Says which port to pick instead of daphne's bare "[Errno 98] Address already in use".
+check-port: install
+	@$(PY) scripts/check_port.py "$(HOST)" "$(PORT)" "make $(firstword $(MAKECMDGOALS) run)"
+
+run: check-port migrate
 	@echo "Relay demo: http://$(HOST):$(PORT)/demo/ai-voice/   WebSocket: ws://$(HOST):$(PORT)/v2/listen"
 	$(VENV)/bin/daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=1024 $(DAPHNE_FLAGS) transcription_site.asgi:application
+
+# One production process (docs/deploy.md): DJANGO_DEBUG=0, so DJANGO_SECRET_KEY and
+# DJANGO_ALLOWED_HOSTS must be set (docs/settings.md). Migrates, collects the static files
+# (hashed and compressed; whitenoise serves them), then serves. systemd: relay-setup.service.
+serve-prod: export DJANGO_DEBUG = 0
+serve-prod: check-port install
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput -v 0
+	@echo "Relay (production settings): http://$(HOST):$(PORT)/   WebSocket: ws://$(HOST):$(PORT)/v2/listen"
+	exec $(VENV)/bin/daphne -e tcp:port=$(PORT):interface=$(HOST):backlog=1024 $(DAPHNE_FLAGS) transcription_site.asgi:application
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

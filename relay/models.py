@@ -111,6 +111,14 @@ class Connection(models.Model):
     last_error_code = models.CharField(max_length=64, blank=True)
     client_addr = models.CharField(max_length=64, blank=True)
     user_agent = models.CharField(max_length=256, blank=True)
+    # Reconnection time: when this connection last received a frame, the connection it resumed
+    # (the client said so with previous_connection=, or the same client resumed with since=), and
+    # on the resumed one how long after its last frame the resuming connection was opened.
+    last_frame_at = models.DateTimeField(null=True, blank=True)
+    previous = models.UUIDField(null=True, blank=True, db_index=True, help_text="The connection this one resumed.")
+    resumed_after_seconds = models.FloatField(
+        null=True, blank=True, help_text="From this connection's last frame to its client's resuming connection."
+    )
 
     objects = ConnectionQuerySet.as_manager()
 
@@ -177,3 +185,21 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}...)"
+
+
+class Refusal(models.Model):
+    """Connection attempts refused before a connection existed, counted per minute and code.
+
+    Kept as aggregate rows (the heartbeat writes each process's counts), so a flood of refused
+    attempts costs no write per attempt.
+    """
+
+    minute = models.DateTimeField(db_index=True)
+    code = models.CharField(max_length=64)
+    count = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["minute", "code"], name="unique_refusal_minute_code")]
+
+    def __str__(self) -> str:
+        return f"{self.minute:%Y-%m-%d %H:%M} {self.code} x{self.count}"

@@ -19,9 +19,10 @@ def _fake_engine_by_default(settings):
 
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits():
-    from relay.live import admission
+    from relay.live import admission, layer_health
     from relay.store import services
 
     admission.reset()
+    layer_health.reset()
     services._last_beat = 0.0  # each test starts with an empty database
     yield

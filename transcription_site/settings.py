@@ -134,13 +134,16 @@ USE_TZ = True
 # --- Static files (whitenoise serves them under daphne, in development and production) ---------
 STATIC_URL = "static/"
 STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT") or BASE_DIR / "staticfiles")  # where collectstatic writes
-WHITENOISE_USE_FINDERS = DEBUG
+# Production links hashed, compressed copies from STATIC_ROOT (`collectstatic`: `make serve-prod` and
+# relay-setup.service run it); before it ever ran, the apps' own files by their plain names, served
+# from the finders, instead of a 500 (relay/web/static_storage.py).
+WHITENOISE_USE_FINDERS = True
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
         if DEBUG
-        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        else "relay.web.static_storage.RelayStaticFilesStorage"
     },
 }
 

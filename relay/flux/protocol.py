@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,9 @@ from relay.flux.constants import (
     DEFAULT_EOT_THRESHOLD,
     DEFAULT_EOT_TIMEOUT_MS,
     FLUX_ENCODINGS,
+    LANGUAGE_CODES,
+    MAX_LANGUAGE_HINTS,
+    MULTILINGUAL_MODEL,
     SESSION_ID_RE,
     THRESHOLDS,
 )
@@ -46,12 +50,15 @@ KNOWN_PARAMS = {
     "eager_eot_threshold",
     "eot_timeout_ms",
     "keyterm",
+    "language_hint",
+    "language",
     "tag",
     "mip_opt_out",
     "session",
     "since",
     "token",
     "relay_events",
+    "previous_connection",
 }
 
 
@@ -70,6 +77,7 @@ class ConnectParams:
     options: StreamOptions
     notices: list[Notice] = field(default_factory=list)
     relay_events: frozenset[str] = frozenset()
+    previous_connection: str | None = None
 
 
 def validate_session_id(value: str) -> str:
@@ -169,12 +177,23 @@ def parse_connect_params(query_string: bytes | str) -> ConnectParams:
     options.keyterms = validate_keyterms(keyterms, InvalidParameter)
     if keyterms:
         options.explicit.add("keyterms")
+    # Flux's name is language_hint (repeatable); language=xx is the relay's alias for one hint.
+    hints = values.get("language_hint", []) + values.get("language", [])
+    options.language_hints = validate_language_hints(hints, options.model, InvalidParameter)
+    if hints:
+        options.explicit.add("language_hints")
     for name in values:
         if name not in KNOWN_PARAMS:
             notices.append(Notice("UNKNOWN_PARAMETER", f"Query parameter {name[:64]!r} is not recognised and was ignored."))
     options.extra = {k: v for k, v in values.items() if k in {"tag", "mip_opt_out"}}
     relay_events = parse_relay_events(values.get("relay_events", []), notices)
-    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices, relay_events=relay_events)
+    previous = single("previous_connection")
+    if previous is not None:
+        try:
+            previous = str(uuid.UUID(previous))
+        except ValueError:
+            raise InvalidParameter("previous_connection must be the connection_id a previous Connected gave.") from None
+    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices, relay_events=relay_events, previous_connection=previous)
 
 
 def parse_relay_events(raw: list[str], notices: list[Notice]) -> frozenset[str]:
@@ -201,6 +220,27 @@ def validate_keyterms(terms: Any, exc: type[RelayError]) -> list[str]:
         if not term or len(term) > MAX_KEYTERM_LENGTH:
             raise exc(f"Each keyterm must be 1-{MAX_KEYTERM_LENGTH} characters.")
         cleaned.append(term)
+    return cleaned
+
+
+def validate_language_hints(hints: Any, model: str, exc: type[RelayError]) -> list[str]:
+    """Language codes (Whisper's, with an optional locale subtag), only for the multilingual model.
+
+    Flux answers a hint for any other model with a 400, so the relay refuses it too.
+    """
+    if not isinstance(hints, list) or not all(isinstance(h, str) for h in hints):
+        raise exc("language_hints must be a list of language codes.")
+    if hints and model != MULTILINGUAL_MODEL:
+        raise exc(f"Language hints need model={MULTILINGUAL_MODEL}; model {model[:64]!r} transcribes one language.")
+    if len(hints) > MAX_LANGUAGE_HINTS:
+        raise exc(f"At most {MAX_LANGUAGE_HINTS} language hints are allowed.")
+    cleaned: list[str] = []
+    for hint in hints:
+        hint = hint.strip()
+        if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})?", hint) or hint.split("-")[0].lower() not in LANGUAGE_CODES:
+            raise exc(f"Language {hint[:16]!r} is not a language code (such as en, de, es or pt-BR).")
+        if hint not in cleaned:
+            cleaned.append(hint)
     return cleaned
 
 
@@ -237,7 +277,19 @@ def parse_client_text(text: str) -> ClientMessage:
 
 
 def parse_configure(data: dict[str, Any], current: StreamOptions) -> tuple[dict[str, Any], list[str] | None]:
-    """Validate a Configure message against the stream's current options."""
+    """Validate a Configure message against the stream's current options (language hints aside)."""
+    thresholds, keyterms, _ = parse_configure_request(data, current)
+    return thresholds, keyterms
+
+
+def parse_configure_request(
+    data: dict[str, Any], current: StreamOptions
+) -> tuple[dict[str, Any], list[str] | None, list[str] | None]:
+    """Validate a Configure message: (thresholds, keyterms or None, language_hints or None).
+
+    ``language_hints`` is Flux's Configure field for the multilingual model; ``[]`` clears the
+    hints (detection again).
+    """
     thresholds_raw = data.get("thresholds", {})
     if thresholds_raw is None:
         thresholds_raw = {}
@@ -253,9 +305,12 @@ def parse_configure(data: dict[str, Any], current: StreamOptions) -> tuple[dict[
     keyterms = None
     if "keyterms" in data:
         keyterms = validate_keyterms(data["keyterms"], ConfigureRejected)
-    if not thresholds and keyterms is None:
-        raise ConfigureRejected("Configure needs thresholds or keyterms.")
-    return thresholds, keyterms
+    language_hints = None
+    if "language_hints" in data:
+        language_hints = validate_language_hints(data["language_hints"], current.model, ConfigureRejected)
+    if not thresholds and keyterms is None and language_hints is None:
+        raise ConfigureRejected("Configure needs thresholds, keyterms or language_hints.")
+    return thresholds, keyterms, language_hints
 
 
 # --- server messages -----------------------------------------------------------------------------
@@ -329,7 +384,10 @@ def configure_success_body(options: StreamOptions) -> str:
     }
     if options.eager_eot_threshold is not None:
         thresholds["eager_eot_threshold"] = options.eager_eot_threshold
-    return dumps({"type": "ConfigureSuccess", "thresholds": thresholds, "keyterms": list(options.keyterms)})
+    body: dict[str, Any] = {"type": "ConfigureSuccess", "thresholds": thresholds, "keyterms": list(options.keyterms)}
+    if options.model == MULTILINGUAL_MODEL:
+        body["language_hints"] = list(options.language_hints)
+    return dumps(body)
 
 
 def configure_failure_body(code: str, description: str) -> str:

@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from datetime import timedelta
 from typing import Any
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError
+from django.utils import timezone
 
 from relay.engines import EngineStream, EngineWarning, get_engine
-from relay.exceptions import ConfigureRejected, EngineError, RelayError, SessionEnded, StorageUnavailable, UnsupportedEncoding
+from relay.exceptions import ConfigureRejected, RelayError, SessionEnded, UnsupportedEncoding
 from relay.flux import protocol
-from relay.live import admission, auth, heartbeat, registry
+from relay.live import admission, auth, heartbeat, layer_health, registry
 from relay.live import session as core
+from relay.live.engine_link import EngineLink
 from relay.ops import metrics
 from relay.ops.logs import get_logger
 from relay.server.consumer_loop import SingleTaskLoop
@@ -38,14 +41,14 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
     # Defaults on the class: an idle connection's instance stores only what it changed.
     session: core.StreamSession | None = None
     stream: EngineStream | None = None
-    pump: asyncio.Task | None = None
+    engine: EngineLink | None = None
     finished = True  # until websocket_connect runs
     admitted = False
     group = ""
     audio_meter: metrics.AudioMeter | None = None
     timer: asyncio.TimerHandle | None = None
-    timer_task: asyncio.Task | None = None
     layer_lock: asyncio.Lock | None = None
+    forced_at: float | None = None  # a ForceEndTurn waiting for its EndOfTurn (relay_force_end_turn_latency_seconds)
     log = log  # bound to the session and connection once they are known
 
     @property
@@ -81,19 +84,21 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         engine = get_engine()
         if params.options.encoding not in engine.supported_encodings():
             raise UnsupportedEncoding(f"The {engine.name} engine does not accept {params.options.encoding}.")
+        # The engine stream starts first: a full engine pool or a refused upstream key refuses the
+        # attempt before it becomes a connection (Error, and no Connected).
+        self.stream = engine.open_stream(params.options)
+        self.engine = EngineLink(self.stream, deliver=self._deliver, failed=self._engine_failed, log=self.log)
+        warnings = await self.stream.start()
         headers = dict(self.scope.get("headers", []))
         opened = await services.aconnection_open(
             session_id=params.session_id, user=credentials.user, engine=engine.alias, since=params.since,
-            client_addr=client, user_agent=headers.get(b"user-agent", b"").decode("latin-1"),
+            client_addr=client, user_agent=headers.get(b"user-agent", b"").decode("latin-1"), previous=params.previous_connection,
         )
         self.log = log.bind(session=opened.session_id, connection=opened.connection_id)
         self.group = services.session_group_name(opened.session_id)
         heartbeat.ensure_running()
-        # The engine stream opens before Connected so a full engine pool refuses it up front.
-        self.stream = engine.open_stream(params.options)
-        warnings = await self.stream.start()
         s = self.session
-        await self._run(s.opened(session_id=opened.session_id, connection_id=opened.connection_id, others=opened.others, resumed=opened.resumed, engine=engine.alias))
+        await self._run(s.opened(session_id=opened.session_id, connection_id=opened.connection_id, others=opened.others, resumed=opened.resumed, engine=engine.alias, since=params.since))
         metrics.connection_opened(resumed=opened.resumed, gap_seconds=opened.gap_seconds)
         self.audio_meter = metrics.AudioMeter(s.bytes_per_second)
         self.log.info("client_connected", resumed=opened.resumed, since=params.since, engine=engine.alias, client=client)
@@ -101,14 +106,17 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         if opened.resumed:
             await self._replay(params.since)
         await self._run(s.ready([*params.notices, *warnings]))
-        self.pump = asyncio.get_running_loop().create_task(self._pump_events())
+        self.engine.log = self.log
+        self.engine.start_pump()
         registry.register(self)
 
     async def _replay(self, since: int | None) -> None:
         s = self.session
-        count, last = 0, None
+        count, last, started = 0, None, time.monotonic()
         async for page in selectors.aturn_pages(session_id=s.session_id, after_index=since if since is not None else -1, page_size=settings.RELAY_REPLAY_PAGE_SIZE):
             await self._run(s.replay_page(page))
+            if not count:
+                metrics.replay_first_turn(time.monotonic() - started)
             count += len(page)
             last = page[-1]["index"]
         await self._run(s.replay_done(turns=count, last_turn_index=last, since=since))
@@ -136,7 +144,12 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
             await _PERFORM[type(action)](self, action)  # _send_client for SendClient, ...
 
     async def _send_client(self, action: core.SendClient) -> None:
-        await self.base_send({"type": "websocket.send", "text": action.text})
+        try:
+            await self.base_send({"type": "websocket.send", "text": action.text})
+        except Exception as exc:  # the client went away under us (daphne: autobahn Disconnected)
+            if not self.session.client_gone:
+                self.session.client_disconnected(1006)
+                self.log.info("client_gone", error=type(exc).__name__)
 
     async def _send_group(self, action: core.SendGroup) -> None:
         if self.layer_lock is None:  # keeps this connection's group sends in order
@@ -145,16 +158,9 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
             await self._layer("group_send", self.group, action.message)
 
     async def _feed_audio(self, action: core.FeedAudio) -> None:
-        try:
-            self.stream.feed(action.pcm)
-        except RelayError as exc:
-            return await self.end_stream(exc)
-        except Exception:
-            self.log.exception("engine_feed_failed")
-            return await self.end_stream(EngineError())
-        fail = self.session.backlog(self.stream.backlog_seconds)
-        if fail is not None:
-            await self.end_stream(fail.error)
+        error = self.engine.feed(action.pcm) or getattr(self.session.backlog(self.stream.backlog_seconds), "error", None)
+        if error is not None:
+            await self.end_stream(error)
 
     async def _allocate_turn_index(self, action: core.AllocateTurnIndex) -> None:
         index = await with_db_retry("turn_index", services.aturn_index_allocate, session_id=self.session.session_id)
@@ -169,6 +175,27 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         self.audio_meter.report(s.audio_bytes)
         self.log.info("turn_finished", turn_index=finished.index, trigger=finished.event.trigger, words=len(finished.event.words))
         await self._run(actions)
+        self.forced_at = metrics.end_of_turn_sent(self.stream.engine.alias, finished.event, self.forced_at)
+
+    async def _read_turns(self, action: core.ReadTurns) -> None:
+        s = self.session
+        try:
+            records = await selectors.aturns_between(session_id=s.session_id, after_index=action.after, before_index=action.before, limit=settings.RELAY_REPLAY_PAGE_SIZE)
+        except (DatabaseError, InterfaceError) as exc:  # the live final still goes out; a resync retries
+            self.log.warning("gap_repair_failed", error=type(exc).__name__)
+            records = []
+        if records:
+            self.log.info("gap_repaired", after=action.after, before=action.before, turns=len(records))
+        await self._run(s.turns_read(action, records))
+
+    async def _join_group(self, action: core.JoinGroup) -> None:
+        self.session.rejoined(await self._layer("group_add", self.group, self.channel_name))
+
+    def layer_changed(self, up: bool) -> None:
+        """The process's channel layer went down or came back (relay.live.layer_health)."""
+        actions = self.session.layer_up() if up else self.session.layer_down()
+        if actions:
+            _spawn(self._run(actions))
 
     async def _start_timer(self, action: core.StartTimer) -> None:
         self.timer = asyncio.get_running_loop().call_later(action.delay, self._timer_fired, action.name)
@@ -177,7 +204,7 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         self.timer = None
         actions = self.session.timer_fired(name)  # decided now; sent in order behind earlier sends
         if actions:
-            self.timer_task = asyncio.ensure_future(self._run(actions))
+            _spawn(self._run(actions))
 
     async def _count_presence(self, action: core.CountPresence) -> None:
         try:
@@ -187,26 +214,21 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         await self._run(self.session.presence_counted(action.event, action.connection_id, count))
 
     async def _force_end_turn(self, action: core.ForceEndTurn) -> None:
-        await self._control(self.stream.force_end_turn())
+        self.forced_at = time.monotonic()
+        if error := await self.engine.control(self.stream.force_end_turn()):
+            await self.end_stream(error)
 
     async def _configure(self, action: core.Configure) -> None:
         async def configure() -> None:
             try:
-                warnings = await self.stream.configure(action.thresholds, action.keyterms)
+                hints = {} if action.language_hints is None else {"language_hints": action.language_hints}
+                warnings = await self.stream.configure(action.thresholds, action.keyterms, **hints)
             except ConfigureRejected as exc:
                 return await self._run(self.session.configure_rejected(exc))
             await self._run(self.session.configured(self.stream.options, warnings))
 
-        await self._control(configure())
-
-    async def _control(self, call: Any) -> None:
-        try:
-            await call
-        except RelayError as exc:
-            await self.end_stream(exc)
-        except Exception:
-            self.log.exception("control_failed")
-            await self.end_stream(EngineError())
+        if error := await self.engine.control(configure()):
+            await self.end_stream(error)
 
     async def _close_stream(self, action: core.CloseStream) -> None:
         self.log.info("close_stream")
@@ -217,26 +239,14 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         await self.end_stream(action.error)
 
     # -- engine -> clients ---------------------------------------------------------------------
-    async def _pump_events(self) -> None:
-        try:
-            async for item in self.stream.events():
-                await self._run(self.session.engine_warning(item) if isinstance(item, EngineWarning) else self.session.engine_event(item))
-        except asyncio.CancelledError:
-            raise
-        except RelayError as exc:
-            self._engine_failed(exc)
-        except (DatabaseError, InterfaceError):
-            self.log.exception("storage_failed")
-            self._engine_failed(StorageUnavailable())
-        except Exception:
-            self.log.exception("engine_failed")
-            self._engine_failed(EngineError())
+    async def _deliver(self, item: Any) -> None:
+        await self._run(self.session.engine_warning(item) if isinstance(item, EngineWarning) else self.session.engine_event(item))
 
     def _engine_failed(self, error: RelayError) -> None:
         """During a flush, :meth:`_finish` picks the error up; otherwise the stream ends with it."""
         self.session.engine_failed(error)
         if not self.finished:
-            asyncio.get_running_loop().create_task(self.end_stream(error))
+            _spawn(self.end_stream(error))
 
     # -- other tabs -> this one ----------------------------------------------------------------
     async def relay_event(self, message: dict[str, Any]) -> None:
@@ -255,6 +265,8 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         if s is None or not s.fail(error):
             return
         metrics.error_sent(code=error.code)
+        if not s.connection_id:  # refused before it became a connection: an attempt, counted apart
+            heartbeat.note_refusal(error.code)
         self.log.warning("stream_error", code=error.code, description=error.description)
         await self._finish(error)
         if not s.client_gone:
@@ -279,28 +291,8 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         if self.admitted:
             self.admitted = False
             admission.release()
-        stream, pump = self.stream, self.pump
-        if stream is None:
-            return
-        try:
-            await asyncio.wait_for(stream.finish(), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
-            error = self.session.engine_error
-            if pump is not None and error is not None and not isinstance(error, StorageUnavailable):
-                # The pump died with the engine's event stream, but what finish() produced (the
-                # open turn's EndOfTurn) is queued: deliver and store it here.
-                await asyncio.wait_for(self._deliver_remaining(), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
-            elif pump is not None:
-                await asyncio.wait_for(asyncio.shield(pump), settings.RELAY_FLUSH_TIMEOUT_SECONDS)
-        except (asyncio.TimeoutError, Exception):
-            self.log.warning("flush_incomplete", exc_info=True)
-            await stream.abort()
-            if pump is not None:
-                pump.cancel()
-
-    async def _deliver_remaining(self) -> None:
-        async for item in self.stream.events():
-            if not isinstance(item, EngineWarning):
-                await self._run(self.session.engine_event(item))
+        if self.engine is not None:
+            await self.engine.drain(timeout=settings.RELAY_FLUSH_TIMEOUT_SECONDS, engine_error=self.session.engine_error)
 
     async def _record_close(self) -> None:
         if self.timer is not None:
@@ -312,7 +304,9 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         metrics.connection_closed(code=s.close_code, duration_seconds=time.monotonic() - self.started)
         if self.audio_meter is not None:
             self.audio_meter.report(s.audio_bytes)
-        await heartbeat.record_close(connection_id=s.connection_id, session_id=s.session_id, closed=True, close_code=s.close_code, close_reason=s.close_reason, **s.counters())
+        last_frame_at = None if s.last_frame is None else timezone.now() - timedelta(seconds=time.monotonic() - s.last_frame)
+        await heartbeat.record_close(connection_id=s.connection_id, session_id=s.session_id, closed=True, close_code=s.close_code,
+                                     close_reason=s.close_reason, last_frame_at=last_frame_at, **s.counters())
         if self.group:
             await self._layer("group_discard", self.group, self.channel_name)
             await self._run(s.leave())
@@ -321,14 +315,25 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         """A channel-layer call that never takes the stream down (Redis restarting, say)."""
         try:
             await getattr(self.channel_layer, method)(*args)
-            return True
         except Exception as exc:
-            self.log.warning("layer_failed", method=method, error=repr(exc))
+            layer_health.failed(method, exc)
             return False
+        layer_health.succeeded()
+        return True
+
+
+_tasks: set[asyncio.Task] = set()
+
+
+def _spawn(coro: Any) -> None:
+    """Run ``coro`` as a task kept referenced until it ends (asyncio holds tasks only weakly)."""
+    task = asyncio.ensure_future(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
 
 
 _PERFORM = {
     action: getattr(TranscriptionConsumer, "_" + re.sub(r"(?<!^)(?=[A-Z])", "_", action.__name__).lower())
     for action in (core.SendClient, core.SendGroup, core.FeedAudio, core.AllocateTurnIndex, core.StoreTurn, core.StartTimer,
-                   core.CountPresence, core.ForceEndTurn, core.Configure, core.CloseStream, core.Fail)
+                   core.CountPresence, core.ForceEndTurn, core.Configure, core.CloseStream, core.Fail, core.ReadTurns, core.JoinGroup)
 }

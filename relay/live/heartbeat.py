@@ -8,10 +8,14 @@ until then that connection counts as live for as long as this process beats.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 
+from relay.ops import metrics
 from relay.ops.logs import get_logger
 from relay.store import services
 from relay.store.retry import with_db_retry
@@ -20,6 +24,7 @@ log = get_logger("relay.consumer")
 
 _task: asyncio.Task | None = None
 _unrecorded: dict[str, dict[str, Any]] = {}
+_refusals: Counter[tuple[datetime, str]] = Counter()
 
 
 async def _beat_forever() -> None:
@@ -32,11 +37,40 @@ async def _beat_forever() -> None:
 
 
 async def beat() -> None:
-    """Refresh this process's row and write the closes that are still unrecorded."""
+    """Refresh this process's row, write the closes still unrecorded and the refusals counted."""
     await services.aprocess_heartbeat()
     for connection_id, close in list(_unrecorded.items()):
         await services.aconnection_flush(**close)
         _unrecorded.pop(connection_id, None)
+    if _refusals:
+        counts = dict(_refusals)
+        _refusals.clear()
+        try:
+            await services.arefusals_record(counts)
+        except Exception:
+            _refusals.update(counts)  # kept for the next beat
+            raise
+
+
+def note_refusal(code: str) -> None:
+    """A connection attempt refused before it became a connection (CAPACITY, UNAUTHORIZED, ...)."""
+    now = timezone.now()
+    _refusals[(now.replace(second=0, microsecond=0), code[:64])] += 1
+    metrics.REFUSALS.labels(code=code[:64]).inc()
+
+
+def start_with_server() -> None:
+    """Beat from the process's start, not its first stream, so an idle process is listed.
+
+    Under daphne (Twisted's asyncio reactor) the beat starts once the reactor runs; elsewhere
+    (uvicorn, tests) at the first stream.
+    """
+    import sys
+
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is not None and hasattr(reactor, "callWhenRunning"):
+        # Startup triggers run before the asyncio loop turns; the next tick is inside it.
+        reactor.callWhenRunning(lambda: reactor.callLater(0, ensure_running))
 
 
 def ensure_running() -> None:

@@ -23,6 +23,8 @@ class Stream(Protocol):
 
     async def end_stream(self, error: RelayError) -> None: ...
 
+    def layer_changed(self, up: bool) -> None: ...
+
 
 _live: "weakref.WeakSet[Stream]" = weakref.WeakSet()
 
@@ -33,6 +35,12 @@ def register(stream: Stream) -> None:
 
 def live_streams() -> list[Stream]:
     return [s for s in list(_live) if not s.closing]
+
+
+def notify_layer(up: bool) -> None:
+    """Tell every live stream that the channel layer went down (``up`` False) or came back."""
+    for stream in live_streams():
+        stream.layer_changed(up)
 
 
 async def end_all_streams(timeout: float) -> None:

@@ -21,7 +21,14 @@ The ordering rules, each kept here:
 * Other tabs get at most one interim ``Update`` per ``listener_update_seconds`` of audio. A held
   Update is replaced by newer ones, dropped by the turn's next non-Update event, and otherwise
   released by a timer, so a listener never stays behind a paused speaker.
-* A live final whose index this connection already replayed is not sent twice.
+* A finished turn is sent to a tab once: a live final it already got by replay is dropped. A
+  tab that sees a finished turn skip an index it never heard of reads the skipped ones from the
+  store (:class:`ReadTurns`) and sends them, marked ``replayed``, before that turn (another tab's)
+  or right after it (its own, which is the speaker's receipt and never waits); after a channel
+  layer outage it reads everything it may have missed (:meth:`StreamSession.layer_up`).
+* Other tabs are the connections the store reports live after each finished turn, plus those that
+  announced themselves since: a tab of a process that died stops counting once its process stops
+  heartbeating, instead of for the rest of the stream.
 """
 from __future__ import annotations
 
@@ -34,95 +41,28 @@ from relay.engines.base import EngineWarning, StreamOptions, TurnEvent
 from relay.exceptions import BacklogExceeded, ConfigureRejected, FrameTooLarge, RateLimited, RelayError
 from relay.flux import protocol
 from relay.flux.audio import SampleAligner
+from relay.live.actions import (
+    NOTHING,
+    Action,
+    AllocateTurnIndex,
+    CloseStream,
+    Configure,
+    CountPresence,
+    Fail,
+    FeedAudio,
+    ForceEndTurn,
+    JoinGroup,
+    ReadTurns,
+    SendClient,
+    SendGroup,
+    StartTimer,
+    StoreTurn,
+)
+from relay.live.ledger import TurnLedger
 from relay.live.limits import SlidingWindowLimiter
 
 LISTENER_UPDATE = "listener_update"
 """The one timer a stream uses: release the Update held back from other tabs."""
-
-
-# -- actions ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class SendClient:
-    """Send this (already stamped) text frame to the client."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class SendGroup:
-    """Send this channel-layer message to the session's group (other tabs, any process)."""
-
-    message: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class FeedAudio:
-    """Give these whole samples to the engine stream."""
-
-    pcm: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AllocateTurnIndex:
-    """Reserve the session's next turn index; answer with :meth:`StreamSession.turn_index_allocated`."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreTurn:
-    """Store the finished turn; answer with :meth:`StreamSession.turn_stored` (live peers after commit).
-
-    ``timed``: an open stream waits on this write (admission measures it); a closing stream's
-    flush does not.
-    """
-
-    index: int
-    event: TurnEvent
-    timed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StartTimer:
-    """Call :meth:`StreamSession.timer_fired` with ``name`` after ``delay`` seconds."""
-
-    name: str
-    delay: float
-
-
-@dataclass(frozen=True, slots=True)
-class CountPresence:
-    """Count the session's live connections; answer with :meth:`StreamSession.presence_counted`."""
-
-    event: str
-    connection_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ForceEndTurn:
-    """Ask the engine to end the current turn now."""
-
-
-@dataclass(frozen=True, slots=True)
-class Configure:
-    """Apply validated thresholds/keyterms; answer with ``configured`` or ``configure_rejected``."""
-
-    thresholds: dict[str, Any]
-    keyterms: list[str] | None
-
-
-@dataclass(frozen=True, slots=True)
-class CloseStream:
-    """The client asked to end: flush the engine (its last turn is stored and sent), close 1000."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """End the stream with this error: flush and store, send ``Error``, close with its code."""
-
-    error: RelayError
-
-
-Action = SendClient | SendGroup | FeedAudio | AllocateTurnIndex | StoreTurn | StartTimer | CountPresence | ForceEndTurn | Configure | CloseStream | Fail
-NOTHING: tuple[Action, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +99,9 @@ class StreamSession:
         self.connection_id = ""
         self.sequence_id = 0
         self.peers: set[str] = set()  # other live connections of the session
-        self.replayed: set[int] = set()  # turn indexes this connection got by replay
+        self.ledger = TurnLedger()  # finished turns this tab was sent
+        self.sharing = False  # in the session's channel-layer group
+        self.layer_outage = False  # the process's channel layer is down (told to the client once)
         self.streaming = False  # audio and control frames are taken (after Connected, until the end)
         self.closing = False  # an end (error, CloseStream) is under way
         self.client_gone = False
@@ -174,9 +116,11 @@ class StreamSession:
         self._final: tuple[str, int, bool, TurnEvent] | None = None  # an EndOfTurn waiting for its store
         self._listener_update_at = float("-inf")
         self._held: tuple[str, int, float] | None = None
+        self._peers_at_store: frozenset[str] = frozenset()
         self._timer_pending = False
 
         self.audio_bytes = 0
+        self.last_frame: float | None = None  # clock time of the last frame received
         self.messages_received = 0
         self.messages_sent = 0
         self.errors = 0
@@ -202,15 +146,20 @@ class StreamSession:
         self._aligner = SampleAligner(options.sample_width)
         self.bytes_per_second = options.bytes_per_second
 
-    def opened(self, *, session_id: str, connection_id: str, others: list[str], resumed: bool, engine: str) -> list[Action]:
-        """The connection row is committed: say ``Connected`` (always the first message)."""
+    def opened(self, *, session_id: str, connection_id: str, others: list[str], resumed: bool, engine: str, since: int | None = None) -> list[Action]:
+        """The connection row is committed: say ``Connected`` (always the first message).
+
+        ``since``: the client already has every finished turn up to it.
+        """
         self.session_id = session_id
         self.connection_id = connection_id
         self.peers = set(others)
+        self.ledger = TurnLedger(since if since is not None else -1)
         return self._send([], protocol.connected_body(session_id=session_id, resumed=resumed, connection_id=connection_id, engine=engine))
 
     def joined(self, *, sharing: bool) -> list[Action]:
         """The group join was attempted (``sharing``: it worked); announce this tab."""
+        self.sharing = sharing
         out: list[Action] = []
         if not sharing:
             self._send(out, protocol.warning_body("SHARING_UNAVAILABLE", "Live sharing with other tabs is unavailable right now; your own transcript is not affected."))
@@ -224,8 +173,18 @@ class StreamSession:
         """Finished turns read from the store, oldest first, sent as replayed EndOfTurn."""
         out: list[Action] = []
         for record in records:
-            self.replayed.add(record["index"])
-            self._send(out, protocol.turn_info_from_record(record))
+            if not self.ledger.sent(record["index"]):
+                self.ledger.mark_sent(record["index"])
+                self._send(out, protocol.turn_info_from_record(record))
+        return out
+
+    def turns_read(self, read: ReadTurns, records: list[dict[str, Any]]) -> list[Action]:
+        """The store's answer to :class:`ReadTurns`: what this tab missed, then the held final."""
+        out = self.replay_page(records)
+        self.ledger.read_done(read.after, read.before)
+        if read.then is not None and read.then_index is not None and not self.ledger.sent(read.then_index):
+            self.ledger.mark_sent(read.then_index)
+            self._send(out, read.then)
         return out
 
     def replay_done(self, *, turns: int, last_turn_index: int | None, since: int | None) -> list[Action]:
@@ -247,10 +206,15 @@ class StreamSession:
         size = len(data)
         if not size or self.closing or not self.streaming:
             return NOTHING
-        if size > self.max_frame_bytes:
-            return [Fail(FrameTooLarge(f"Frames may be at most {self.max_frame_bytes} bytes; got {size}."))]
+        # A frame is also too large when its audio alone is more than the backlog allows (1 MiB is
+        # 32.8 s at 16 kHz Int16, past the default 30 s): it could never be accepted.
+        limit = min(self.max_frame_bytes, int(self.max_backlog_seconds * self.bytes_per_second) or self.max_frame_bytes)
+        if size > limit:
+            audio = f" ({limit / self.bytes_per_second:.1f} s of this stream's audio)" if self.bytes_per_second else ""
+            return [Fail(FrameTooLarge(f"Frames may be at most {limit} bytes{audio}; got {size}."))]
         self.messages_received += 1
         self.audio_bytes += size
+        self.last_frame = self.clock()
         pcm = self._aligner.push(data)
         return [FeedAudio(pcm)] if pcm else NOTHING
 
@@ -264,6 +228,7 @@ class StreamSession:
         if self.closing or not self.streaming:
             return NOTHING
         self.messages_received += 1
+        self.last_frame = self.clock()
         if len(text) > self.max_frame_bytes:
             return [Fail(FrameTooLarge(f"Frames may be at most {self.max_frame_bytes} bytes."))]
         try:
@@ -278,10 +243,10 @@ class StreamSession:
             if not self._configures.hit("configure"):
                 return [Fail(RateLimited("Too many Configure messages; at most %d a minute." % self._configures.limit))]
             try:
-                thresholds, keyterms = protocol.parse_configure(message.data, self.options)
+                thresholds, keyterms, language_hints = protocol.parse_configure_request(message.data, self.options)
             except ConfigureRejected as exc:
                 return self.configure_rejected(exc)
-            return [Configure(thresholds, keyterms)]
+            return [Configure(thresholds, keyterms, language_hints)]
         # CloseStream
         self.closing = True
         self.close_code, self.close_reason = 1000, "CloseStream"
@@ -345,6 +310,7 @@ class StreamSession:
             self._held = None
         if event.event == "EndOfTurn":
             self._final = (body, index, fan_out, event)
+            self._peers_at_store = frozenset(self.peers)
             out.append(StoreTurn(index=index, event=event, timed=not self.flushing))
             return out
         self._send(out, body)
@@ -352,16 +318,23 @@ class StreamSession:
             out.append(SendGroup(self._event_message(body, index, final=False)))
         return out
 
-    def turn_stored(self, others: int) -> tuple[Finished, list[Action]]:
+    def turn_stored(self, others: frozenset[str]) -> tuple[Finished, list[Action]]:
         """The finished turn is committed; ``others``: the session's other live connections then."""
         final, self._final = self._final, None
         assert final is not None, "turn_stored without a finished turn"
         body, index, fan_out, event = final
         self._turn_index = None
         self._engine_turn = None
+        # Peers known when the store began and not live after it are gone (left, or their process
+        # died); tabs that joined meanwhile stay.
+        self.peers = (self.peers - (self._peers_at_store - others)) | others
+        after = self.ledger.gap_before(index, self.channel_name)
+        self.ledger.mark_sent(index)
         out = self._send([], body)
-        if fan_out or others > 0:
+        if fan_out or others:
             out.append(SendGroup(self._event_message(body, index, final=True)))
+        if after is not None:
+            out.append(ReadTurns(after=after, before=index))
         return Finished(index, event), out
 
     def engine_failed(self, error: RelayError) -> None:
@@ -383,9 +356,37 @@ class StreamSession:
     def layer_event(self, message: dict[str, Any]) -> list[Action] | tuple[Action, ...]:
         if message["origin"] == self.channel_name:
             return NOTHING
-        if message["final"] and message["turn_index"] in self.replayed:
+        index = message["turn_index"]
+        ledger = self.ledger
+        if not message["final"]:
+            ledger.mark_open(index, message["origin"])
+            return self._send([], message["body"])
+        if ledger.sent(index):
             return NOTHING
+        after = ledger.gap_before(index, message["origin"])
+        if after is not None:
+            return [ReadTurns(after=after, before=index, then=message["body"], then_index=index)]
+        ledger.mark_sent(index)
         return self._send([], message["body"])
+
+    def layer_down(self) -> list[Action]:
+        """This process lost its channel layer: other tabs' live events may be missed meanwhile."""
+        if self.layer_outage or self.client_gone or self.closing:
+            return []
+        self.layer_outage = True
+        return self._send([], protocol.warning_body("SHARING_INTERRUPTED", "Live sharing with other tabs is interrupted; finished turns you miss meanwhile are sent once it is back."))
+
+    def layer_up(self) -> list[Action]:
+        """The channel layer is back: rejoin the group if the join failed, and read what was missed."""
+        self.layer_outage = False
+        if self.client_gone or self.closing or not self.connection_id:
+            return []
+        out: list[Action] = [] if self.sharing else [JoinGroup()]
+        out.append(ReadTurns(after=self.ledger.resync_from(), before=None))
+        return out
+
+    def rejoined(self, sharing: bool) -> None:
+        self.sharing = sharing
 
     def layer_presence(self, message: dict[str, Any]) -> list[Action] | tuple[Action, ...]:
         if message["origin"] == self.channel_name:

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from relay.ops import stability
-from relay.models import Connection, RelayProcess, Session, Turn, live_cutoff
+from relay.models import Connection, Refusal, RelayProcess, Session, Turn, live_cutoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ class DashboardData:
     live_connections: int
     processes_live: int
     processes_stale: int
-    connection_attempts: int
+    connection_attempts: int  # connections opened plus attempts refused before they became one
     sessions_created: int
     turns: int
     audio_hours: float
@@ -72,6 +72,8 @@ class DashboardData:
     series: list[Series] = field(default_factory=list)
     live_rows: list[dict[str, Any]] = field(default_factory=list)
     recent_drops: list[dict[str, Any]] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)  # by error code
+    planned_restarts: int = 0  # connections ended by a planned restart (4012), outside the rates
 
 
 def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = None) -> DashboardData:
@@ -128,8 +130,15 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
         .order_by("-closed_at")
         .values("id", "session_id", "closed_at", "close_code", "close_reason", "last_error_code", "client_addr")[:10]
     )
+    refusals = dict(
+        Refusal.objects.filter(minute__gte=start - timedelta(minutes=1), minute__lt=end)
+        .values_list("code").annotate(n=Sum("count")).order_by("-n", "code")
+    )
+    planned = Connection.objects.filter(closed_at__gte=start, closed_at__lt=end, close_code__in=stability.PLANNED_CLOSE_CODES).count()
     return DashboardData(
         window=window,
+        refusals=refusals,
+        planned_restarts=planned,
         start=start,
         end=end,
         metrics=metrics,
@@ -137,7 +146,7 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
         live_connections=live.count(),
         processes_live=RelayProcess.objects.live().count(),
         processes_stale=RelayProcess.objects.stale().count(),
-        connection_attempts=totals["n"] or 0,
+        connection_attempts=(totals["n"] or 0) + sum(refusals.values()),
         sessions_created=Session.objects.filter(created_at__gte=start, created_at__lt=end).count(),
         turns=turn_counts["total"] or 0,
         audio_hours=(totals["audio"] or 0.0) / 3600,

@@ -11,12 +11,20 @@ Definitions (docs/operations.md repeats them for operators):
 * **disconnection rate**: share of the connections that ended in the window other than by a
   clean close. Clean is a normal client or server close (1000, 1001, 1005 "no status") or an
   operator ending the session (4010). Abrupt drops (1006), error closes (other 4xxx, 1011) and
-  connections orphaned by a crashed relay process count as disconnections. Good < 5%, bad > 20%.
+  connections orphaned by a crashed relay process count as disconnections. Planned restarts
+  (4012, SERVER_RESTARTING: a deploy) are left out and counted apart. Good < 5%, bad > 20%.
 * **error rate**: share of the connections that ended in the window having hit at least one
-  error (a relay ``Error`` sent, so ``error_count > 0``). Good < 1%, bad > 5%.
-* **reconnection time**: median ``gap_seconds`` of the resumed connections opened in the window
-  (time from the session's previous connection closing to this one opening).
+  error (a relay ``Error`` sent, so ``error_count > 0``), planned restarts left out.
+  Good < 1%, bad > 5%.
+* **reconnection time**: for the connections that ended uncleanly (or with a retry-later code)
+  in the window and whose client came back, the median time from the last frame the relay
+  received on the old connection to the resuming connection's open (``resumed_after_seconds``,
+  paired by ``previous_connection=`` or the same client resuming with ``since=``, within two
+  minutes). Those whose client never came back are counted apart as "not resumed".
   Good < 500 ms, bad > 2 s.
+
+Refused connection attempts (CAPACITY, RATE_LIMITED, UNAUTHORIZED, ...) never become
+connections; they are counted per code in ``Refusal`` rows and shown beside these metrics.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ Level = Literal["good", "warn", "bad", "none"]
 #: Close codes that end a connection cleanly (a normal close by either side, or an operator
 #: ending the session).
 CLEAN_CLOSE_CODES = frozenset({1000, 1001, 1005, 4010})
+#: A planned restart (SIGTERM: a deploy): not a failure of the connection, counted apart.
+PLANNED_CLOSE_CODES = frozenset({4012})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +58,7 @@ class ConnectionRecord:
     error_count: int = 0
     resumed: bool = False
     gap_seconds: float | None = None
+    resumed_after_seconds: float | None = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -58,6 +69,10 @@ class ConnectionRecord:
     @property
     def clean(self) -> bool:
         return self.close_code in CLEAN_CLOSE_CODES
+
+    @property
+    def planned(self) -> bool:
+        return self.close_code in PLANNED_CLOSE_CODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +156,7 @@ def connection_duration(records: Sequence[ConnectionRecord], start: datetime, en
 
 
 def disconnection_rate(records: Sequence[ConnectionRecord], start: datetime, end: datetime) -> Metric:
-    ended = ended_in(records, start, end)
+    ended = [r for r in ended_in(records, start, end) if not r.planned]
     unclean = sum(1 for r in ended if not r.clean)
     value = unclean / len(ended) if ended else None
     detail = f"{unclean} of {len(ended)} ended uncleanly" if ended else ""
@@ -149,17 +164,27 @@ def disconnection_rate(records: Sequence[ConnectionRecord], start: datetime, end
 
 
 def error_rate(records: Sequence[ConnectionRecord], start: datetime, end: datetime) -> Metric:
-    ended = ended_in(records, start, end)
+    ended = [r for r in ended_in(records, start, end) if not r.planned]
     failed = sum(1 for r in ended if r.error_count > 0)
     value = failed / len(ended) if ended else None
     detail = f"{failed} of {len(ended)} hit an error" if ended else ""
     return Metric("error_rate", "Error rate", value, "ratio", ERROR_RATE.level(value), len(ended), ERROR_RATE, detail)
 
 
+def resumable_ends(records: Sequence[ConnectionRecord], start: datetime, end: datetime) -> list[ConnectionRecord]:
+    """Connections that ended in the window in a way their client is expected to come back from."""
+    return [r for r in ended_in(records, start, end) if not r.clean]
+
+
 def reconnection_time(records: Sequence[ConnectionRecord], start: datetime, end: datetime) -> Metric:
-    gaps = [r.gap_seconds for r in records if r.resumed and r.gap_seconds is not None and _in(r.opened_at, start, end)]
+    ends = resumable_ends(records, start, end)
+    gaps = [r.resumed_after_seconds for r in ends if r.resumed_after_seconds is not None]
     value = statistics.median(gaps) if gaps else None
-    detail = f"p95 {format_seconds(_quantile(gaps, 0.95))} over {len(gaps)} reconnects" if gaps else ""
+    detail = ""
+    if ends:
+        detail = f"{len(gaps)} of {len(ends)} resumed, {len(ends) - len(gaps)} not resumed"
+        if gaps:
+            detail += f"; p95 {format_seconds(_quantile(gaps, 0.95))}"
     return Metric("reconnection_time", "Reconnection time (median)", value, "seconds", RECONNECTION_TIME.level(value), len(gaps), RECONNECTION_TIME, detail)
 
 
@@ -204,6 +229,7 @@ def records_from_rows(rows: Iterable[dict[str, Any]], *, live_cutoff: datetime) 
                 error_count=row["error_count"],
                 resumed=row["resumed"],
                 gap_seconds=row["gap_seconds"],
+                resumed_after_seconds=row.get("resumed_after_seconds"),
             )
         )
     return records
@@ -216,6 +242,7 @@ RECORD_FIELDS = (
     "error_count",
     "resumed",
     "gap_seconds",
+    "resumed_after_seconds",
     "process__heartbeat_at",
     "process__stopped_at",
 )

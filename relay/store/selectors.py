@@ -18,6 +18,14 @@ def turn_page(*, session_id: str, after_index: int, limit: int) -> list[dict[str
     return [turn_record(row) for row in rows]
 
 
+def turns_between(*, session_id: str, after_index: int, before_index: int | None, limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` finished turns with ``after_index < index < before_index``, oldest first."""
+    rows = Turn.objects.filter(session_id=session_id, index__gt=after_index)
+    if before_index is not None:
+        rows = rows.filter(index__lt=before_index)
+    return [turn_record(row) for row in rows.order_by("index").values(*ROW_FIELDS)[:limit]]
+
+
 def turn_pages(*, session_id: str, after_index: int = -1, page_size: int) -> Iterator[list[dict[str, Any]]]:
     """Every finished turn with index > ``after_index``, a non-empty page at a time, oldest first.
 
@@ -48,4 +56,5 @@ def session_live_connection_count(*, session_id: str) -> int:
 
 
 aturn_page = db_async(turn_page)
+aturns_between = db_async(turns_between)
 asession_live_connection_count = db_async(session_live_connection_count)

@@ -27,7 +27,8 @@ from relay.store.db import db_async
 from relay.store.turns import EVENT_FIELDS, turn_fields
 from relay.engines.base import TurnEvent
 from relay.exceptions import Forbidden, SessionEnded, SessionFull
-from relay.models import Connection, RelayProcess, Session, Turn
+from relay.models import Connection, Refusal, RelayProcess, Session, Turn, live_cutoff
+from relay.ops import metrics
 from relay.ops.logs import get_logger
 
 log = get_logger("relay.store.services")
@@ -94,12 +95,16 @@ def connection_open(
     since: int | None,
     client_addr: str = "",
     user_agent: str = "",
+    previous: str | None = None,
 ) -> Opened:
     """Join (or create, under the id the client chose) the session and record the connection.
 
     The connection row is written before the consumer joins the group and reads history, which
     is what makes replay gap-free (see relay.live.consumer). A connection that asked for no session
     goes through :func:`connections_open_new` instead.
+
+    A connection that resumes one that ended uncleanly (see :func:`_resumed_connection`) gets its
+    reconnection time: from the old connection's last frame to now.
     """
     _heartbeat_if_due()
     created = False
@@ -123,16 +128,14 @@ def connection_open(
         ):
             raise Forbidden()
         others = [str(pk) for pk in Connection.objects.live().filter(session=session).values_list("pk", flat=True)]
-        live = len(others)
-        if live >= settings.RELAY_MAX_CONNECTIONS_PER_SESSION:
+        if len(others) >= settings.RELAY_MAX_CONNECTIONS_PER_SESSION:
             raise SessionFull()
         gap = None
-        if not created:
-            last_closed = (
-                Connection.objects.filter(session=session, closed_at__isnull=False).order_by("-closed_at").values_list("closed_at", flat=True).first()
-            )
-            if last_closed is not None and live == 0:
-                gap = max(0.0, (now - last_closed).total_seconds())
+        resumed_from = None if created else _resumed_connection(session, previous, since, client_addr[:64], user_agent[:256], now)
+        if resumed_from is not None:
+            # The old connection stays among the others while its process may still be flushing
+            # it: a resuming page waits for its last turn before re-sending audio.
+            resumed_from, gap = resumed_from
         connection = Connection.objects.create(
             session=session,
             process_id=process_id(),
@@ -140,12 +143,52 @@ def connection_open(
             resumed=not created,
             since=since,
             gap_seconds=gap,
+            previous=resumed_from,
             client_addr=client_addr[:64],
             user_agent=user_agent[:256],
         )
         if not created:
             Session.objects.filter(pk=session.pk).update(last_activity_at=now)
     return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, others=others, gap_seconds=gap)
+
+
+#: A client back within this long of its connection's last frame is reconnecting; later, revisiting.
+RECONNECT_WINDOW_SECONDS = 120.0
+#: Close codes after which a client is expected to come back: drops, and "try again later".
+_CLEAN_ENDS = (1000, 1001, 1005, 4010)
+
+
+def _resumed_connection(session: Session, previous: str | None, since: int | None, client_addr: str, user_agent: str, now: Any) -> tuple[Any, float] | None:
+    """The connection a new one resumes, and the reconnection time; None when it resumes none.
+
+    Exact when the client names it (``previous_connection=``); otherwise the latest connection of
+    the same session from the same address and user agent, when the new one asks ``since=`` (a
+    resume, not a fresh tab). Only connections that ended uncleanly (or with a retry-later code),
+    or never closed (their process died), and were not resumed already, count; and only within
+    ``RECONNECT_WINDOW_SECONDS`` of their last frame, so a session revisited an hour later adds
+    nothing to the reconnection time.
+    """
+    fields = ("pk", "last_frame_at", "closed_at", "opened_at", "process__heartbeat_at", "process__stopped_at")
+    candidates = Connection.objects.filter(session=session, resumed_after_seconds__isnull=True).exclude(close_code__in=_CLEAN_ENDS)
+    if previous:
+        old = candidates.filter(pk=previous).values(*fields).first()
+    elif since is not None and client_addr:
+        old = candidates.filter(client_addr=client_addr, user_agent=user_agent).order_by("-opened_at").values(*fields).first()
+    else:
+        return None
+    if old is None:
+        return None
+    if old["closed_at"] is not None:
+        last = old["last_frame_at"] or old["closed_at"]
+    elif old["process__heartbeat_at"] is not None and old["process__stopped_at"] is None and old["process__heartbeat_at"] >= live_cutoff():
+        return old["pk"], None  # its process is still closing it: the close computes the time
+    else:  # its process died: it was last heard of at the process's last heartbeat
+        last = max(old["last_frame_at"] or old["opened_at"], old["process__heartbeat_at"] or old["opened_at"])
+    gap = max(0.0, (now - last).total_seconds())
+    if gap > RECONNECT_WINDOW_SECONDS:
+        return None
+    Connection.objects.filter(pk=old["pk"]).update(resumed_after_seconds=gap)
+    return old["pk"], gap
 
 
 def _authenticated(user: Any) -> bool:
@@ -249,12 +292,12 @@ class FinishedTurn:
 _TURN_UPDATE_FIELDS = ["connection", *EVENT_FIELDS]
 
 
-def turns_record(turns: list[FinishedTurn]) -> list[int]:
+def turns_record(turns: list[FinishedTurn]) -> list[frozenset[str]]:
     """Persist finished turns in one INSERT (an upsert: a retried write is harmless).
 
-    Returns, for each turn, how many other live connections its session has, read after the
-    commit: a joining connection that is not counted committed its row later, so its history read
-    sees the turn (no gap).
+    Returns, for each turn, the ids of its session's other live connections, read after the
+    commit: a joining connection that is not among them committed its row later, so its history
+    read sees the turn (no gap). Connections of processes that stopped heartbeating are not live.
     """
     rows: dict[tuple[str, int], Turn] = {}
     for turn in turns:  # the same turn twice in a batch (a retry) is written once
@@ -268,7 +311,7 @@ def turns_record(turns: list[FinishedTurn]) -> list[int]:
     sessions = {turn.session_id for turn in turns}
     for session_id, pk in Connection.objects.live().filter(session_id__in=sessions).values_list("session_id", "pk"):
         live[session_id].add(str(pk))
-    return [len(live[turn.session_id] - {turn.connection_id}) for turn in turns]
+    return [frozenset(live[turn.session_id] - {turn.connection_id}) for turn in turns]
 
 
 def connection_flush(
@@ -284,6 +327,7 @@ def connection_flush(
     closed: bool = False,
     close_code: int | None = None,
     close_reason: str = "",
+    last_frame_at: Any = None,
 ) -> None:
     """Write a connection's counters (absolute values) and, when ``closed``, its end."""
     now = timezone.now()
@@ -300,8 +344,16 @@ def connection_flush(
         }
         if last_error_code:
             fields["last_error_code"] = last_error_code[:64]
+        if last_frame_at is not None:
+            fields["last_frame_at"] = last_frame_at
         if closed:
             fields.update(closed_at=now, close_code=close_code, close_reason=close_reason[:200])
+            # Resumed before this close was recorded: the reconnection time is known only now.
+            successor = Connection.objects.filter(previous=connection_id).order_by("opened_at").values("pk", "opened_at").first()
+            if successor is not None and close_code not in _CLEAN_ENDS:
+                gap = max(0.0, (successor["opened_at"] - (last_frame_at or now)).total_seconds())
+                fields["resumed_after_seconds"] = gap
+                Connection.objects.filter(pk=successor["pk"]).update(gap_seconds=gap)
         Connection.objects.filter(pk=connection_id).update(**fields)
         Session.objects.filter(pk=session_id).update(
             audio_seconds=F("audio_seconds") + (audio_seconds - conn["audio_seconds"]),
@@ -330,15 +382,30 @@ _aconnection_open_existing = db_async(connection_open)
 
 
 async def aconnection_open(
-    *, session_id: str | None, user: Any, engine: str, since: int | None, client_addr: str = "", user_agent: str = ""
+    *, session_id: str | None, user: Any, engine: str, since: int | None, client_addr: str = "", user_agent: str = "", previous: str | None = None
 ) -> Opened:
     if session_id is None:
         return await _new_connections.submit(
             NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent)
         )
     return await _aconnection_open_existing(
-        session_id=session_id, user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent
+        session_id=session_id, user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent, previous=previous
     )
+
+
+def refusals_record(counts: dict[tuple[Any, str], int]) -> None:
+    """Add refused attempts per (minute, code) to the aggregate rows, whichever process wrote first."""
+    for (minute, code), n in counts.items():
+        with transaction.atomic():
+            if not Refusal.objects.filter(minute=minute, code=code).update(count=F("count") + n):
+                try:
+                    with transaction.atomic():
+                        Refusal.objects.create(minute=minute, code=code, count=n)
+                except IntegrityError:  # another process created it meanwhile
+                    Refusal.objects.filter(minute=minute, code=code).update(count=F("count") + n)
+
+
+arefusals_record = db_async(refusals_record)
 
 
 # The latency of the turn writes of open streams feeds the admission check (relay.live.admission): those
@@ -348,12 +415,14 @@ async def aturn_index_allocate(*, session_id: str) -> int:
     started = time.monotonic()
     index = await _turn_indexes.submit(session_id)
     load.note_write(time.monotonic() - started)
+    metrics.db_write("index", time.monotonic() - started)
     return index
 
 
-async def aturn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent, timed: bool = True) -> int:
+async def aturn_record(*, session_id: str, connection_id: str, index: int, event: TurnEvent, timed: bool = True) -> frozenset[str]:
     started = time.monotonic()
     others = await _finished_turns.submit(FinishedTurn(session_id=session_id, connection_id=connection_id, index=index, event=event))
+    metrics.db_write("turn", time.monotonic() - started)
     if timed:
         load.note_write(time.monotonic() - started)
     return others

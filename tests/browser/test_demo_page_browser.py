@@ -244,6 +244,33 @@ def test_relay_process_killed_mid_turn_the_page_sends_the_open_turn_again(static
             second.stop()
 
 
+def test_language_choice_sets_model_and_hint_and_is_remembered(fake_server, launch):
+    browser = launch()
+    page = new_page(browser)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+
+    def last_socket(*needles: str, absent: str | None = None) -> str:
+        for _ in range(100):  # the page reconnects with the new query; wait for that socket
+            if sockets and all(n in sockets[-1] for n in needles) and (absent is None or absent not in sockets[-1]):
+                return sockets[-1]
+            page.wait_for_timeout(50)
+        raise AssertionError(sockets)
+
+    page.goto(demo_url(fake_server.http_url))
+    expect(page.locator("body")).to_have_attribute("data-state", "open")
+    assert page.locator("#language").input_value() == "en"
+    last_socket("model=flux-general-en", absent="language_hint")
+    page.locator("#language").select_option("de")
+    last_socket("model=flux-general-multi", "language_hint=de")
+    expect(page.locator("#language")).to_be_enabled()
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "open")
+    assert page.locator("#language").input_value() == "de"  # remembered by this browser
+    page.locator("#language").select_option("auto")
+    last_socket("model=flux-general-multi", absent="language_hint")
+
+
 def test_reload_and_share_link_show_the_history(fake_server, launch, tmp_path):
     browser = launch(bursts_wav(tmp_path / "bursts.wav", 2))
     page = new_page(browser)

@@ -91,6 +91,7 @@ def busy_day(*, seed: int = 7, now: datetime | None = None) -> dict[str, int]:
         counts["sessions"] += 1
         t = start
         index = 0
+        prev = None
         for k in range(rng.choice([1, 1, 2, 3])):
             duration = rng.choice([20, 90, 400, 900, 1800, 2400])
             code = rng.choices([1000, 1001, 1006, 4011], weights=[80, 8, 9, 3])[0]
@@ -105,6 +106,10 @@ def busy_day(*, seed: int = 7, now: datetime | None = None) -> dict[str, int]:
                 error_count=1 if code == 4011 else 0, client_addr=f"10.0.0.{n % 250}", user_agent="Mozilla/5.0 test",
             )
             counts["connections"] += 1
+            if prev is not None and prev.close_code not in (1000, 1001):  # its client came back: a reconnect
+                Connection.objects.filter(pk=prev.pk).update(resumed_after_seconds=gap)
+                Connection.objects.filter(pk=c.pk).update(previous=prev.pk)
+            prev = c
             texts = [" ".join(rng.sample(words, 4)) for _ in range(rng.randint(2, 6))]
             turns(s, c, texts, start_index=index)
             index += len(texts)

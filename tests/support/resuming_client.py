@@ -197,6 +197,8 @@ class ResumingClient:
         since = self.since()
         if since is not None:
             query["since"] = since
+        if self.connection_ids:  # the one this resumes: the relay pairs them for reconnection time
+            query["previous_connection"] = self.connection_ids[-1]
         return f"{self.base_url}/v2/listen?{urlencode(query)}"
 
     def _notify(self) -> None:

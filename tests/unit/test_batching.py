@@ -105,7 +105,8 @@ def test_finished_turns_are_written_in_one_upsert_with_each_sessions_other_conne
         services.FinishedTurn("s1", b.connection_id, 1, event("three")),
         services.FinishedTurn("s1", b.connection_id, 1, event("three four")),  # a retry: written once, last wins
     ])
-    assert others == [1, 0, 1, 1]
+    assert [len(o) for o in others] == [1, 0, 1, 1]
+    assert others[0] == {b.connection_id} and others[2] == {a.connection_id}
     assert list(Turn.objects.order_by("session_id", "index").values_list("session_id", "index", "transcript")) == [
         ("s1", 0, "one"), ("s1", 1, "three four"), ("s2", 0, "two"),
     ]

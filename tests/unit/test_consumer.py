@@ -124,9 +124,11 @@ async def test_reconnect_resumes_and_replays_history_since():
     [
         ("session=bad%20id", "INVALID_SESSION", 4008),
         ("session=" + "x" * 200, "INVALID_SESSION", 4008),
-        ("encoding=opus", "UNSUPPORTED_ENCODING", 4008),
+        ("encoding=flac", "UNSUPPORTED_ENCODING", 4008),
         ("sample_rate=96000", "UNSUPPORTED_SAMPLE_RATE", 4008),
         ("eot_threshold=7", "INVALID_PARAMETER", 4008),
+        ("model=flux-general-multi&language=xx", "INVALID_PARAMETER", 4008),
+        ("language=de", "INVALID_PARAMETER", 4008),  # a hint needs flux-general-multi, as on Flux
     ],
 )
 async def test_bad_connect_parameters_get_error_then_close(query, code, close):
@@ -177,6 +179,17 @@ async def test_unknown_parameter_and_model_get_warnings():
     await c.connect()
     codes = {(await c.recv())["code"], (await c.recv())["code"]}
     assert codes == {"UNKNOWN_PARAMETER", "MODEL_IGNORED"}
+    await c.disconnect()
+
+
+async def test_language_hints_on_the_fake_engine_get_warnings():
+    c = Client("/v2/listen?model=flux-general-multi&language=de")
+    await c.connect()
+    assert {(await c.recv())["code"], (await c.recv())["code"]} == {"MODEL_IGNORED", "LANGUAGE_IGNORED"}
+    await c.send_json({"type": "Configure", "language_hints": ["es", "fr"]})
+    success = await c.recv()
+    assert success["type"] == "ConfigureSuccess" and success["language_hints"] == ["es", "fr"]
+    assert (await c.recv())["code"] == "LANGUAGE_IGNORED"
     await c.disconnect()
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from relay.flux import protocol
+from relay.flux.constants import LANGUAGE_CODES
 from relay.engines.base import TurnEvent, Word
 from relay.exceptions import (
     ConfigureRejected,
@@ -39,7 +40,7 @@ def test_all_flux_parameters_are_parsed():
 @pytest.mark.parametrize(
     "qs,exc",
     [
-        (b"encoding=opus", UnsupportedEncoding),
+        (b"encoding=speex", UnsupportedEncoding),
         (b"encoding=flac", UnsupportedEncoding),
         (b"sample_rate=96000", UnsupportedSampleRate),
         (b"sample_rate=abc", UnsupportedSampleRate),
@@ -93,6 +94,31 @@ def test_configure_validation():
     for bad in ({"thresholds": {"eot_threshold": 5}}, {"thresholds": {"bogus": 1}}, {"thresholds": []}, {}, {"keyterms": "x"}):
         with pytest.raises(ConfigureRejected):
             protocol.parse_configure(bad, opts)
+
+
+def test_language_hints_need_the_multilingual_model_and_a_language_code():
+    params = protocol.parse_connect_params(b"model=flux-general-multi&language_hint=de&language_hint=pt-BR&language=de")
+    assert params.options.language_hints == ["de", "pt-BR"] and "language_hints" in params.options.explicit
+    assert not params.notices
+    assert protocol.parse_connect_params(b"model=flux-general-multi&language=es").options.language_hints == ["es"]
+    assert protocol.parse_connect_params(b"model=flux-general-multi").options.language_hints == []
+    for bad in (b"language=de", b"model=flux-general-en&language_hint=de", b"model=flux-general-multi&language=xx",
+                b"model=flux-general-multi&language=german", b"model=flux-general-multi&language=",
+                b"model=flux-general-multi&" + b"&".join(b"language_hint=%s" % c for c in b"de en es fr it nl pt ru ja hi zh".split())):
+        with pytest.raises(InvalidParameter):
+            protocol.parse_connect_params(bad)
+    multi = protocol.parse_connect_params(b"model=flux-general-multi").options
+    assert protocol.parse_configure_request({"language_hints": ["de"]}, multi) == ({}, None, ["de"])
+    for bad in ({"language_hints": "de"}, {"language_hints": ["klingon"]}, {"language_hints": [1]}):
+        with pytest.raises(ConfigureRejected):
+            protocol.parse_configure_request(bad, multi)
+    with pytest.raises(ConfigureRejected):
+        protocol.parse_configure_request({"language_hints": ["de"]}, protocol.parse_connect_params(b"").options)
+
+
+def test_language_codes_are_whispers():
+    tokenizer = pytest.importorskip("faster_whisper.tokenizer")
+    assert LANGUAGE_CODES == set(tokenizer._LANGUAGE_CODES)
 
 
 def test_stamp_adds_sequence_and_request_id():

@@ -67,7 +67,10 @@ async def test_channel_layer_failure_does_not_take_the_stream_down(monkeypatch):
     assert end["transcript"] == "one two"
     monkeypatch.undo()
     await a.send_audio(tone(0.25) + silence(0.7))
+    missed = await b.recv_turn_end()  # the turn the layer lost reaches b from the store, first
+    assert (missed["turn_index"], missed["replayed"], missed["transcript"]) == (0, True, "one two")
     assert (await b.recv_turn_end())["turn_index"] == 1  # later events flow again
+    assert [m["code"] for m in b.messages if m["type"] == "Warning"] == ["SHARING_INTERRUPTED"]
     await a.disconnect()
     await b.disconnect()
     assert await sync_to_async(Turn.objects.filter(session_id="layer-down").count)() == 2

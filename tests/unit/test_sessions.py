@@ -248,3 +248,29 @@ async def test_a_plain_flux_client_gets_no_relay_messages_but_its_history():
     await plain.expect_close()
     assert {m["type"] for m in plain.messages} <= {"Connected", "TurnInfo"}, {m["type"] for m in plain.messages}
     await plain.disconnect()
+
+
+async def test_a_final_the_layer_silently_drops_is_repaired_from_the_store_before_the_next(monkeypatch):
+    from channels.layers import get_channel_layer
+
+    speaker = Client("/v2/listen?session=gap")
+    listener = Client("/v2/listen?session=gap")
+    await speaker.connect()
+    await listener.connect()
+    layer = get_channel_layer()
+    real_send = layer.group_send
+
+    async def lossy(group, message):  # no error anywhere: turn 1's EndOfTurn just never arrives
+        if message.get("final") and message.get("turn_index") == 1:
+            return
+        await real_send(group, message)
+
+    monkeypatch.setattr(layer, "group_send", lossy)
+    for _ in range(3):
+        await speaker.send_audio(tone(0.25) + silence(0.7))
+        await speaker.recv_turn_end()
+    finals = [await listener.recv_turn_end() for _ in range(3)]
+    assert [(m["turn_index"], m.get("replayed", False)) for m in finals] == [(0, False), (1, True), (2, False)]
+    assert not [m for m in listener.messages if m.get("type") == "Warning"]
+    await speaker.disconnect()
+    await listener.disconnect()

@@ -65,23 +65,29 @@ def test_error_rate_is_the_share_of_ended_connections_that_hit_an_error():
     assert stability.error_rate([ended(0, 1)], START, END).level == "good"
 
 
-def test_reconnection_time_is_the_median_gap_of_resumed_connections_opened_in_the_window():
+def test_reconnection_time_is_the_median_resume_of_unclean_ends_in_the_window():
     records = [
-        R(opened_at=at(10), ended_at=None, resumed=True, gap_seconds=0.2),
-        R(opened_at=at(20), ended_at=None, resumed=True, gap_seconds=0.3),
-        R(opened_at=at(30), ended_at=None, resumed=True, gap_seconds=5.0),
-        R(opened_at=at(40), ended_at=None, resumed=True, gap_seconds=None),  # joined a live session
-        R(opened_at=at(50), ended_at=None, resumed=False),
-        R(opened_at=at(-60), ended_at=None, resumed=True, gap_seconds=9.0),  # before the window
+        R(opened_at=at(0), ended_at=at(10), close_code=1006, resumed_after_seconds=0.2),
+        R(opened_at=at(0), ended_at=at(20), close_code=1006, resumed_after_seconds=0.3),
+        R(opened_at=at(0), ended_at=at(30), close_code=4013, resumed_after_seconds=5.0),  # "try again later"
+        R(opened_at=at(0), ended_at=at(40), close_code=1006),  # its client never came back
+        R(opened_at=at(0), ended_at=at(50), close_code=1000),  # clean: not a reconnect
+        R(opened_at=at(-90), ended_at=at(-60), close_code=1006, resumed_after_seconds=9.0),  # before the window
     ]
     m = stability.reconnection_time(records, START, END)
     assert m.value == 0.3 and m.samples == 3 and m.level == "good" and m.display == "300 ms"
-    assert m.detail == "p95 5.0 s over 3 reconnects"
+    assert m.detail == "3 of 4 resumed, 1 not resumed; p95 5.0 s"
+
+
+def test_planned_restarts_are_left_out_of_the_disconnection_and_error_rates():
+    records = [ended(i, 1, 1000) for i in range(9)] + [ended(9, 1, 4012, error_count=1) for _ in range(5)]
+    assert stability.disconnection_rate(records, START, END).value == 0
+    assert stability.error_rate(records, START, END).value == 0
 
 
 @pytest.mark.parametrize(("gap", "level"), [(0.499, "good"), (0.5, "warn"), (2.0, "warn"), (2.01, "bad")])
 def test_reconnection_time_levels(gap, level):
-    records = [R(opened_at=at(1), ended_at=None, resumed=True, gap_seconds=gap)]
+    records = [R(opened_at=at(0), ended_at=at(1), close_code=1006, resumed_after_seconds=gap)]
     assert stability.reconnection_time(records, START, END).level == level
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from relay.engines.base import EngineWarning, StreamOptions, TurnEvent, Word
 from relay.exceptions import BacklogExceeded, EngineError, FrameTooLarge, RateLimited, ServerRestarting
 from relay.live import session as core
@@ -55,10 +58,12 @@ def through_index(s: StreamSession, ev: TurnEvent, index: int):
     return s.turn_index_allocated(index)
 
 
-def finish(s: StreamSession, ev: TurnEvent, *, others: int = 0, index: int | None = None):
+def finish(s: StreamSession, ev: TurnEvent, *, others: int | frozenset[str] = 0, index: int | None = None):
     """Feed an EndOfTurn through store; returns (actions before the store result, after it)."""
     before = s.engine_event(ev) if index is None else through_index(s, ev, index)
     assert isinstance(before[-1], core.StoreTurn)
+    if isinstance(others, int):
+        others = frozenset(f"peer{i}" for i in range(others))
     finished, after = s.turn_stored(others)
     assert finished.index == before[-1].index
     return before, after
@@ -125,7 +130,7 @@ def test_a_closing_streams_flush_is_not_timed():
     s = new_session()
     through_index(s, event("StartOfTurn"), 0)
     assert s.engine_event(event("EndOfTurn"))[-1].timed is True
-    s.turn_stored(0)
+    s.turn_stored(frozenset())
     through_index(s, event("StartOfTurn", turn=1), 1)
     s.fail(ServerRestarting())
     s.flush_started()
@@ -176,15 +181,86 @@ def layer_final(index: int, origin: str = "other") -> dict:
     return {"type": "relay.event", "origin": origin, "body": '{"type":"TurnInfo","event":"EndOfTurn"}', "turn_index": index, "final": True}
 
 
+def stored(index: int) -> dict:
+    row = {"index": index, "audio_window_start": 0.0, "audio_window_end": 1.0, "transcript": f"t{index}", "words": [], "end_of_turn_confidence": 0.9,
+           "trigger": "model", "languages": [], "connection_id": "c0", "created_at": None}
+    return turn_record(row)
+
+
+def layer_update(index: int, origin: str = "other") -> dict:
+    return {**layer_final(index, origin), "final": False, "body": '{"type":"TurnInfo","event":"StartOfTurn"}'}
+
+
 def test_a_final_that_arrives_after_its_replay_is_not_sent_twice():
     s = new_session()
-    row = {"index": 3, "audio_window_start": 0.0, "audio_window_end": 1.0, "transcript": "x", "words": [], "end_of_turn_confidence": 0.9,
-           "trigger": "model", "languages": [], "connection_id": "c0", "created_at": None}
-    replayed = sent(s.replay_page([turn_record(row)]))
-    assert replayed[0]["replayed"] is True and replayed[0]["turn_index"] == 3
+    replayed = sent(s.replay_page([stored(i) for i in range(4)]))
+    assert [m["turn_index"] for m in replayed] == [0, 1, 2, 3] and all(m["replayed"] for m in replayed)
     assert s.layer_event(layer_final(3)) == ()
     assert sent(s.layer_event(layer_final(4)))[0]["type"] == "TurnInfo"
     assert sent(s.layer_event({**layer_final(3), "final": False}))  # interim events are not deduped
+
+
+# -- gap repair ---------------------------------------------------------------------------------
+def test_a_turn_missed_live_is_read_from_the_store_and_sent_before_the_next():
+    s = new_session()
+    s.layer_event(layer_final(0))
+    (read,) = s.layer_event(layer_final(2))  # turn 1 never arrived (the layer dropped it)
+    assert read == core.ReadTurns(after=0, before=2, then=layer_final(2)["body"], then_index=2)
+    out = sent(s.turns_read(read, [stored(1)]))
+    assert [(m["turn_index"] if "turn_index" in m else None, m.get("replayed")) for m in out] == [(1, True), (None, None)]
+    assert s.layer_event(layer_final(1)) == () and s.layer_event(layer_final(2)) == ()  # each once
+    assert sent(s.layer_event(layer_final(3)))  # no gap now: straight through
+
+
+def test_a_turn_still_in_progress_is_not_a_gap():
+    s = new_session()
+    s.layer_event(layer_update(0, origin="alice"))  # alice's turn 0 is open
+    assert sent(s.layer_event(layer_final(1, origin="bob")))  # bob's turn 1 finished first: sent, nothing read
+    assert sent(s.layer_event(layer_final(0, origin="alice")))  # and 0 when it ends
+
+
+def test_an_open_turn_whose_speaker_finished_a_later_one_was_missed():
+    s = new_session()
+    s.layer_event(layer_update(0, origin="alice"))  # its StartOfTurn arrived, its EndOfTurn will not
+    (read,) = s.layer_event(layer_final(1, origin="alice"))  # one speaker's turns end in order
+    assert (read.after, read.before) == (-1, 1)
+    assert [m.get("turn_index", "live") for m in sent(s.turns_read(read, [stored(0)]))] == [0, "live"]
+
+
+def test_a_hole_is_read_once_and_not_waited_for():
+    s = new_session()
+    (read,) = s.layer_event(layer_final(1))  # 0 unheard
+    assert len(sent(s.turns_read(read, []))) == 1  # not in the store (died with its process): 1 goes out
+    assert sent(s.layer_event(layer_final(2)))  # no second read for the same hole
+    assert sent(s.layer_event(layer_final(0)))  # it was a turn in progress after all: still sent once
+
+
+def test_the_speakers_own_receipt_never_waits_for_a_repair():
+    s = new_session()
+    through_index(s, event("StartOfTurn"), 2)  # 0 and 1 were other tabs' turns it never heard of
+    _, after = finish(s, event("EndOfTurn"))
+    assert isinstance(after[0], core.SendClient) and after[-1] == core.ReadTurns(after=-1, before=2)
+    assert [m["turn_index"] for m in sent(s.turns_read(after[-1], [stored(0), stored(1)]))] == [0, 1]
+
+
+def test_a_channel_layer_outage_warns_once_then_resyncs_and_rejoins():
+    s = new_session()
+    s.layer_event(layer_final(0))
+    s.layer_event(layer_update(1))
+    warned = sent(s.layer_down())
+    assert warned[0]["code"] == "SHARING_INTERRUPTED" and s.layer_down() == []
+    assert s.layer_up() == [core.ReadTurns(after=0, before=None)]  # from the open turn 1 on
+    s.rejoined(False)
+    assert s.layer_up()[0] == core.JoinGroup()
+
+
+def test_peers_that_died_stop_counting_after_the_next_store_but_joiners_stay():
+    s = new_session(peers=["dead"])
+    through_index(s, event("StartOfTurn"), 0)
+    s.engine_event(event("EndOfTurn"))
+    s.layer_presence({"type": "relay.presence", "event": "join", "connection_id": "new", "origin": "x"})  # joined meanwhile
+    s.turn_stored(frozenset())  # the store sees neither (dead's process stopped beating; new committed later)
+    assert s.peers == {"new"}
 
 
 def test_own_events_echoed_by_the_group_are_ignored():
@@ -231,6 +307,21 @@ def test_bad_text_frames_warn_and_known_ones_map_to_actions():
     (configure,) = s.receive_text('{"type":"Configure","thresholds":{"eot_threshold":0.8}}')
     assert configure == core.Configure({"eot_threshold": 0.8}, None)
     assert sent(s.receive_text('{"type":"Configure","thresholds":{"eot_threshold":3}}'))[0]["type"] == "ConfigureFailure"
+
+
+def test_configure_language_hints_reach_the_engine_only_on_the_multilingual_model():
+    s = new_session(model="flux-general-multi")
+    (configure,) = s.receive_text('{"type":"Configure","language_hints":["de"]}')
+    assert configure == core.Configure({}, None, ["de"])
+    (configure,) = s.receive_text('{"type":"Configure","language_hints":[],"keyterms":["x"]}')
+    assert configure == core.Configure({}, ["x"], [])  # [] clears the hints: detect again
+    (failure,) = sent(s.receive_text('{"type":"Configure","language_hints":["xx"]}'))
+    assert failure["type"] == "ConfigureFailure" and failure["code"] == "INVALID_CONFIGURE"
+    english = new_session()
+    (failure,) = sent(english.receive_text('{"type":"Configure","language_hints":["de"]}'))
+    assert failure["type"] == "ConfigureFailure" and "flux-general-multi" in failure["description"]
+    (success,) = sent(s.configured(StreamOptions(model="flux-general-multi", language_hints=["de"]), []))
+    assert success["type"] == "ConfigureSuccess" and success["language_hints"] == ["de"]
 
 
 def test_configure_is_rate_limited_per_minute_of_the_clock():
@@ -303,3 +394,54 @@ def test_replayed_turns_reach_a_plain_flux_client_as_ordinary_end_of_turn():
     (turn,) = sent(s.replay_page([turn_record(row)]))
     assert (turn["type"], turn["event"]) == ("TurnInfo", "EndOfTurn")
     assert s.replay_done(turns=1, last_turn_index=0, since=None) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=30), st.randoms(use_true_random=False))
+def test_every_finished_turn_reaches_a_listener_exactly_once_whatever_the_layer_drops(turns, rnd):
+    """Other tabs' turns finish in any order; the layer drops any event; then it is back."""
+    s = new_session()
+    store: dict[int, dict] = {}
+    got: list[int] = []
+
+    def run(actions):
+        for a in actions:
+            if isinstance(a, core.SendClient):
+                m = json.loads(a.text)
+                if m.get("event") == "EndOfTurn" or m.get("replayed"):
+                    got.append(m["turn_index"])
+            elif isinstance(a, core.ReadTurns):
+                hi = a.before if a.before is not None else 10**9
+                run(s.turns_read(a, [store[i] for i in sorted(store) if a.after < i < hi]))
+
+    order = list(range(len(turns)))
+    rnd.shuffle(order)  # the order turns finish in
+    for i in range(len(turns)):
+        if not turns[i][0]:  # StartOfTurn delivered (else dropped)
+            run(s.layer_event(layer_update(i)))
+    for i in order:
+        store[i] = stored(i)
+        if not turns[i][1]:  # the final delivered live (else dropped)
+            body = {**layer_final(i), "body": json.dumps({"type": "TurnInfo", "event": "EndOfTurn", "turn_index": i})}
+            run(s.layer_event(body))
+    run(s.layer_up())
+    assert sorted(got) == list(range(len(turns))), got
+
+
+def test_a_frame_holding_more_audio_than_the_backlog_allows_is_too_large_not_a_backlog():
+    """1 MiB (the default RELAY_MAX_FRAME_BYTES) of 16 kHz Int16 is 32.8 s, past the 30 s backlog."""
+    def session(**options) -> StreamSession:
+        s = StreamSession(options=StreamOptions(**options), max_frame_bytes=1024 * 1024, max_backlog_seconds=30,
+                          listener_update_seconds=0.5, configures_per_minute=3, channel_name=ME)
+        s.use_options(s.options)
+        s.opened(session_id="room", connection_id="c1", others=[], resumed=False, engine="fake")
+        s.ready([])
+        return s
+
+    [fail] = session().receive_bytes(b"\0" * 1024 * 1024)
+    assert isinstance(fail, core.Fail) and isinstance(fail.error, FrameTooLarge)
+    assert "960000 bytes" in str(fail.error)  # 30 s at 32,000 bytes a second
+    [feed] = session().receive_bytes(b"\0" * 960_000)
+    assert isinstance(feed, core.FeedAudio)
+    [feed] = session(sample_rate=48000).receive_bytes(b"\0" * 1024 * 1024)  # 10.9 s at 48 kHz: fine
+    assert isinstance(feed, core.FeedAudio)

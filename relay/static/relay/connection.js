@@ -309,6 +309,8 @@ export class RelayConnection {
    */
   params() {
     const query = { ...this.query() };
+    // The relay pairs this connection with the one it resumes, for its reconnection-time metric.
+    if (this.ledger.conn !== null) query.previous_connection = this.ledger.conn;
     const floor = this.ledger.conn !== null ? this.floors.get(this.ledger.conn) : undefined;
     if (floor !== undefined && "since" in query) {
       const since = query.since;
