@@ -9,7 +9,9 @@ Why: ASGI gives an application no backpressure, so when the relay falls behind a
 overloaded process) that queue, not the kernel, holds the audio. While
 ``RELAY_MAX_INBOUND_MESSAGES`` messages wait, daphne stops reading that socket, so TCP pushes
 back on the client, which holds its own audio; reading resumes once the relay has taken half of
-them. Nothing is dropped.
+them. Nothing is dropped. Once the connection is closing (the relay refused it, ended it, or
+the client said goodbye), reading is never held back: what is left must be read for the closing
+handshake to finish with close frames; a socket closed with unread data in it is reset instead.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ PATCH = Patch(
         Target("Twisted", "twisted.internet.abstract", "FileDescriptor.resumeProducing", params=("self",)),
         Target("Twisted", "twisted.internet.abstract", "FileDescriptor.disconnected", kind="value"),
         Target("Twisted", "twisted.internet.abstract", "FileDescriptor.disconnecting", kind="value"),
+        Target("autobahn", "autobahn.websocket.protocol", "WebSocketProtocol.STATE_OPEN", kind="value"),
     ),
 )
 
@@ -56,7 +59,7 @@ def install(*, limit: int) -> None:
         on_message(self, payload, isBinary)
         limit = self.relay_inbound_limit
         queue = getattr(self, "application_queue", None)
-        if limit > 0 and queue is not None and queue.qsize() >= limit and self not in _paused and self.transport is not None:
+        if limit > 0 and queue is not None and self not in _paused and self.transport is not None and hold_reading(self, queue.qsize(), limit):
             _paused.add(self)
             self.transport.pauseProducing()
             metrics.INBOUND_PAUSES.inc()
@@ -66,18 +69,32 @@ def install(*, limit: int) -> None:
     WebSocketProtocol.onMessage = onMessage
 
 
+def hold_reading(protocol, waiting: int, limit: int) -> bool:
+    """Whether to stop reading ``protocol``'s socket with ``waiting`` messages queued for the relay."""
+    return waiting >= limit and protocol.state == protocol.STATE_OPEN
+
+
+def resume_if_ready(protocol, waiting: int, limit: int) -> bool:
+    """Read a paused socket again once the relay has caught up or the connection is closing.
+
+    Returns True when the pause is over (resumed, or the socket is gone).
+    """
+    transport = protocol.transport
+    if transport is None or getattr(transport, "disconnected", False) or getattr(transport, "disconnecting", False):
+        _paused.discard(protocol)
+        return True
+    if waiting <= limit // 2 or protocol.state != protocol.STATE_OPEN:
+        _paused.discard(protocol)
+        transport.resumeProducing()
+        return True
+    return False
+
+
 def _resume_when_drained(protocol, queue, limit: int) -> None:
     from twisted.internet import reactor
 
     def check() -> None:
-        transport = protocol.transport
-        if transport is None or getattr(transport, "disconnected", False) or getattr(transport, "disconnecting", False):
-            _paused.discard(protocol)
-            return
-        if queue.qsize() <= limit // 2:
-            _paused.discard(protocol)
-            transport.resumeProducing()
-            return
-        reactor.callLater(RESUME_CHECK_SECONDS, check)
+        if not resume_if_ready(protocol, queue.qsize(), limit):
+            reactor.callLater(RESUME_CHECK_SECONDS, check)
 
     reactor.callLater(RESUME_CHECK_SECONDS, check)

@@ -226,3 +226,33 @@ def test_asgi_application_starts_when_every_target_is_there():
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "transcription_site.settings", "RELAY_PRELOAD_ENGINE": "0"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.reading = False  # paused
+        self.disconnected = self.disconnecting = False
+
+    def resumeProducing(self) -> None:
+        self.reading = True
+
+
+class _Protocol:
+    STATE_OPEN, STATE_CLOSING = 3, 2
+
+    def __init__(self, state: int) -> None:
+        self.state = state
+        self.transport = _Transport()
+
+
+def test_inbound_flow_never_holds_back_reading_on_a_closing_connection():
+    """A refused or ended connection must read what is left, so its close handshake ends with close
+    frames instead of a socket closed with unread data (a reset)."""
+    open_, closing = _Protocol(_Protocol.STATE_OPEN), _Protocol(_Protocol.STATE_CLOSING)
+    assert inbound_flow.hold_reading(open_, 50, 50) and not inbound_flow.hold_reading(open_, 49, 50)
+    assert not inbound_flow.hold_reading(closing, 500, 50)
+    assert not inbound_flow.resume_if_ready(open_, 40, 50) and not open_.transport.reading  # still behind
+    open_.state = _Protocol.STATE_CLOSING  # the relay closed it while it was paused
+    assert inbound_flow.resume_if_ready(open_, 40, 50) and open_.transport.reading
+    caught_up = _Protocol(_Protocol.STATE_OPEN)
+    assert inbound_flow.resume_if_ready(caught_up, 25, 50) and caught_up.transport.reading
