@@ -102,7 +102,9 @@ class Connection(models.Model):
     close_reason = models.CharField(max_length=200, blank=True)
     resumed = models.BooleanField(default=False)
     since = models.IntegerField(null=True, blank=True)
-    gap_seconds = models.FloatField(null=True, blank=True, help_text="Time since the session's previous connection closed.")
+    gap_seconds = models.FloatField(
+        null=True, blank=True, help_text="Reconnection time: from the last frame of the connection this one resumed to this one's open."
+    )
     audio_bytes = models.BigIntegerField(default=0)
     audio_seconds = models.FloatField(default=0.0)
     messages_received = models.IntegerField(default=0)

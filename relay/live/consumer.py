@@ -99,7 +99,7 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         heartbeat.ensure_running()
         s = self.session
         await self._run(s.opened(session_id=opened.session_id, connection_id=opened.connection_id, others=opened.others, resumed=opened.resumed, engine=engine.alias, since=params.since))
-        metrics.connection_opened(resumed=opened.resumed, gap_seconds=opened.gap_seconds)
+        metrics.connection_opened(resumed=opened.resumed)
         self.audio_meter = metrics.AudioMeter(s.bytes_per_second)
         self.log.info("client_connected", resumed=opened.resumed, since=params.since, engine=engine.alias, client=client)
         await self._run(s.joined(sharing=await self._layer("group_add", self.group, self.channel_name)))

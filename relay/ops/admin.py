@@ -381,7 +381,7 @@ class ConnectionAdmin(admin.ModelAdmin):
     def agent(self, obj: Connection) -> str:
         return Truncator(obj.user_agent).chars(40)
 
-    @admin.display(description="gap since previous", ordering="gap_seconds")
+    @admin.display(description="reconnection time", ordering="gap_seconds")
     def gap(self, obj: Connection) -> str:
         if obj.gap_seconds is None:
             return "-"

@@ -163,11 +163,18 @@ def close_outcome(code: int | None) -> str:
 
 
 # --- hooks for the consumer ----------------------------------------------------------------------
-def connection_opened(*, resumed: bool, gap_seconds: float | None = None) -> None:
+def connection_opened(*, resumed: bool) -> None:
     """A connection joined its session (after ``services.connection_open``)."""
     CONNECTIONS_OPENED.labels(resumed="true" if resumed else "false").inc()
-    if gap_seconds is not None:
-        RECONNECTION_GAP.observe(gap_seconds)
+
+
+def reconnection_paired(gap_seconds: float) -> None:
+    """A client resumed a connection that ended uncleanly, ``gap_seconds`` after its last frame.
+
+    Called by the store once the pairing is committed: when the resuming connection opens, or,
+    if it opened before the old one's close was recorded, when that close is.
+    """
+    RECONNECTION_GAP.observe(gap_seconds)
 
 
 def connection_closed(*, code: int | None, duration_seconds: float) -> None:

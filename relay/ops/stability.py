@@ -57,7 +57,6 @@ class ConnectionRecord:
     close_code: int | None = None
     error_count: int = 0
     resumed: bool = False
-    gap_seconds: float | None = None
     resumed_after_seconds: float | None = None
 
     @property
@@ -228,7 +227,6 @@ def records_from_rows(rows: Iterable[dict[str, Any]], *, live_cutoff: datetime) 
                 close_code=row["close_code"],
                 error_count=row["error_count"],
                 resumed=row["resumed"],
-                gap_seconds=row["gap_seconds"],
                 resumed_after_seconds=row.get("resumed_after_seconds"),
             )
         )
@@ -241,7 +239,6 @@ RECORD_FIELDS = (
     "close_code",
     "error_count",
     "resumed",
-    "gap_seconds",
     "resumed_after_seconds",
     "process__heartbeat_at",
     "process__stopped_at",

@@ -84,7 +84,6 @@ class Opened:
     connection_id: str
     resumed: bool
     others: list[str]
-    gap_seconds: float | None = None
 
 
 def connection_open(
@@ -149,7 +148,7 @@ def connection_open(
         )
         if not created:
             Session.objects.filter(pk=session.pk).update(last_activity_at=now)
-    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, others=others, gap_seconds=gap)
+    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, others=others)
 
 
 #: A client back within this long of its connection's last frame is reconnecting; later, revisiting.
@@ -188,6 +187,7 @@ def _resumed_connection(session: Session, previous: str | None, since: int | Non
     if gap > RECONNECT_WINDOW_SECONDS:
         return None
     Connection.objects.filter(pk=old["pk"]).update(resumed_after_seconds=gap)
+    transaction.on_commit(lambda: metrics.reconnection_paired(gap))
     return old["pk"], gap
 
 
@@ -243,7 +243,7 @@ def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
         Session.objects.bulk_create(sessions)
         Connection.objects.bulk_create(connections)
     return [
-        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, others=[], gap_seconds=None)
+        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, others=[])
         for s, c in zip(sessions, connections)
     ]
 
@@ -354,6 +354,7 @@ def connection_flush(
                 gap = max(0.0, (successor["opened_at"] - (last_frame_at or now)).total_seconds())
                 fields["resumed_after_seconds"] = gap
                 Connection.objects.filter(pk=successor["pk"]).update(gap_seconds=gap)
+                transaction.on_commit(lambda: metrics.reconnection_paired(gap))
         Connection.objects.filter(pk=connection_id).update(**fields)
         Session.objects.filter(pk=session_id).update(
             audio_seconds=F("audio_seconds") + (audio_seconds - conn["audio_seconds"]),

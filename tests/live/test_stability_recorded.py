@@ -7,8 +7,10 @@ counted per code; the process is listed from its start, before any stream.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
+import urllib.request
 
 import pytest
 import websockets
@@ -110,9 +112,12 @@ def test_reconnection_time_refusals_and_an_idle_process_as_recorded(tmp_path):
         assert asyncio.run(refused("eot_threshold=3")) == 4008  # INVALID_PARAMETER
         wait_until(lambda: rows(db, "select coalesce(sum(count), 0) from relay_refusal")[0][0] >= 2)
         refusals = dict(rows(db, "select code, sum(count) from relay_refusal group by code"))
+        scrape = urllib.request.urlopen(server.http_url + "/metrics", timeout=10).read().decode()
+        observed = float(re.search(r"^relay_reconnection_gap_seconds_count ([0-9.e+]+)$", scrape, re.M).group(1))
 
     gaps = dict(rows(db, "select replace(id, '-', ''), resumed_after_seconds from relay_connection where resumed_after_seconds is not null"))
     named, same = gaps.pop(old.replace("-", "")), gaps.pop(old2.replace("-", ""))
     assert 0.3 <= named < 1.0 and 0.3 <= same < 1.0, (named, same)  # the 300 ms away plus the resume
     assert gaps == {}, gaps  # the revisit after a clean close and the return an hour later add nothing
+    assert observed == 2  # /metrics saw the same two pairings, whichever side recorded them
     assert refusals == {"INVALID_SESSION": 1, "INVALID_PARAMETER": 1}, refusals

@@ -39,7 +39,8 @@ def value(data: dict, name: str, **labels) -> float:
 def test_hooks_move_counters_and_histograms(client):
     before = scrape(client)
     metrics.connection_opened(resumed=False)
-    metrics.connection_opened(resumed=True, gap_seconds=0.3)
+    metrics.connection_opened(resumed=True)
+    metrics.reconnection_paired(0.3)
     metrics.connection_closed(code=1000, duration_seconds=400.0)
     metrics.connection_closed(code=1006, duration_seconds=12.0)
     metrics.connection_closed(code=4011, duration_seconds=2.0)
