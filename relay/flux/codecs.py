@@ -72,6 +72,8 @@ class Decoder:
         return np.zeros(0, dtype=np.int16)
 
     def take_warnings(self) -> list[str]:
+        if not self.warnings:  # the usual case, once per frame: nothing to allocate
+            return self.warnings
         warnings, self.warnings = self.warnings, []
         return warnings
 

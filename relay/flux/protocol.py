@@ -42,7 +42,8 @@ from relay.exceptions import (
 MAX_QUERY_STRING = 8192
 MAX_KEYTERMS = 100
 MAX_KEYTERM_LENGTH = 100
-KNOWN_PARAMS = {
+#: Every query parameter the relay reads, in the order docs/protocol.md lists them.
+KNOWN_PARAMS = (
     "model",
     "encoding",
     "sample_rate",
@@ -59,7 +60,7 @@ KNOWN_PARAMS = {
     "token",
     "relay_events",
     "previous_connection",
-}
+)
 
 
 @dataclass(slots=True)

@@ -87,9 +87,9 @@ class StreamSession:
         channel_name: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.use_options(options)
         self.max_frame_bytes = max_frame_bytes
         self.max_backlog_seconds = max_backlog_seconds
+        self.use_options(options)
         self.listener_update_seconds = listener_update_seconds
         self.channel_name = channel_name
         self.clock = clock
@@ -145,6 +145,9 @@ class StreamSession:
         self.relay_events = relay_events
         self._aligner = SampleAligner(options.sample_width)
         self.bytes_per_second = options.bytes_per_second
+        # A frame is also too large when its audio alone is more than the backlog allows (1 MiB is
+        # 32.8 s at 16 kHz Int16, past the default 30 s): it could never be accepted.
+        self._audio_frame_limit = min(self.max_frame_bytes, int(self.max_backlog_seconds * self.bytes_per_second) or self.max_frame_bytes)
 
     def opened(self, *, session_id: str, connection_id: str, others: list[str], resumed: bool, engine: str, since: int | None = None) -> list[Action]:
         """The connection row is committed: say ``Connected`` (always the first message).
@@ -206,9 +209,7 @@ class StreamSession:
         size = len(data)
         if not size or self.closing or not self.streaming:
             return NOTHING
-        # A frame is also too large when its audio alone is more than the backlog allows (1 MiB is
-        # 32.8 s at 16 kHz Int16, past the default 30 s): it could never be accepted.
-        limit = min(self.max_frame_bytes, int(self.max_backlog_seconds * self.bytes_per_second) or self.max_frame_bytes)
+        limit = self._audio_frame_limit
         if size > limit:
             audio = f" ({limit / self.bytes_per_second:.1f} s of this stream's audio)" if self.bytes_per_second else ""
             return [Fail(FrameTooLarge(f"Frames may be at most {limit} bytes{audio}; got {size}."))]

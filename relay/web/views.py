@@ -4,6 +4,9 @@ from __future__ import annotations
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
+from relay.flux import protocol
+from relay.flux.constants import CLIENT_MESSAGE_TYPES
+
 
 def _register_reason_phrase() -> None:
     """ASGI carries only the status code; daphne writes the status line with Twisted, whose
@@ -31,11 +34,8 @@ def websocket_info(request: HttpRequest) -> JsonResponse:
             "Open a WebSocket, send 16 kHz mono Int16 PCM as binary frames, read TurnInfo messages.",
             "url": url,
             "example": f"{url}?session=my-session&encoding=linear16&sample_rate=16000",
-            "query_parameters": [
-                "session", "since", "model", "encoding", "sample_rate", "eot_threshold",
-                "eager_eot_threshold", "eot_timeout_ms", "keyterm",
-            ],
-            "control_messages": ["CloseStream", "ForceEndTurn", "Configure", "KeepAlive"],
+            "query_parameters": [name for name in protocol.KNOWN_PARAMS if name != "token"],
+            "control_messages": sorted(CLIENT_MESSAGE_TYPES),
             "docs": "/docs/protocol.md in the project repository",
         },
         status=426,
