@@ -87,9 +87,9 @@ def test_reconnection_time_refusals_and_an_idle_process_as_recorded(tmp_path):
 
         old, old2, old4 = asyncio.run(scenario())
         wait_until(lambda: rows(db, "select count(*) from relay_connection where closed_at is null")[0][0] == 0)
-        rows(db, "select 1")  # the drop of `late` is recorded; pretend an hour passed since its last frame
-        db_conn = sqlite3.connect(db)
-        db_conn.execute("update relay_connection set last_frame_at = datetime(last_frame_at, '-1 hour'), closed_at = datetime(closed_at, '-1 hour') where id = ?", (old4.replace("-", ""),))
+        db_conn = sqlite3.connect(db)  # the drop of `late` is recorded; now it happened an hour ago
+        moved = db_conn.execute("update relay_connection set last_frame_at = datetime(last_frame_at, '-1 hour'), closed_at = datetime(closed_at, '-1 hour') where id = ?", (old4.replace("-", ""),))
+        assert moved.rowcount == 1
         db_conn.commit()
         db_conn.close()
 
