@@ -13,6 +13,10 @@ PyAV (FFmpeg's libopus decoder, FFmpeg's own when libopus is missing), never a c
   lacing, CRC) and only the packets go to PyAV, with the ``OpusHead`` packet as the codec's
   extradata (pre-skip and output gain are applied by the decoder).
 
+The same Ogg page reader (:class:`OggPageReader`), packet durations from the Opus TOC byte
+(:func:`opus_packet_samples`) and page renumbering (:func:`ogg_page_sequenced`) serve the upstream
+engines, which pass Opus through without decoding it (relay.engines.upstream.replay).
+
 Malformed compressed audio costs a warning per bad packet (:attr:`Decoder.warnings`, code
 ``INVALID_AUDIO_PACKET``) and, past :data:`MAX_BAD_PACKETS`, or when an Ogg stream does not start
 like one, :class:`~relay.exceptions.InvalidAudio`. Decoders run wherever the engine decodes (its
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,20 +61,52 @@ def _ogg_crc(page: bytes) -> int:
     return int(f"{crc:032b}"[::-1], 2)
 
 
-class Decoder:
-    """Streaming decoder of one encoding: :meth:`decode` what arrived, :meth:`finish` at the end."""
+def ogg_page_sequenced(page: bytes, sequence: int) -> bytes:
+    """``page`` with its page sequence number set to ``sequence`` and its CRC made to match.
 
-    rate: int
+    A page resent on a new connection, after that connection's own header pages, must carry the
+    next number there: a decoder takes a gap in the numbers for lost pages (RFC 3533).
+    """
+    number = sequence.to_bytes(4, "little")
+    if page[18:22] == number:
+        return page
+    unsigned = page[:18] + number + b"\0\0\0\0" + page[26:]
+    return unsigned[:22] + _ogg_crc(unsigned).to_bytes(4, "little") + unsigned[26:]
+
+
+#: Opus frame durations in 48 kHz samples by TOC configuration (RFC 6716 section 3.1, Table 2):
+#: SILK 10/20/40/60 ms (configs 0-11), Hybrid 10/20 ms (12-15), CELT 2.5/5/10/20 ms (16-31).
+_OPUS_FRAME_SAMPLES = (480, 960, 1920, 2880) * 3 + (480, 960) * 2 + (120, 240, 480, 960) * 4
+
+
+def opus_packet_samples(packet: bytes) -> int:
+    """How long an Opus packet plays, in 48 kHz samples, from its TOC byte (RFC 6716 section 3.1).
+
+    0 for what cannot be an Opus packet (empty, a code 3 packet without its frame count, more
+    than 120 ms). Reads the header only; decoding is libopus's business.
+    """
+    if not packet:
+        return 0
+    toc = packet[0]
+    code = toc & 0x03
+    if code == 0:
+        frames = 1
+    elif code in (1, 2):
+        frames = 2
+    elif len(packet) < 2:
+        return 0
+    else:
+        frames = packet[1] & 0x3F
+    samples = frames * _OPUS_FRAME_SAMPLES[toc >> 3]
+    return samples if samples <= 5760 else 0
+
+
+class BadPacketLimit:
+    """A warning for each malformed packet, :class:`~relay.exceptions.InvalidAudio` past the limit."""
 
     def __init__(self) -> None:
         self.warnings: list[str] = []
         self.bad_packets = 0
-
-    def decode(self, data: bytes) -> np.ndarray:
-        raise NotImplementedError
-
-    def finish(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.int16)
 
     def take_warnings(self) -> list[str]:
         if not self.warnings:  # the usual case, once per frame: nothing to allocate
@@ -82,6 +119,82 @@ class Decoder:
         if self.bad_packets > MAX_BAD_PACKETS:
             raise InvalidAudio(f"{what}; more than {MAX_BAD_PACKETS} bad audio packets, so the stream ends.")
         self.warnings.append(f"{what}; it was skipped ({self.bad_packets} of {MAX_BAD_PACKETS} allowed).")
+
+
+class Decoder(BadPacketLimit):
+    """Streaming decoder of one encoding: :meth:`decode` what arrived, :meth:`finish` at the end."""
+
+    rate: int
+
+    def decode(self, data: bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    def finish(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int16)
+
+
+class OggPageReader:
+    """Whole, CRC-checked Ogg pages (RFC 3533) cut from bytes that arrive in any pieces.
+
+    FFmpeg's Ogg demuxer cannot be fed a growing buffer, hence this. Garbage before the first
+    page is :class:`~relay.exceptions.InvalidAudio` (the stream is not Ogg); garbage later is
+    skipped up to the next page, and ``lost_sync`` is called once per run of it.
+    """
+
+    def __init__(self, lost_sync: Callable[[], None]) -> None:
+        self._buffer = bytearray()
+        self._lost_sync = lost_sync
+        self._resyncing = False
+        self.started = False  # a page came out
+
+    def push(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes held: the start of a page not whole yet."""
+        return len(self._buffer)
+
+    def clear(self) -> None:
+        self._buffer.clear()
+
+    def next_page(self) -> bytes | None:
+        buffer = self._buffer
+        while True:
+            if not buffer.startswith(_OGG_MAGIC[: len(buffer)]) or (len(buffer) >= 5 and buffer[4] != 0):
+                self._skip()
+                continue
+            if len(buffer) < _OGG_HEADER or len(buffer) < _OGG_HEADER + buffer[26]:
+                return None
+            segments = buffer[26]
+            size = _OGG_HEADER + segments + sum(buffer[_OGG_HEADER : _OGG_HEADER + segments])
+            if len(buffer) < size:
+                return None
+            page = bytes(buffer[:size])
+            if _ogg_crc(page[:22] + b"\0\0\0\0" + page[26:]) != _LENGTH.unpack_from(page, 22)[0]:
+                self._skip()
+                continue
+            del buffer[:size]
+            self._resyncing = False
+            self.started = True
+            return page
+
+    def _skip(self) -> None:
+        """Garbage where a page should begin: fatal at the start, else skip to the next page."""
+        if not self.started:
+            raise InvalidAudio("The audio is not an Ogg stream (encoding=ogg-opus expects Ogg Opus pages).")
+        if not self._resyncing:
+            self._resyncing = True
+            self._lost_sync()
+        found = self._buffer.find(_OGG_MAGIC, 1)
+        if found < 0:  # keep a tail that may begin the next capture pattern
+            found = len(self._buffer) - next((k for k in (3, 2, 1) if self._buffer.endswith(_OGG_MAGIC[:k])), 0)
+        del self._buffer[: max(found, 1)]
+
+
+def ogg_page_info(page: bytes) -> tuple[int, bytes, int, bytes]:
+    """A whole page's (flags, serial number, granule position, lacing values)."""
+    return page[5], page[14:18], int.from_bytes(page[6:14], "little", signed=True), page[_OGG_HEADER : _OGG_HEADER + page[26]]
 
 
 class PcmDecoder(Decoder):
@@ -169,17 +282,16 @@ class OggOpusDecoder(Decoder):
 
     def __init__(self) -> None:
         super().__init__()
-        self._buffer = bytearray()
+        self._pages = OggPageReader(self._lost_sync)
         self._serial: bytes | None = None  # the first Opus stream's; other logical streams are skipped
         self._opus: _Opus | None = None
         self._tags_seen = False
         self._partial = bytearray()  # a packet continued on the next page
-        self._resyncing = False
 
     def decode(self, data: bytes) -> np.ndarray:
-        self._buffer += data
+        self._pages.push(data)
         out: list[np.ndarray] = []
-        while (page := self._next_page()) is not None:
+        while (page := self._pages.next_page()) is not None:
             for packet in self._packets(page):
                 samples = self._packet(packet)
                 if samples is not None and samples.size:
@@ -187,48 +299,19 @@ class OggOpusDecoder(Decoder):
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int16)
 
     def finish(self) -> np.ndarray:
-        if self._serial is None and self._buffer:
+        if self._serial is None and self._pages.pending:
             raise InvalidAudio("The audio ended before a whole Ogg Opus header arrived.")
-        dropped = len(self._buffer) + len(self._partial)
+        dropped = self._pages.pending + len(self._partial)
         if dropped:
             self.warnings.append(f"The audio ended inside an Ogg page; its last {dropped} bytes were dropped.")
-        self._buffer.clear()
+        self._pages.clear()
         self._partial.clear()
         return np.zeros(0, dtype=np.int16)
 
     # -- pages ----------------------------------------------------------------------------------
-    def _next_page(self) -> bytes | None:
-        buffer = self._buffer
-        while True:
-            if not buffer.startswith(_OGG_MAGIC[: len(buffer)]) or (len(buffer) >= 5 and buffer[4] != 0):
-                self._lost_sync()
-                continue
-            if len(buffer) < _OGG_HEADER or len(buffer) < _OGG_HEADER + buffer[26]:
-                return None
-            segments = buffer[26]
-            size = _OGG_HEADER + segments + sum(buffer[_OGG_HEADER : _OGG_HEADER + segments])
-            if len(buffer) < size:
-                return None
-            page = bytes(buffer[:size])
-            if _ogg_crc(page[:22] + b"\0\0\0\0" + page[26:]) != _LENGTH.unpack_from(page, 22)[0]:
-                self._lost_sync()
-                continue
-            del buffer[:size]
-            self._resyncing = False
-            return page
-
     def _lost_sync(self) -> None:
-        """Garbage where a page should begin: fatal at the start, else skip to the next page."""
-        if self._serial is None:
-            raise InvalidAudio("The audio is not an Ogg stream (encoding=ogg-opus expects Ogg Opus pages).")
-        if not self._resyncing:
-            self._resyncing = True
-            self._partial.clear()
-            self._bad("Bytes that are not an Ogg page arrived")
-        found = self._buffer.find(_OGG_MAGIC, 1)
-        if found < 0:  # keep a tail that may begin the next capture pattern
-            found = len(self._buffer) - next((k for k in (3, 2, 1) if self._buffer.endswith(_OGG_MAGIC[:k])), 0)
-        del self._buffer[: max(found, 1)]
+        self._partial.clear()
+        self._bad("Bytes that are not an Ogg page arrived")
 
     def _packets(self, page: bytes) -> list[bytes]:
         flags, serial = page[5], page[14:18]

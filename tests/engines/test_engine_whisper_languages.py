@@ -73,16 +73,19 @@ async def test_multi_detects_the_language_and_transcribes_in_it(engine, clips, l
     events = await run_paced(engine.open_stream(multi()), clips[language] + silence(0.8))
     assert not [e for e in events if isinstance(e, EngineWarning)]
     check_turn_grammar(events)
-    [end] = finals(events)
-    assert end.languages == [language]
-    assert len(KEY_WORDS[language] & words_of(end.transcript)) >= 4, end.transcript
-    assert wer([text], [end.transcript]) <= 0.5, end.transcript
-    updates = [e for e in events if isinstance(e, TurnEvent) and e.event == "Update"]
-    # Once settled (an Update decode with 2 s of audio) every later Update reports it; earlier ones
-    # report nothing. (How many Updates a turn gets depends on the machine's load: not asserted.)
-    reported = [e.languages for e in updates]
-    first = next((i for i, langs in enumerate(reported) if langs), len(reported))
-    assert all(langs == [language] for langs in reported[first:]), reported
+    # The clip has a sentence pause: one turn or two is turn taking's business, not this test's.
+    ends = finals(events)
+    said = " ".join(end.transcript for end in ends)
+    assert ends and all(end.languages == [language] for end in ends), [(e.languages, e.transcript) for e in ends]
+    assert len(KEY_WORDS[language] & words_of(said)) >= 4, said
+    assert wer([text], [said]) <= 0.5, said
+    for end in ends:
+        updates = [e for e in events if isinstance(e, TurnEvent) and e.event == "Update" and e.turn == end.turn]
+        # Once settled (an Update decode with 2 s of audio) every later Update reports it; earlier
+        # ones report nothing. (How many Updates a turn gets depends on the machine's load.)
+        reported = [e.languages for e in updates]
+        first = next((i for i, langs in enumerate(reported) if langs), len(reported))
+        assert all(langs == [language] for langs in reported[first:]), reported
 
 
 @slow
@@ -149,13 +152,16 @@ async def test_detected_language_is_stored_and_replayed_through_the_consumer(set
     speaker = Client("/v2/listen?session=lang-de&model=flux-general-multi")
     await speaker.connect()
     await speaker.send_audio(clips["de"] + silence(1.0))
-    end = await speaker.recv_turn_end(timeout=60)
-    assert end["languages"] == ["de"] and "guten" in end["transcript"].lower()
-    await speaker.disconnect()
-    turn = await sync_to_async(Turn.objects.get)(session_id="lang-de")
-    assert turn.languages == ["de"]
+    await speaker.send_json({"type": "CloseStream"})
+    code, seen = await speaker.expect_close(timeout=60)
+    ends = [m for m in seen if m.get("event") == "EndOfTurn"]  # one turn or two (a sentence pause)
+    assert code == 1000 and ends and all(m["languages"] == ["de"] for m in ends), ends
+    assert "guten" in ends[0]["transcript"].lower()
+    stored = await sync_to_async(lambda: list(Turn.objects.filter(session_id="lang-de").order_by("index")))()
+    assert [(t.transcript, t.languages) for t in stored] == [(m["transcript"], ["de"]) for m in ends]
     listener = Client("/v2/listen?session=lang-de")
     await listener.connect()
-    replayed = await listener.recv_until(lambda m: m.get("type") == "TurnInfo")
-    assert replayed["replayed"] is True and replayed["languages"] == ["de"] and replayed["transcript"] == end["transcript"]
+    replayed = [await listener.recv_until(lambda m: m.get("type") == "TurnInfo") for _ in ends]
+    assert all(m["replayed"] is True and m["languages"] == ["de"] for m in replayed)
+    assert [m["transcript"] for m in replayed] == [m["transcript"] for m in ends]
     await listener.disconnect()

@@ -72,9 +72,64 @@ async def test_ogg_opus_and_raw_opus_transcribe_like_linear16(engine):
             hypotheses[encoding].append(" ".join(e.transcript for e in finals(events)))
     references = [c["text"] for c in CLIPS]
     errors = {encoding: wer(references, hyps) for encoding, hyps in hypotheses.items()}
+    print("WER by encoding:", {encoding: f"{value:.2%}" for encoding, value in errors.items()})
     assert errors["linear16"] <= 0.10, hypotheses["linear16"]
     for encoding in ("ogg-opus", "opus"):
-        # Not worse than linear16 by more than a point; better is Whisper's noise too (measured:
-        # Ogg/Opus equal, raw Opus two words of 198 better), so only a looser bound that way.
+        # Not worse than linear16 by more than a point; better is Whisper's noise too, so only a
+        # looser bound that way. Measured on 2026-11-30: Ogg/Opus 7.58% against linear16's 7.07%
+        # (one word of 198), raw Opus 4.55-5.05% (4-5 words better: linear16 misheard "light
+        # rain" and "the dentist" where raw Opus did not). The two Opus paths go through
+        # different encoder set-ups, so their audio differs a little too.
         assert errors[encoding] <= errors["linear16"] + 0.01, (errors, hypotheses[encoding], hypotheses["linear16"])
-        assert errors[encoding] >= errors["linear16"] - 0.02, (errors, hypotheses[encoding], hypotheses["linear16"])
+        assert errors[encoding] >= errors["linear16"] - 0.03, (errors, hypotheses[encoding], hypotheses["linear16"])
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+async def test_truncated_and_garbage_ogg_through_the_consumer_warn_or_fail_cleanly(settings, caplog):
+    """The whisper engine decodes in its worker pool: bad Ogg there must reach the client as the
+    documented Warning/Error (docs/protocol.md, Audio encodings), never as a traceback."""
+    from asgiref.sync import sync_to_async
+
+    from relay.models import Turn
+    from tests.support.wsclient import Client
+
+    settings.RELAY_ENGINE = "whisper"
+    clip = CLIPS[0]
+    ogg = ogg_opus(pcm(clip["file"]) + silence(0.3), bitrate=BITRATE)
+
+    # Truncated: the stream stops 50 bytes short, inside its last page.
+    c = Client("/v2/listen?session=ogg-cut&encoding=ogg-opus&sample_rate=48000")
+    await c.connect()
+    for frame in _random_frames(ogg[:-50], random.Random(1)):
+        await c.comm.send_to(bytes_data=frame)
+    await c.send_json({"type": "CloseStream"})
+    code, seen = await c.expect_close(timeout=120)
+    assert code == 1000
+    said = " ".join(m["transcript"] for m in c.messages if m.get("event") == "EndOfTurn").lower()
+    assert "quick brown fox" in said, said
+    cut = [m for m in c.messages if m.get("type") == "Warning"]
+    assert [m["code"] for m in cut] == ["INVALID_AUDIO_PACKET"] and "ended inside an Ogg page" in cut[0]["description"]
+
+    # Garbage between pages, more often than allowed: a Warning each, then Error INVALID_AUDIO
+    # (close 4007) once the finished turns are stored.
+    ogg = ogg_opus(pcm(clip["file"]) + silence(2.0), bitrate=BITRATE)  # silence that ends the turn
+    starts = [i for i in range(len(ogg)) if ogg.startswith(b"OggS", i)]
+    c = Client("/v2/listen?session=ogg-garbage&encoding=ogg-opus&sample_rate=48000")
+    await c.connect()
+    await c.comm.send_to(bytes_data=ogg[: starts[-1]])
+    await c.recv_turn_end(timeout=120)
+    for _ in range(6):
+        await c.comm.send_to(bytes_data=b"not an ogg page " * 8 + ogg[starts[-2] : starts[-1]])
+    code, seen = await c.expect_close(timeout=120)
+    assert code == 4007 and seen[-1]["type"] == "Error" and seen[-1]["code"] == "INVALID_AUDIO"
+    assert [m["code"] for m in c.messages if m.get("type") == "Warning"] == ["INVALID_AUDIO_PACKET"] * 5
+    assert await sync_to_async(Turn.objects.filter(session_id="ogg-garbage").count)() >= 1
+
+    # Not Ogg at all.
+    c = Client("/v2/listen?encoding=ogg-opus&sample_rate=48000")
+    await c.connect()
+    await c.comm.send_to(bytes_data=pcm(clip["file"])[:4000])
+    code, seen = await c.expect_close(timeout=60)
+    assert code == 4007 and seen[-1]["code"] == "INVALID_AUDIO" and "not an Ogg stream" in seen[-1]["description"]
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]

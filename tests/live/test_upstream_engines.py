@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -15,7 +16,6 @@ from relay.engines import get_engine
 from relay.engines.base import StreamOptions, TurnEvent, Word
 from relay.engines.upstream.engine import Secret, UpstreamConfig
 from relay.engines.upstream.flux_client import (
-    AudioLog,
     BadUpstreamMessage,
     TurnMapper,
     configure_message,
@@ -27,6 +27,7 @@ from relay.engines.upstream.flux_client import (
 from relay.models import Connection, Session, Turn
 from tests.support.audio import silence, tone
 from tests.support.fakeflux import FakeFlux, Plan
+from tests.support.opus import ogg_opus, opus_packets
 from tests.support.wsclient import Client
 
 KEY = "dg-secret-key-0123456789"
@@ -67,17 +68,6 @@ def test_server_messages_parse_or_raise():
                 '{"type": "TurnInfo", "event": "Update", "turn_index": 0, "audio_window_start": "x", "audio_window_end": 1}'):
         with pytest.raises(BadUpstreamMessage):
             parse_server_message(bad)
-
-
-def test_audio_log_commits_bounds_and_counts_lost_audio():
-    log = AudioLog(max_bytes=100, width=2)
-    for _ in range(4):
-        log.append(bytes(30))
-    assert (log.base, log.fed, log.size, log.lost) == (30, 120, 90, 30)  # one frame dropped unanswered
-    log.commit(75)  # rounds down to a whole sample, cuts inside a frame
-    assert (log.base, log.size, log.lost) == (74, 46, 0) and b"".join(log.chunks()) == bytes(46)
-    log.commit(10_000)
-    assert log.size == 0 and log.base == log.fed == 120
 
 
 def test_turn_mapper_keeps_numbering_across_sources():
@@ -594,3 +584,113 @@ async def test_outage_longer_than_the_replay_buffer_says_what_was_lost(upstream)
         assert "s of audio" in lost["description"]
         assert fake.connections[1].audio_bytes <= 32000 + len(silence(0.8)) + 2560  # at most the 1 s buffer (plus a frame) came again
         await c.disconnect()
+
+
+# --- compressed audio across a reconnect and a fallback -------------------------------------------------
+def compressed_frames(encoding: str, pcm: bytes) -> list[bytes]:
+    """What a client sends: one Opus packet per frame, or an Ogg Opus stream in 1000-byte frames
+    (which split its pages anywhere)."""
+    return opus_packets(pcm) if encoding == "opus" else compressed_frames_of(ogg_opus(pcm))
+
+
+def compressed_frames_of(data: bytes) -> list[bytes]:
+    return [data[i : i + 1000] for i in range(0, len(data), 1000)]
+
+
+async def send_frames(c: Client, frames: list[bytes]) -> None:
+    for frame in frames:
+        await c.comm.send_to(bytes_data=frame)
+
+
+@pytestmark_db
+@pytest.mark.parametrize("encoding", ["opus", "ogg-opus"])
+async def test_compressed_audio_is_resent_whole_after_a_drop_mid_turn(upstream, encoding):
+    # As the linear16 test above: turn 1 drops after StartOfTurn + 2 Updates. The new connection
+    # must get audio it can decode from its first byte (whole packets; Ogg: the header pages,
+    # then whole pages), starting at a time the old one answered for.
+    async with FakeFlux(api_key=KEY, plans={0: Plan(drop_after_turninfo=8)}) as fake:
+        upstream(fake)
+        c = Client(f"/v2/listen?session=drop-{encoding}&encoding={encoding}&sample_rate=48000")
+        await c.connect()
+        await send_frames(c, compressed_frames(encoding, tone(0.75) + silence(0.7) + tone(1.0) + silence(0.8)))
+        first = await c.recv_turn_end()
+        second = await c.recv_turn_end()
+        assert (first["turn_index"], first["transcript"]) == (0, "one two three")
+        assert (second["turn_index"], second["transcript"], second["trigger"]) == (1, "one two three four", "model")
+        assert warnings(c.messages)[:2] == ["UPSTREAM_RECONNECTING", "UPSTREAM_RECONNECTED"]
+        assert len(fake.connections) == 2
+        again = fake.connections[1]
+        await fake.wait_for(lambda: again.decoded_seconds >= 1.5)  # turn 1 and the silence after it
+        assert again.audio_problems == []  # every byte resent decoded
+        assert again.decoded_seconds < 3.25 - 0.5  # not all of it again: from turn 0's answer on
+        infos = turn_infos(c.messages)
+        turn1 = [(m["event"], len(m["words"])) for m in infos if m["turn_index"] == 1]
+        assert turn1 == [("StartOfTurn", 0), ("Update", 1), ("Update", 2), ("Update", 3), ("Update", 4), ("EndOfTurn", 4)]
+        # Times on the stream's clock: the tone starts at 1.45 s (Opus adds its pre-skip, 6.5 ms).
+        assert second["audio_window_start"] == pytest.approx(1.45, abs=0.02)
+        await c.send_json({"type": "CloseStream"})
+        assert (await c.expect_close())[0] == 1000
+    assert [t[:2] for t in await turns_of(f"drop-{encoding}")] == [(0, "one two three"), (1, "one two three four")]
+
+
+@pytestmark_db
+@pytest.mark.parametrize("encoding", ["opus", "ogg-opus"])
+async def test_compressed_audio_goes_on_decoding_on_the_fallback_engine(upstream, encoding):
+    # Turn 0 ends upstream; turn 1 drops after StartOfTurn + 2 Updates and every reconnect is
+    # refused, so the fake engine takes over in-process. It must get what the upstream had not
+    # answered for as audio it can decode (the Ogg header first, whole packets/pages from turn
+    # 0's end), then the client's later frames, although the cut below falls inside an Ogg page.
+    async with FakeFlux(api_key=KEY, refuse_after=1, plans={0: Plan(drop_after_turninfo=8)}) as fake:
+        upstream(fake)
+        c = Client(f"/v2/listen?session=fallback-{encoding}&encoding={encoding}&sample_rate=48000")
+        await c.connect()
+        pcm = tone(0.75) + silence(0.7) + tone(1.0) + silence(0.8) + tone(0.5) + silence(1.0)
+        if encoding == "opus":
+            frames = opus_packets(pcm)
+            cut = 175  # 3.5 s of 20 ms packets
+        else:  # 3.5 s: half-way through the fourth 1 s audio page (two header pages first)
+            ogg = ogg_opus(pcm)
+            pages = [m.start() for m in re.finditer(b"OggS", ogg)]
+            half = (pages[5] + pages[6]) // 2
+            frames = compressed_frames_of(ogg[:half]) + compressed_frames_of(ogg[half:])
+            cut = len(compressed_frames_of(ogg[:half]))
+        await send_frames(c, frames[:cut])
+        first = await c.recv_turn_end()
+        second = await c.recv_turn_end()
+        assert (first["turn_index"], first["transcript"]) == (0, "one two three")
+        assert (second["turn_index"], second["transcript"]) == (1, "one two three four")
+        assert "UPSTREAM_FALLBACK" in warnings(c.messages)
+        await send_frames(c, frames[cut:])
+        third = await c.recv_turn_end()
+        assert (third["turn_index"], third["transcript"]) == (2, "one two")
+        assert third["audio_window_start"] == pytest.approx(3.25, abs=0.02)
+        await c.send_json({"type": "CloseStream"})
+        assert (await c.expect_close())[0] == 1000
+        assert "INVALID_AUDIO_PACKET" not in warnings(c.messages) and fake.connections[0].audio_problems == []
+    assert [t[:2] for t in await turns_of(f"fallback-{encoding}")] == [(0, "one two three"), (1, "one two three four"), (2, "one two")]
+
+
+@pytestmark_db
+async def test_bad_ogg_is_judged_by_the_relay_before_the_upstream(upstream):
+    # The relay cuts Ogg pages for the upstream, so it applies its own rules (docs/protocol.md):
+    # garbage between pages is skipped with a warning and never sent; garbage where the stream
+    # must start is INVALID_AUDIO.
+    async with FakeFlux(api_key=KEY) as fake:
+        upstream(fake)
+        ogg = ogg_opus(tone(1.0) + silence(0.8))
+        third_page = [m.start() for m in re.finditer(b"OggS", ogg)][3]
+        c = Client("/v2/listen?encoding=ogg-opus&sample_rate=48000")
+        await c.connect()
+        await send_frames(c, compressed_frames_of(ogg[:third_page]) + [b"garbage" * 40] + compressed_frames_of(ogg[third_page:]))
+        end = await c.recv_turn_end()
+        assert end["transcript"] == "one two three four"
+        assert warnings(c.messages) == ["INVALID_AUDIO_PACKET"]
+        assert fake.connections[0].audio_bytes == len(ogg) and fake.connections[0].audio_problems == []
+        await c.disconnect()
+
+        c = Client("/v2/listen?encoding=ogg-opus&sample_rate=48000")
+        await c.connect()
+        await c.comm.send_to(bytes_data=tone(0.1))  # PCM where Ogg pages must be
+        code, seen = await c.expect_close()
+        assert code == 4007 and seen[-1]["type"] == "Error" and seen[-1]["code"] == "INVALID_AUDIO"
+        assert fake.connections[1].audio_bytes == 0

@@ -69,6 +69,10 @@ class Conn:
     query: dict[str, list[str]]
     headers: dict[str, str]
     audio_bytes: int = 0
+    #: How much of that the fake's decoder made audio of (compressed encodings), and what it
+    #: said about the rest: INVALID_AUDIO_PACKET per bad packet, INVALID_AUDIO when it gave up.
+    decoded_seconds: float = 0.0
+    audio_problems: list[str] = field(default_factory=list)
     texts: list[dict[str, Any]] = field(default_factory=list)
     keepalive_times: list[float] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
@@ -185,28 +189,37 @@ class FakeFlux:
                 await ws.send(frame)
 
         async def pump() -> None:
-            async for item in stream.events():
-                if isinstance(item, EngineWarning) or state["stalled"]:
-                    continue
-                state["turninfos"] += 1
-                if plan.junk_before_turninfo == state["turninfos"]:
-                    await junk()
-                body = {
-                    "type": "TurnInfo",
-                    "event": item.event,
-                    "turn_index": item.turn,
-                    "audio_window_start": item.audio_window_start,
-                    "audio_window_end": item.audio_window_end,
-                    "transcript": item.transcript,
-                    "words": [w.as_dict() for w in item.words],
-                    "end_of_turn_confidence": item.end_of_turn_confidence,
-                }
-                if item.event == "EndOfTurn":
-                    body["trigger"] = item.trigger
-                await send(body)
-                if plan.drop_after_turninfo == state["turninfos"]:
-                    ws.transport.abort()
-                    return
+            try:
+                async for item in stream.events():
+                    if isinstance(item, EngineWarning):
+                        conn.audio_problems.append(item.code)
+                    if isinstance(item, EngineWarning) or state["stalled"]:
+                        continue
+                    await turn_info(item)
+                    if plan.drop_after_turninfo == state["turninfos"]:
+                        ws.transport.abort()
+                        return
+            except RelayError as exc:  # the audio could not be decoded: a real Flux would close
+                conn.audio_problems.append(exc.code)
+                self._notify()
+
+        async def turn_info(item: Any) -> None:
+            state["turninfos"] += 1
+            if plan.junk_before_turninfo == state["turninfos"]:
+                await junk()
+            body = {
+                "type": "TurnInfo",
+                "event": item.event,
+                "turn_index": item.turn,
+                "audio_window_start": item.audio_window_start,
+                "audio_window_end": item.audio_window_end,
+                "transcript": item.transcript,
+                "words": [w.as_dict() for w in item.words],
+                "end_of_turn_confidence": item.end_of_turn_confidence,
+            }
+            if item.event == "EndOfTurn":
+                body["trigger"] = item.trigger
+            await send(body)
 
         async def idle_watch() -> None:
             while True:
@@ -232,6 +245,7 @@ class FakeFlux:
                     conn.audio_bytes += len(raw)
                     last_activity[0] = loop.time()
                     stream.feed(raw[: len(raw) - len(raw) % options.sample_width])
+                    conn.decoded_seconds = stream.samples_done / stream.rate
                     while script and script[0][0] * options.bytes_per_second <= conn.audio_bytes:
                         await send(dict(script.pop(0)[1]))
                     self._notify()

@@ -31,7 +31,6 @@ from .flux_client import (
     KEEPALIVE,
     TURN_LEAD_SECONDS,
     UNANSWERED_SLACK_SECONDS,
-    AudioLog,
     BadUpstreamMessage,
     ServerMessage,
     TurnMapper,
@@ -39,6 +38,7 @@ from .flux_client import (
     parse_server_message,
     shift,
 )
+from .replay import AudioLog, Framer, PageNumbers, Unit, page_numbers_for
 
 if TYPE_CHECKING:
     from .engine import UpstreamConfig, UpstreamEngine
@@ -68,11 +68,12 @@ class Link:
     """One upstream connection and what it has and has not answered for."""
 
     ws: ClientConnection
-    start: int  # absolute byte position of the first byte sent on it
+    start: int  # absolute position (AudioLog ticks) of the first audio sent on it
     offset: float  # the same in seconds
     opened_at: float
     sent: int = 0
     processed: int = 0  # absolute end of the last audio window it reported
+    pages: PageNumbers | None = None  # ogg-opus: its own page numbering
     up_open: bool = False  # it reported a turn that has not ended
     audio_since_message: bool = False
     clock: float | None = None  # since when it owes an answer
@@ -123,13 +124,12 @@ class LinkedStream(EngineStream):
     engine: UpstreamEngine
     options: StreamOptions
     config: UpstreamConfig
-    bps: int
-    rate: int
-    width: int
+    framer: Framer
+    tps: int  # AudioLog ticks per second
     log: AudioLog
     turns: TurnMapper
-    _outbox: deque[bytes | str]
-    _outbox_bytes: int
+    _outbox: deque[Unit | str]
+    _outbox_ticks: int
     _wake: asyncio.Event
     _link: Link | None
     _last_link: Link | None
@@ -141,7 +141,7 @@ class LinkedStream(EngineStream):
 
     # -- helpers ----------------------------------------------------------------------------------
     def _pos(self, link: Link, seconds: float) -> int:
-        return link.start + int(round(seconds * self.rate)) * self.width
+        return link.start + self.framer.ticks(seconds)
 
     def _send_text(self, text: str) -> None:
         self._outbox.append(text)
@@ -159,7 +159,7 @@ class LinkedStream(EngineStream):
     def _owes_answer(self, link: Link) -> bool:
         """Audio the upstream should have answered: more audio in an open turn (Flux sends an
         Update about every 0.25 s), or speech-loud audio past its last reported window."""
-        slack = int(UNANSWERED_SLACK_SECONDS * self.rate) * self.width
+        slack = self.framer.ticks(UNANSWERED_SLACK_SECONDS)
         return (link.up_open and link.audio_since_message) or min(self._loud_end, link.sent) - link.processed > slack
 
     def _warn(self, code: str, description: str) -> None:
@@ -169,17 +169,7 @@ class LinkedStream(EngineStream):
     async def _serve(self, ws: ClientConnection) -> Link:
         """Relay over one connection until it closes after CloseStream (returned) or fails (raised)."""
         loop = asyncio.get_running_loop()
-        if self._force_pos is not None and self.turns.open:
-            # A ForceEndTurn the last connection never answered: honour it before replaying.
-            self._end_open_turn("manual", at=self._force_pos)
-        link = Link(ws=ws, start=self.log.base, offset=self.log.base / self.bps, opened_at=loop.time())
-        link.sent = link.processed = link.start
-        link.last_send = loop.time()
-        self._last_link = link
-        self._outbox = deque(self.log.chunks())
-        self._outbox_bytes = self.log.size
-        self.turns.new_source()
-        self._link = link
+        link = self._begin(ws)
         tasks = [
             loop.create_task(self._read(link)),
             loop.create_task(self._write(link)),
@@ -191,7 +181,7 @@ class LinkedStream(EngineStream):
         finally:
             self._link = None
             self._outbox.clear()
-            self._outbox_bytes = 0
+            self._outbox_ticks = 0
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -202,6 +192,23 @@ class LinkedStream(EngineStream):
                 closing = loop.create_task(ws.close())
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
+
+    def _begin(self, ws: ClientConnection) -> Link:
+        """A new connection's link, its outbox loaded with what it must hear first."""
+        now = asyncio.get_running_loop().time()
+        if self._force_pos is not None and self.turns.open:
+            # A ForceEndTurn the last connection never answered: honour it before replaying.
+            self._end_open_turn("manual", at=self._force_pos)
+        link = Link(ws=ws, start=self.log.base, offset=self.log.base / self.tps, opened_at=now, pages=page_numbers_for(self.options))
+        link.sent = link.processed = link.start
+        link.last_send = now
+        self._last_link = link
+        # Ogg's header pages open every connection; then the audio not answered for, whole units.
+        self._outbox = deque([Unit(page, 0, header=True) for page in self.framer.header] + self.log.units())
+        self._outbox_ticks = self.log.size
+        self.turns.new_source()
+        self._link = link
+        return link
 
     async def _read(self, link: Link) -> Link:
         loop = asyncio.get_running_loop()
@@ -263,7 +270,7 @@ class LinkedStream(EngineStream):
         trigger = "manual" if self._force_pos is not None else "model"
         self._emit_all(self.turns.map(shift(event, link.offset), skipped_trigger=trigger))
         if not was_open and self.turns.open:
-            lead = int(TURN_LEAD_SECONDS * self.rate) * self.width
+            lead = self.framer.ticks(TURN_LEAD_SECONDS)
             self.log.commit(self._pos(link, event.audio_window_start) - lead)
         if event.event == "EndOfTurn":
             self._force_pos = None
@@ -282,15 +289,15 @@ class LinkedStream(EngineStream):
             self._wake.clear()
             while self._outbox:
                 item = self._outbox.popleft()
-                if isinstance(item, bytes):
-                    self._outbox_bytes -= len(item)
+                if isinstance(item, str):
                     await ws.send(item)
-                    link.sent += len(item)
+                else:
+                    self._outbox_ticks -= item.ticks
+                    await ws.send(item.data if link.pages is None else link.pages(item.data))
+                    link.sent += item.ticks
                     link.audio_since_message = True
                     if link.clock is None and self._owes_answer(link):
                         link.clock = loop.time()
-                else:
-                    await ws.send(item)
                 link.last_send = loop.time()
             if self._finishing and not link.close_sent:
                 await ws.send(CLOSE_STREAM)

@@ -7,17 +7,16 @@ I/O the same way), so every rule is unit-tested without a server:
   the fixed client messages (:data:`KEEPALIVE`, :data:`CLOSE_STREAM`, :data:`FORCE_END_TURN`);
 * :func:`parse_server_message` (upstream JSON -> :class:`ServerMessage`, or
   :class:`BadUpstreamMessage`) and :func:`shift` (a connection's times onto the stream's clock);
-* :class:`AudioLog`, the bounded buffer of audio the upstream has not answered for;
 * :class:`TurnMapper`, the stream's own turn numbers across reconnects and a fallback.
 
-:mod:`relay.engines.upstream.stream` carries these out over a WebSocket.
+:mod:`.replay` holds what is resent to a new connection; :mod:`relay.engines.upstream.stream`
+carries all of it out over a WebSocket.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -183,55 +182,6 @@ def shift(event: TurnEvent, seconds: float) -> TurnEvent:
         audio_window_end=round(event.audio_window_end + seconds, 3),
         words=[Word(w.word, w.confidence, at(w.start), at(w.end)) for w in event.words],
     )
-
-
-# --- the replay buffer ----------------------------------------------------------------------------
-class AudioLog:
-    """Audio the upstream has not answered for, as the client's frames at absolute byte positions.
-
-    ``commit(pos)`` says audio before ``pos`` needs no resend (a turn ended there, or it is old
-    silence). The log never holds more than ``max_bytes``; past that the oldest audio goes, and
-    :attr:`lost` says how much of it had not been answered for.
-    """
-
-    def __init__(self, *, max_bytes: int, width: int) -> None:
-        self.max_bytes = max(max_bytes, width)
-        self.width = width
-        self.base = 0  # absolute position of the first byte held
-        self.fed = 0  # absolute position after the last byte held
-        self.answered = 0  # highest position committed
-        self._chunks: deque[bytes] = deque()
-
-    def append(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self.fed += len(data)
-        while self.fed - self.base > self.max_bytes and len(self._chunks) > 1:
-            self.base += len(self._chunks.popleft())
-
-    def commit(self, pos: int) -> None:
-        pos = min(pos - pos % self.width, self.fed)
-        self.answered = max(self.answered, pos)
-        while self._chunks and self.base + len(self._chunks[0]) <= pos:
-            self.base += len(self._chunks.popleft())
-        if self._chunks and self.base < pos:
-            self._chunks[0] = self._chunks[0][pos - self.base :]
-            self.base = pos
-
-    def clear(self) -> None:
-        self._chunks.clear()
-        self.base = self.answered = self.fed
-
-    def chunks(self) -> list[bytes]:
-        return list(self._chunks)
-
-    @property
-    def size(self) -> int:
-        return self.fed - self.base
-
-    @property
-    def lost(self) -> int:
-        """Bytes dropped for space before they were answered for."""
-        return max(0, self.base - self.answered)
 
 
 # --- turn numbering -------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from websockets.exceptions import InvalidURI, WebSocketException
 
-from relay.exceptions import ConfigureRejected, EngineError, EngineUnavailable, RelayError, UpstreamAuthFailed
+from relay.exceptions import ConfigureRejected, EngineError, EngineUnavailable, InvalidAudio, RelayError, UpstreamAuthFailed
 from relay.flux.audio import COMPRESSED_ENCODINGS, to_int16
+from relay.flux.codecs import INVALID_AUDIO_PACKET
 from relay.ops.logs import get_logger
 
 from relay.engines.base import TRIGGER_END_OF_STREAM, EngineStream, EngineWarning, StreamOptions
@@ -34,11 +35,11 @@ from .flux_client import (
     RECONNECTED,
     RECONNECTING,
     TURN_LEAD_SECONDS,
-    AudioLog,
     TurnMapper,
     configure_message,
     shift,
 )
+from .replay import MAX_OPUS_BYTES_PER_SECOND, AudioLog, PageNumbers, Unit, framer_for, page_numbers_for
 
 if TYPE_CHECKING:
     from .engine import UpstreamEngine
@@ -54,13 +55,18 @@ class UpstreamStream(LinkedStream):
     def __init__(self, engine: "UpstreamEngine", options: StreamOptions) -> None:
         super().__init__(engine, options)
         self.config = engine.config()
-        self.bps = options.bytes_per_second
-        self.width = options.sample_width
-        self.rate = options.sample_rate
-        self.log = AudioLog(max_bytes=int(self.config.replay_seconds * self.bps), width=self.width)
+        self.framer = framer_for(options)
+        self.tps = self.framer.ticks_per_second
+        compressed = options.encoding in COMPRESSED_ENCODINGS
+        self.log = AudioLog(
+            max_ticks=self.framer.ticks(self.config.replay_seconds),
+            width=self.framer.width,
+            divisible=self.framer.divisible,
+            max_bytes=int(self.config.replay_seconds * MAX_OPUS_BYTES_PER_SECOND) if compressed else None,
+        )
         self.turns = TurnMapper()
-        self._outbox: deque[bytes | str] = deque()
-        self._outbox_bytes = 0
+        self._outbox: deque[Unit | str] = deque()
+        self._outbox_ticks = 0
         self._wake = asyncio.Event()
         self._link: Link | None = None
         self._task: asyncio.Task | None = None
@@ -70,9 +76,10 @@ class UpstreamStream(LinkedStream):
         self._force_pos: int | None = None
         self._loud_end = 0
         self._loud_limit = self.config.speech_rms**2
-        self._preroll = int((2 * self.config.stall_seconds + TURN_LEAD_SECONDS) * self.rate) * self.width
+        self._preroll = self.framer.ticks(2 * self.config.stall_seconds + TURN_LEAD_SECONDS)
         self._last_link: Link | None = None
         self._fallback: EngineStream | None = None
+        self._fallback_pages: PageNumbers | None = None
         self._fallback_pump: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
 
@@ -90,18 +97,25 @@ class UpstreamStream(LinkedStream):
         return self.engine.option_warnings(self.options)
 
     def feed(self, audio: bytes) -> None:
-        if self._fallback is not None:
-            self._fallback.feed(audio)
-            return
         if not audio or self._failed:
             return
-        self.log.append(audio)
+        units = self._frame(audio)
+        if self._fallback is not None:
+            pages = self._fallback_pages
+            for unit in units:
+                self._fallback.feed(unit.data if pages is None else pages(unit.data))
+            return
+        link = self._link
+        for unit in units:
+            if not unit.header:
+                self.log.append(unit)
+            if link is not None:
+                self._outbox.append(unit)
+                self._outbox_ticks += unit.ticks
+        if link is not None and units:
+            self._wake.set()
         if self._is_loud(audio):
             self._loud_end = self.log.fed
-        if self._link is not None:
-            self._outbox.append(audio)
-            self._outbox_bytes += len(audio)
-            self._wake.set()
         if self._link is not None and not self.turns.open:
             # With no turn open, audio sent more than two stall limits ago was silence to a live
             # upstream (it would have started a turn, or the watchdog would have declared it
@@ -113,7 +127,7 @@ class UpstreamStream(LinkedStream):
     def backlog_seconds(self) -> float:
         if self._fallback is not None:
             return self._fallback.backlog_seconds
-        return self._outbox_bytes / self.bps if self._link is not None else 0.0
+        return self._outbox_ticks / self.tps if self._link is not None else 0.0
 
     async def force_end_turn(self) -> None:
         if self._fallback is not None:
@@ -195,6 +209,24 @@ class UpstreamStream(LinkedStream):
         self.end()
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _frame(self, audio: bytes) -> list[Unit]:
+        """The client's frame as whole units (Ogg: the pages it completes); bad Ogg is the
+        client's error, as with the relay's own decoders (docs/protocol.md)."""
+        try:
+            units = self.framer.push(audio)
+        except InvalidAudio as exc:
+            self._failed = True  # the consumer ends the stream; finish() still flushes the upstream
+            units = []
+            self._audio_warnings()
+            self.emit(exc)
+        else:
+            self._audio_warnings()
+        return units
+
+    def _audio_warnings(self) -> None:
+        for description in self.framer.take_warnings():
+            self.emit(EngineWarning(INVALID_AUDIO_PACKET, description))
+
     def _is_loud(self, audio: bytes) -> bool:
         if self.options.encoding in COMPRESSED_ENCODINGS:
             return True  # not decoded here (the upstream does): keep it all for resend, up to the bound
@@ -273,9 +305,9 @@ class UpstreamStream(LinkedStream):
                 continue
             # start() waits on: the upstream's first message (its Connected), or a refusal after
             # the handshake (a relay checks its API tokens then: Error, close 4001).
-            replay = self.log.size / self.bps
+            replay = self.log.size / self.tps
             if warned:
-                lost = self.log.lost / self.bps
+                lost = self.log.lost / self.tps
                 down = loop.time() - outage_since if outage_since is not None else 0.0
                 self._warn(RECONNECTED, f"Reconnected to the upstream speech service after {down:.1f} s; resent {replay:.1f} s of audio.")
                 if lost:
@@ -316,17 +348,19 @@ class UpstreamStream(LinkedStream):
             log.error("upstream_fallback_failed", engine=self.engine.alias, fallback=alias, error=exc.description)
             self._signal_started(EngineUnavailable(f"The upstream speech service {why} and no fallback engine is available."))
             return
-        log.warning("upstream_fallback", engine=self.engine.alias, fallback=alias, reason=why, replay=f"{self.log.size / self.bps:.2f}s")
+        log.warning("upstream_fallback", engine=self.engine.alias, fallback=alias, reason=why, replay=f"{self.log.size / self.tps:.2f}s")
         if self._force_pos is not None and self.turns.open:
             self._end_open_turn("manual", at=self._force_pos)
         self._warn(FALLBACK, f"The upstream speech service {why}; this stream continues on the {alias!r} engine.")
         for warning in warnings:
             self.emit(warning)
         self.turns.new_source()
-        self._fallback_pump = asyncio.get_running_loop().create_task(self._pump_fallback(stream, self.log.base / self.bps))
+        self._fallback_pump = asyncio.get_running_loop().create_task(self._pump_fallback(stream, self.log.base / self.tps))
         self._fallback = stream
-        for chunk in self.log.chunks():
-            stream.feed(chunk)
+        # Like a new upstream connection: Ogg's header pages first, then whole units, renumbered.
+        pages = self._fallback_pages = page_numbers_for(self.options)
+        for data in self.framer.header + [unit.data for unit in self.log.units()]:
+            stream.feed(data if pages is None else pages(data))
         self.log.clear()
 
     async def _pump_fallback(self, stream: EngineStream, offset: float) -> None:
