@@ -8,7 +8,8 @@ thing they are given is a base URL and a made-up key. They run against:
   (the stream half only: sessions and replay are the relay's own);
 - the relay: a real daphne process on the fake engine (stream, then reconnect with
   ``?session=<id>`` and read the replayed turns), and once on the real whisper engine;
-- the relay with ``RELAY_REQUIRE_AUTH=1``: the made-up key is refused, and the SDK says so.
+- the relay with ``RELAY_REQUIRE_AUTH=1``: the made-up key is refused at the handshake with HTTP 401,
+  and each SDK surfaces it exactly as it surfaces Deepgram's 401 (the fake, refusing the key).
 
 Every message an SDK hands over must be a Flux type (no ``None``, nothing the SDK skipped as
 unknown). The JS SDK is installed by ``make install-dev`` (``make sdk-js``); without Node its cases
@@ -103,9 +104,10 @@ def check_stream(conn: dict) -> None:
 
 # -- servers -------------------------------------------------------------------------------------------
 class FakeDeepgram:
-    """tests/support/fakeflux.py on a loop of its own thread, accepting only ``Token <KEY>``."""
+    """tests/support/fakeflux.py on a loop of its own thread, accepting only ``Token <api_key>``."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_key: str = KEY) -> None:
+        self.api_key = api_key
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -115,7 +117,7 @@ class FakeDeepgram:
         return self.fake
 
     async def _enter(self) -> FakeFlux:
-        return await FakeFlux(api_key=KEY).__aenter__()
+        return await FakeFlux(api_key=self.api_key).__aenter__()
 
     def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.fake.__aexit__(None, None, None), self.loop).result(10)
@@ -126,6 +128,13 @@ class FakeDeepgram:
 @pytest.fixture(scope="module")
 def fake_deepgram():
     with FakeDeepgram() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def deepgram_refusing():
+    """Deepgram for a program whose key is wrong: every handshake gets 401."""
+    with FakeDeepgram(api_key="the-real-key") as fake:
         yield fake
 
 
@@ -206,60 +215,69 @@ def test_python_sdk_transcribes_speech_on_the_whisper_relay(tmp_path):
 
 
 # -- the relay with RELAY_REQUIRE_AUTH=1 ---------------------------------------------------------------
-@pytest.mark.parametrize("client", CLIENTS)
-def test_made_up_key_is_refused_with_unauthorized(client, relay_auth):
-    watch = "7" if client == "js" else "0"
-    summary = run_client(client, relay_auth.ws_url, "--expect-refusal", env={**os.environ, "SDK_REFUSAL_WATCH_SECONDS": watch})
-    check_flux_only(summary)
+def refusal(summary: dict) -> dict:
+    """What one refused connection surfaced, without what differs per run (the SDK's session id header)."""
     (conn,) = summary["connections"]
-    # The SDK hands over the relay's Error (a Flux type) and reports the 4001 close.
-    assert conn["types"][0] == "Error" and conn["error_messages"][0]["code"] == "UNAUTHORIZED", conn
-    assert not conn["ends"] and conn["session_id"] is None
-    assert (conn["close_code"], conn["close_reason"]) == (4001, "UNAUTHORIZED"), conn
-    if client.startswith("python"):
-        # Python: iteration/start_listening ends with websockets' ConnectionClosedError naming both.
-        (raised,) = conn["exceptions"]
-        assert raised.startswith("websockets.exceptions.ConnectionClosedError") and "4001" in raised and "UNAUTHORIZED" in raised
+    assert not conn["types"] and conn["none"] == 0 and not conn.get("non_flux"), conn  # no message at all
+    exceptions = [re.sub(r"headers: \{.*?\}, ", "", e) for e in conn["exceptions"]]
+    return {"exceptions": exceptions, "opens": conn.get("opens", 0), "closes": [c["code"] for c in conn.get("closes", [])],
+            "close": (conn["close_code"], conn["close_reason"])}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_made_up_key_is_refused_as_deepgram_refuses_it(client, relay_auth, deepgram_refusing):
+    """The SDK sends the key in the Authorization header: the relay answers HTTP 401 at the handshake
+    (relay/server/denial_response.py), and the SDK surfaces exactly what it surfaces for Deepgram's."""
+    env = {**os.environ, "SDK_REFUSAL_WATCH_SECONDS": "3"}
+    at_relay = refusal(run_client(client, relay_auth.ws_url, "--expect-refusal", env=env))
+    at_deepgram = refusal(run_client(client, deepgram_refusing.url(""), "--expect-refusal", env=env))
+    assert at_relay == at_deepgram, (at_relay, at_deepgram)
+    assert deepgram_refusing.rejected[-1] == 401
+    if client == "python-async":
+        assert at_relay["exceptions"] == [
+            "deepgram.core.api_error.ApiError: status_code: 401, body: Websocket initialized with invalid credentials."]
+    elif client == "python-sync":
+        # deepgram-sdk 7.17.0's sync client catches websockets' legacy InvalidStatusCode, so the sync
+        # client's InvalidStatus (status 401) reaches the program as it is, from Deepgram too.
+        assert at_relay["exceptions"] == ["websockets.exceptions.InvalidStatus: server rejected WebSocket connection: HTTP 401"]
     else:
-        # JS: the socket's "close" handler gets {code: 4001, reason: "UNAUTHORIZED"}. The SDK's default
-        # policy reconnects on any close but 1000 (up to 30 times, 1-10 s apart); the relay refuses
-        # every retry the same way, until the program closes the socket (the last close, 1000).
-        *refused, ours = conn["closes"]
-        assert len(refused) >= 2 and {(c["code"], c["reason"]) for c in refused} == {(4001, "UNAUTHORIZED")}, conn["closes"]
-        assert conn["opens"] == len(refused) and ours["code"] == 1000
-        assert {e["code"] for e in conn["error_messages"]} == {"UNAUTHORIZED"}
+        # JS: waitForOpen rejects with ws's "Unexpected server response: 401"; the SDK does not retry.
+        assert "waitForOpen: Unexpected server response: 401" in at_relay["exceptions"] and at_relay["opens"] == 0
 
 
-# -- incompatibilities found (for the lead; relay code is not changed here) ----------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "RELAY INCOMPATIBILITY (auth refusal): Deepgram refuses a bad key at the handshake with HTTP 401, "
-        "which deepgram-sdk's async client raises from connect() as ApiError(status_code=401, 'Websocket "
-        "initialized with invalid credentials.') (deepgram/listen/v2/raw_client.py, `except InvalidWebSocketStatus`). "
-        "The relay accepts the socket, sends Error UNAUTHORIZED and closes 4001, so connect() succeeds and a "
-        "Deepgram program's `except ApiError` / status_code == 401 handling never runs."
-    ),
-)
-def test_refusal_surfaces_like_deepgrams_401(relay_auth):
-    from deepgram import AsyncDeepgramClient
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_refusal_surfaces_like_deepgrams_401(mode, relay_auth):
+    """A Deepgram program's handling of a bad key (status 401 out of connect()) runs against the relay."""
+    from deepgram import AsyncDeepgramClient, DeepgramClient
     from deepgram.core.api_error import ApiError
+    from websockets.exceptions import InvalidStatus
 
-    from tests.sdk.flux_script import environment
+    from tests.sdk.flux_script import CONNECT, environment
 
-    async def connect() -> None:
-        client = AsyncDeepgramClient(api_key=KEY, environment=environment(relay_auth.ws_url))
-        async with client.listen.v2.connect(model="flux-general-en", encoding="linear16", sample_rate=16000) as socket:
-            async for _ in socket:
-                pass
+    if mode == "async":
+        async def connect() -> None:
+            client = AsyncDeepgramClient(api_key=KEY, environment=environment(relay_auth.ws_url))
+            async with client.listen.v2.connect(**CONNECT) as socket:
+                async for _ in socket:
+                    pass
 
-    with pytest.raises(ApiError) as info:
-        asyncio.run(connect())
-    assert info.value.status_code == 401
+        with pytest.raises(ApiError) as info:
+            asyncio.run(connect())
+        assert info.value.status_code == 401
+    else:
+        client = DeepgramClient(api_key=KEY, environment=environment(relay_auth.ws_url))
+        with pytest.raises(InvalidStatus) as raised:  # see test_made_up_key_is_refused_as_deepgram_refuses_it
+            with client.listen.v2.connect(**CONNECT) as socket:
+                for _ in socket:
+                    pass
+        response = raised.value.response
+        assert response.status_code == 401
+        body = json.loads(bytes(response.body))
+        assert (body["err_code"], body["err_msg"]) == ("INVALID_AUTH", "The API token is not valid.") and body["request_id"]
 
 
 def test_the_baseline_fake_deepgram_refuses_at_the_handshake():
-    """What a Deepgram program sees for a bad key (the behaviour the xfail above compares with)."""
+    """What a Deepgram program sees for a bad key (the behaviour the tests above compare with)."""
     from deepgram import AsyncDeepgramClient
     from deepgram.core.api_error import ApiError
 

@@ -97,12 +97,14 @@ def test_a_client_of_relay_a_gets_relay_b_turns(tmp_path):
 def test_relay_b_refusing_relay_a_key_is_upstream_auth_failed(tmp_path):
     env_a, env_b = database(tmp_path, "a"), database(tmp_path, "b")
     mint_token(env_b)
-    # Without RELAY_REQUIRE_AUTH, B would serve an unknown key as anonymous. B refuses after the
-    # handshake (Error, close 4001), and A says so instead of Connected.
+    # Without RELAY_REQUIRE_AUTH, B would serve an unknown key as anonymous. A sends the key in the
+    # Authorization header, so B refuses at the handshake with HTTP 401, as Deepgram does, and A
+    # says so instead of Connected.
     with LiveServer({**env_b, "RELAY_REQUIRE_AUTH": "1"}, log_name="relay-b") as b, relay_a(b, env_a, "rly_not-a-token-of-b") as a:
         messages, code = asyncio.run(stream(a.ws_url + "/v2/listen", tone(0.5), close=False))
         assert code == 4011 and [m["type"] for m in messages] == ["Error"] and messages[0]["code"] == "UPSTREAM_AUTH_FAILED"
         assert "rly_not-a-token-of-b" not in json.dumps(messages) and "rly_not-a-token-of-b" not in a.output()
+        assert "event=stream_refused code=UNAUTHORIZED status=401" in b.output()
 
 
 def test_relay_b_killed_mid_turn_relay_a_falls_back_and_finishes_the_turn(tmp_path):

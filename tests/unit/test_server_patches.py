@@ -19,7 +19,7 @@ from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import abstract
 
 from relay import server
-from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, inbound_flow, patches, send_limit, shutdown
+from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, denial_response, inbound_flow, patches, send_limit, shutdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +73,11 @@ BROKEN = [
     (AsyncConsumer, "dispatch", consumer_loop.install, "channels", "AsyncConsumer.dispatch"),
     (WebSocketProtocol, "handle_reply", close_reason.install, "daphne", "WebSocketProtocol.handle_reply"),
     (websocket_protocol.WebSocketProtocol, "sendClose", close_reason.install, "autobahn", "WebSocketProtocol.sendClose"),
+    (WebSocketProtocol, "serverReject", denial_response.install, "daphne", "WebSocketProtocol.serverReject"),
+    (daphne.server.Server, "create_application", denial_response.install, "daphne", "Server.create_application"),
+    (websocket_protocol.WebSocketServerProtocol, "sendHttpErrorResponse", denial_response.install, "autobahn",
+     "WebSocketServerProtocol.sendHttpErrorResponse"),
+    (websocket_protocol.WebSocketServerProtocol, "failHandshake", denial_response.install, "autobahn", "WebSocketServerProtocol.failHandshake"),
 ]
 
 
@@ -256,3 +261,97 @@ def test_inbound_flow_never_holds_back_reading_on_a_closing_connection():
     assert inbound_flow.resume_if_ready(open_, 40, 50) and open_.transport.reading
     caught_up = _Protocol(_Protocol.STATE_OPEN)
     assert inbound_flow.resume_if_ready(caught_up, 25, 50) and caught_up.transport.reading
+
+
+def test_denial_response_refuses_when_autobahn_fails_a_handshake_some_other_way(monkeypatch):
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        self.transport.write(f"HTTP/1.1 {code} {reason}\r\n\r\n".encode())
+
+    monkeypatch.setattr(websocket_protocol.WebSocketServerProtocol, "failHandshake", failHandshake)
+    with pytest.raises(PatchTargetMissing, match="failHandshake but its code no longer uses sendHttpErrorResponse, dropConnection"):
+        denial_response.install()
+
+
+class _Handshaking:
+    """Just enough of daphne's protocol during its handshake: the deferred, the server, sendData."""
+
+    STATE_CONNECTING, STATE_OPEN = 0, 1
+
+    def __init__(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.state = self.STATE_CONNECTING
+        self.handshake_deferred = Deferred()
+        self.refused: list[Any] = []
+        self.handshake_deferred.addErrback(lambda failure: self.refused.append(failure.value))
+        self.disconnected: list[Any] = []
+        self.actions: list[tuple[str, str]] = []
+        self.server = type("S", (), {"protocol_disconnected": lambda _, p: self.disconnected.append(p),
+                                     "log_action": lambda _, kind, action, details: self.actions.append((kind, action))})()
+        self.client_addr, self.request = ["127.0.0.1", 5000], type("R", (), {"path": "/v2/listen"})()
+        self.sent: list[bytes] = []
+
+    def sendData(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def test_denial_response_answers_the_handshake_with_the_applications_status_and_body():
+    from autobahn.websocket.types import ConnectionDeny
+
+    denial_response.install()
+    denial_response.install()
+    handle_reply = WebSocketProtocol.handle_reply
+    assert handle_reply.relay_denial_patched and inspect_unwrapped(handle_reply) is inspect_unwrapped(WebSocketProtocol.handle_reply)
+
+    proto = _Handshaking()
+    handle_reply(proto, {"type": "websocket.http.response.start", "status": 401,
+                         "headers": [(b"content-type", b"application/json"), (b"content-length", b"999")]})
+    handle_reply(proto, {"type": "websocket.http.response.body", "body": b'{"err_code": ', "more_body": True})
+    assert not proto.refused  # nothing goes out before the last part
+    handle_reply(proto, {"type": "websocket.http.response.body", "body": b'"INVALID_AUTH"}'})
+    (deny,) = proto.refused
+    assert isinstance(deny, ConnectionDeny) and (deny.code, deny.reason) == (401, "Unauthorized")
+    assert not hasattr(proto, "handshake_deferred") and proto.disconnected == [proto] and proto.actions == [("websocket", "rejected")]
+
+    # autobahn's failHandshake calls sendHttpErrorResponse(code, reason): the whole response goes out.
+    WebSocketProtocol.sendHttpErrorResponse(proto, 401, "Unauthorized")
+    assert proto.sent == [b'HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\nContent-Length: 28\r\n'
+                          b'Connection: close\r\n\r\n{"err_code": "INVALID_AUTH"}']
+
+    # Out of order, after accept, or a header that would split the response: the application's error.
+    for message in ({"type": "websocket.http.response.body", "body": b"x"},
+                    {"type": "websocket.http.response.start", "status": 401, "headers": [(b"x", b"a\r\nb")]},
+                    {"type": "websocket.http.response.start", "status": 101}):
+        with pytest.raises(ValueError):
+            handle_reply(_Handshaking(), message)
+    accepted = _Handshaking()
+    accepted.state = accepted.STATE_OPEN
+    with pytest.raises(ValueError, match="before websocket.accept"):
+        handle_reply(accepted, {"type": "websocket.http.response.start", "status": 401})
+
+    # A protocol with no denial keeps autobahn's own error responses (daphne's 403, a bad handshake).
+    plain = _Handshaking()
+    WebSocketProtocol.sendHttpErrorResponse(plain, 403, "Access denied")
+    assert plain.sent == [b"HTTP/1.1 403 Access denied\r\n\r\n"]
+
+
+def inspect_unwrapped(function: Any) -> Any:
+    import inspect
+
+    return inspect.unwrap(function)
+
+
+async def test_denial_response_is_advertised_in_websocket_scopes_only():
+    denial_response.install()
+    scopes: list[dict] = []
+
+    async def app(scope, receive, send):
+        scopes.append(scope)
+
+    server = type("S", (), {"application": staticmethod(app), "connections": {"ws": {}, "http": {}},
+                            "handle_reply": lambda self, protocol, message: None})()
+    daphne.server.Server.create_application(server, "ws", {"type": "websocket", "path": "/v2/listen"})
+    daphne.server.Server.create_application(server, "http", {"type": "http", "path": "/"})
+    await asyncio.sleep(0)
+    assert scopes[0]["extensions"] == {"websocket.http.response": {}}
+    assert "extensions" not in scopes[1]

@@ -204,7 +204,16 @@ async function resumePhase(rec, session, expectTurns) {
 async function refusalPhase(rec) {
   // Connect as a Deepgram program would and watch what the SDK surfaces, with its default
   // reconnect policy (reconnect on any close but 1000), for a few seconds; then close.
-  const { socket } = await open(rec, null);
+  let socket;
+  try {
+    ({ socket } = await open(rec, null));
+  } catch (error) {
+    // Refused at the handshake (Deepgram's HTTP 401): waitForOpen rejects with the error event.
+    rec.errors.push(`waitForOpen: ${String(error?.message ?? error?.error?.message ?? error?.type ?? error)}`);
+    await waitFor(() => rec.closes.length > 0, 15, "the SDK's close after the refusal");
+    await sleep(Number(process.env.SDK_REFUSAL_WATCH_SECONDS ?? 4)); // does it retry on its own?
+    return;
+  }
   for (let i = 0; i < 5 && rec.closes.length === 0; i++) {
     try {
       socket.sendMedia(silence(0.08));
