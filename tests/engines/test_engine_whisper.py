@@ -15,7 +15,7 @@ from relay.flux.audio import from_int16
 from relay.engines.base import TRIGGER_END_OF_STREAM, StreamOptions
 from relay.engines.offline.whisper import BUNDLED_MODEL_SHA256, WhisperEngine, bundled_model_dir, check_model_dir
 from relay.exceptions import Capacity, EngineUnavailable
-from tests.support.speech import check_turn_grammar, finals, manifest, pcm, run_stream, settle, silence, wer
+from tests.support.speech import check_turn_grammar, finals, manifest, pcm, run_stream, silence, turns_manifest, wer
 
 slow = pytest.mark.slow
 
@@ -75,27 +75,19 @@ async def test_other_encodings_and_rates_are_resampled(engine, encoding, rate):
 
 @slow
 async def test_eager_end_of_turn_then_resumed_then_the_same_transcript_at_end_of_turn(engine):
-    first, second = manifest()["clips"][8], manifest()["clips"][11]
-    # eot_threshold 0.9 -> end of turn after ~0.64 s of silence; eager 0.5 -> EagerEndOfTurn after ~0.36 s.
-    options = StreamOptions(eot_threshold=0.9, eager_eot_threshold=0.5, explicit={"eot_threshold", "eager_eot_threshold"})
-    stream = engine.open_stream(options)
-    events: list = list(await stream.start())
-    pump = asyncio.get_running_loop().create_task(_collect(stream, events))
-    stream.feed(pcm(first["file"]))  # ends with 0.25 s of silence: past the speculative point
-    await settle(stream)
-    await stream.spec  # the speculative final for this pause is ready
-    stream.feed(silence(0.2))  # past the eager point, before the end of turn
-    await settle(stream)
-    stream.feed(pcm(second["file"])[6400:] + silence(1.0))  # speech resumes within the turn (0.05 s lead), then ends
-    await stream.finish()
-    await pump
+    # "Well, I think [600 ms] we should leave now.": the words before the pause read unfinished,
+    # so the turn waits (eot_threshold 0.9: up to ~1.3 s); eager 0.3 sends EagerEndOfTurn at a
+    # third of that wait, inside the pause, and TurnResumed when the speech comes back.
+    clip = next(c for c in turns_manifest()["clips"] if c["file"] == "pause04_slt.wav")
+    options = StreamOptions(eot_threshold=0.9, eager_eot_threshold=0.3, explicit={"eot_threshold", "eager_eot_threshold"})
+    events = await run_stream(engine.open_stream(options), pcm(f"turns/{clip['file']}") + silence(2.0))
     check_turn_grammar(events)
     names = [e.event for e in events]
     assert names.count("EndOfTurn") == 1 and "TurnResumed" in names
     assert names.index("EagerEndOfTurn") < names.index("TurnResumed")
     end = finals(events)[0]
     assert end.trigger == "model"
-    assert wer([first["text"] + " " + second["text"]], [end.transcript]) <= 0.2
+    assert wer([clip["text"]], [end.transcript]) <= 0.2
 
 
 async def _collect(stream, events):
@@ -213,3 +205,31 @@ def test_saturated_pool_refuses_new_streams(engine, monkeypatch):
     with pytest.raises(Capacity, match="saturated"):
         engine.open_stream(StreamOptions())
     assert engine.readiness() == (False, "decoders saturated")
+
+
+def test_worker_pool_runs_a_turns_first_update_before_later_ones():
+    import threading
+
+    from relay.engines.offline.pool import PRIORITY_FINAL, PRIORITY_LATER_UPDATE, PRIORITY_UPDATE, WorkerPool
+
+    pool = WorkerPool(1, "test-updates")
+    gate, started = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def block() -> None:
+        started.set()
+        gate.wait(10)
+
+    try:
+        blocker = pool.submit(PRIORITY_FINAL, block)
+        assert started.wait(10)
+        later = pool.submit(PRIORITY_LATER_UPDATE, order.append, "later")
+        first = pool.submit(PRIORITY_UPDATE, order.append, "first")
+        gate.set()
+        blocker.result(10)
+        first.result(10)
+        later.result(10)
+        assert order == ["first", "later"]
+    finally:
+        gate.set()
+        pool.shutdown()

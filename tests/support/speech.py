@@ -1,5 +1,9 @@
-"""The committed espeak-ng speech set (tests/fixtures/speech, made by scripts/make_test_audio.py)
-and helpers to run a real engine over it through the engine interface."""
+"""The committed speech sets and helpers to run a real engine over them through the engine interface.
+
+* tests/fixtures/speech: espeak-ng sentences and a long clip (scripts/make_test_audio.py);
+* tests/fixtures/speech/turns: flite and festival speech for turn taking, sentences with pauses
+  inside, one- and two-word turns, conversations, with a held-out split
+  (scripts/make_turn_audio.py; :func:`turns_manifest`)."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +19,8 @@ from relay.engines.base import EngineStream, TurnEvent
 SPEECH = Path(__file__).resolve().parents[1] / "fixtures" / "speech"
 
 _NORMALIZE = jiwer.Compose(
-    [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()]
+    # "OK" and "okay" are one word said one way; the references spell it "okay".
+    [jiwer.ToLowerCase(), jiwer.SubstituteWords({"ok": "okay"}), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip(), jiwer.ReduceToListOfListOfWords()]
 )
 
 
@@ -24,8 +29,15 @@ def manifest() -> dict:
     return json.loads((SPEECH / "manifest.json").read_text())
 
 
+@cache
+def turns_manifest() -> dict:
+    """The flite/festival turn-taking set: ``clips`` (kind ``pause`` or ``short``) and
+    ``conversations``, each with ``split`` ``tune`` or ``held_out``; files are under ``turns/``."""
+    return json.loads((SPEECH / "turns" / "manifest.json").read_text())
+
+
 def pcm(name: str) -> bytes:
-    """16 kHz mono Int16 samples of a committed clip."""
+    """16 kHz mono Int16 samples of a committed clip (``turns/...`` for the turn-taking set)."""
     with wave.open(str(SPEECH / name)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
         return w.readframes(w.getnframes())

@@ -33,8 +33,12 @@ log = get_logger("relay.engines")
 PRIORITY_FINAL = 0
 PRIORITY_STREAM = 1
 PRIORITY_UPDATE = 2
+#: A turn's later Updates queue behind every turn's first one and are the only low-priority jobs
+#: (at most ``workers - 1`` threads): under load the cadence of running turns thins out before a
+#: new turn's first words or anyone's final wait.
+PRIORITY_LATER_UPDATE = 3
 #: The ``kind`` label of relay_engine_job_seconds for each priority.
-_JOB_KINDS = {PRIORITY_FINAL: "final", PRIORITY_STREAM: "stream", PRIORITY_UPDATE: "update"}
+_JOB_KINDS = {PRIORITY_FINAL: "final", PRIORITY_STREAM: "stream", PRIORITY_UPDATE: "update", PRIORITY_LATER_UPDATE: "update"}
 
 
 class WorkerPool:
@@ -42,8 +46,9 @@ class WorkerPool:
 
     ``concurrent.futures.ThreadPoolExecutor`` is first-in first-out; under load that lets a
     stream's interim re-decodes delay another stream's final transcript. Here finals jump the
-    queue, and low-priority jobs (Updates) may occupy at most ``workers - 1`` threads, so with
-    two or more workers a final never waits for an Update to finish. :meth:`saturated` tells
+    queue, and low-priority jobs (a turn's later Updates) may occupy at most ``workers - 1``
+    threads, so with two or more workers a final waits at most for a turn's first Update (a
+    short decode), never for a later one. :meth:`saturated` tells
     when jobs wait longer than ``max_wait``, so the engine can turn new streams away instead of
     letting every stream fall behind.
     """
@@ -80,7 +85,7 @@ class WorkerPool:
         return await asyncio.wrap_future(self.submit(priority, fn, *args))
 
     def _runnable(self) -> bool:
-        return bool(self._heap) and (self._heap[0][0] < PRIORITY_UPDATE or self.busy_low < self.low_limit)
+        return bool(self._heap) and (self._heap[0][0] < PRIORITY_LATER_UPDATE or self.busy_low < self.low_limit)
 
     def _work(self) -> None:
         while True:
@@ -90,7 +95,7 @@ class WorkerPool:
                 if self._stopping:
                     return
                 priority, _, _, (future, fn, args) = heapq.heappop(self._heap)
-                low = priority >= PRIORITY_UPDATE
+                low = priority >= PRIORITY_LATER_UPDATE
                 self.busy += 1
                 self.busy_low += low
             started = time.monotonic()
@@ -196,6 +201,15 @@ class OfflineStream(EngineStream):
     def release(self) -> None:
         """Give back per-stream resources (called exactly once)."""
 
+    async def resume(self) -> None:
+        """Go on with work that waited for a decode; runs in order with audio, after :meth:`wake`."""
+
+    def wake(self) -> None:
+        """Have the stream's task call :meth:`resume` (from a decode's done callback, on the loop)."""
+        if not self._closed:
+            self._inbox.append(_Control("resume"))
+            self._wake.set()
+
     # -- engine interface -----------------------------------------------------------------------
     async def start(self) -> list:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -253,6 +267,9 @@ class OfflineStream(EngineStream):
                     if isinstance(item, _Control):
                         if item.kind == "force":
                             await self.end_turn_now("manual")
+                            continue
+                        if item.kind == "resume":
+                            await self.resume()
                             continue
                         self._finishing = item
                         await self.flush()

@@ -8,19 +8,30 @@ How a turn is made:
   the turn machine a clean signal. (pocketsphinx's endpointer decides on a 300 ms window, which
   alone would eat half the end-of-turn latency budget.)
 * **StartOfTurn** after about 100 ms of speech; the turn keeps 400 ms of audio from before it.
-* **Updates**: the open turn is re-decoded greedily about every ``update_interval_ms`` of audio,
-  at low priority and at most one in flight per stream, so under load the cadence stretches
-  instead of the streams falling behind.
-* **Speculative final**: ``speculate_ms`` into a pause (longer when the pool is busy), the turn
-  is decoded with beam search and word alignment while the end-of-turn silence is still being
-  waited for. When the silence reaches ``eot_silence_ms`` (scaled by ``eot_threshold``) the
-  EndOfTurn goes out with that result at once; if speech resumes the result is dropped. With
-  ``eager_eot_threshold`` the same result is sent early as EagerEndOfTurn (and TurnResumed if
-  speech comes back), so the EndOfTurn transcript always equals the EagerEndOfTurn one.
+* **Updates**: the open turn is re-decoded greedily after ``first_update_ms`` of speech, then
+  about every ``update_interval_ms``, at low priority and at most one in flight per stream; a
+  turn's later Updates queue behind every first one, take at most all workers but one and come
+  a third as often while no worker is idle, so under load Updates thin out and finals never
+  wait for them.
+* **Speculative final**: ``speculate_ms`` into a pause the turn is decoded with beam search and
+  word alignment. It decodes exactly the turn's audio up to that point, whatever the pace or
+  the load, so the same audio always gives the same final.
+* **End of turn from what was said**: at ``eot_complete_ms`` of silence the speculative final
+  is read (if still decoding, the turn machine waits for it and holds the windows after it,
+  already through the VAD, to replay them once it is in). Its words get a
+  completion probability (Whisper's decoder as a language model: how likely terminal
+  punctuation comes next, :meth:`.runner.WhisperModelRunner.completion`). Words that read
+  finished end the turn at ``eot_complete_ms`` of silence, unfinished ones ("I went to the
+  store and", "...") only at ``eot_incomplete_ms``, in between by that probability; both scale
+  with ``eot_threshold``, ``eot_timeout_ms`` caps them, and ``end_of_turn_confidence`` says how
+  finished the words read. Every decision is on the audio's own clock, so it does not depend on
+  timing either. EagerEndOfTurn (with ``eager_eot_threshold``) goes out at that share of the
+  wait, with the same result the EndOfTurn will carry.
 * **Short encoder windows**: CTranslate2 accepts mel inputs shorter than Whisper's 30 s. A turn
-  is encoded in a window of its own length plus 3 s of padding (at least 8 s), which is several
-  times cheaper than 30 s and, measured on the test set, as accurate; without the padding
-  Whisper falls into repetition loops, so the length of every decode is also capped.
+  is encoded in a window of its own length plus 3 s of padding (at least 8 s; 20 s for the
+  final of a turn under 3 s, where 8 s cost short turns their first word), padded with
+  silence; without the padding Whisper falls into repetition loops, so the length of every
+  decode is also capped.
 
 The model is loaded once per process (in a background thread, so the event loop never waits on
 it) and shared by every stream; decodes run in a :class:`~relay.engines.offline.pool.WorkerPool`

@@ -26,6 +26,15 @@ if TYPE_CHECKING:
 RATE = 16000  # Whisper hears 16 kHz mono float32
 MIN_WINDOW_FRAMES = 800  # 8 s: shortest encoder window (100 mel frames per second)
 PAD_FRAMES = 300  # 3 s of padding after the audio in the encoder window
+#: A final of less audio than SHORT_TURN_S is encoded in at least SHORT_WINDOW_FRAMES (20 s). In an
+#: 8 s window Whisper base loses the first word of one- and two-word turns ("Hello world" came
+#: out "The Low World", "Hello" "I love you"); offline faster-whisper's 30 s window does not.
+#: Measured on 110 short turns (espeak-ng, flite, festival): 6 wrong at 8 s, 4 at 20 s (none a
+#: lost word), 3 at 30 s, which costs 2.5 times the CPU of 20 s (docs/engines.md).
+SHORT_TURN_S = 3.0
+SHORT_WINDOW_FRAMES = 2000
+#: Normalised log-mel of digital silence (log10 of the extractor's 1e-10 clip: (-10 + 4) / 4).
+SILENCE_MEL = -1.5
 MAX_FRAMES = 3000
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -34,6 +43,12 @@ PUNCTUATION = PREPEND_PUNCTUATIONS + APPEND_PUNCTUATIONS
 #: likely: a short turn ("Ja, danke.") is often misheard as Thai or Latin by Whisper base, while a
 #: real switch of language wins by far more than that.
 PRIOR_WEIGHT = 3.0
+#: Tokens that end a sentence (the completion probability sums over them).
+TERMINAL_TOKENS = frozenset({".", "?", "!", '."', '?"', '!"', "。", "？", "！"})
+#: Words a finished English statement rarely ends with: conjunctions, articles, a few
+#: prepositions, possessives, fillers. (Questions may end with a preposition: "?" and "!" skip
+#: this list; other languages rely on the decoder's probability alone.)
+UNFINISHED_WORDS = frozenset("and or but because if than the a an to of with my your our their um uh er erm".split())
 
 
 @dataclass(slots=True)
@@ -43,6 +58,9 @@ class Decoded:
     confidence: float = 0.0
     seconds: float = 0.0  # audio decoded
     language: str | None = None  # the language it was decoded in
+    #: Finals only: how likely the text is a finished utterance, from 0 to 1 (see
+    #: :meth:`WhisperModelRunner.completion`); None when not measured.
+    complete: float | None = None
 
 
 def compression_ratio(text: str) -> float:
@@ -89,6 +107,9 @@ class WhisperModelRunner:
         self.beam_size = beam_size
         self.timings: dict[bool, list[float]] = {True: [], False: []}  # final? -> decode seconds (bench)
         self.n_mels = self.model.feature_extractor.mel_filters.shape[0]
+        # For completion(): the encoding of silence and the sentence-ending tokens, made once.
+        self._silent_encoding = self.model.encode(np.full((self.n_mels, MIN_WINDOW_FRAMES), SILENCE_MEL, dtype=np.float32))
+        self._terminals = [i for i in range(self.tokenizer.eot) if self.tokenizer.decode([i]).strip() in TERMINAL_TOKENS]
 
     def tokenizer_for(self, language: str) -> "Tokenizer":
         tokenizer = self._tokenizers.get(language)
@@ -142,7 +163,8 @@ class WhisperModelRunner:
         seconds = audio.size / RATE
         features = self.model.feature_extractor(audio)
         n = features.shape[-1]
-        frames = min(MAX_FRAMES, max(MIN_WINDOW_FRAMES, -(-(n + PAD_FRAMES) // 100) * 100))
+        shortest = SHORT_WINDOW_FRAMES if final and seconds < SHORT_TURN_S else MIN_WINDOW_FRAMES
+        frames = min(MAX_FRAMES, max(shortest, -(-(n + PAD_FRAMES) // 100) * 100))
         tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior)
         tokenizer = self.tokenizer_for(language)
         text = tokenizer.decode(tokens).strip()
@@ -165,7 +187,47 @@ class WhisperModelRunner:
             for w in alignment
             if w["word"].strip()
         ]
-        return Decoded(text, words, confidence, seconds, language)
+        return Decoded(text, words, confidence, seconds, language, self.completion(tokenizer, tokens, text))
+
+    def completion(self, tokenizer: "Tokenizer", tokens: list[int], text: str) -> float:
+        """How likely ``text`` is a finished utterance (0..1): the end-of-turn signal from what was said.
+
+        Whisper's own punctuation cannot tell: the audio stops at the pause, so a sentence cut
+        there ("I went to the store") is decoded with a full stop as often as a finished one. Its
+        decoder is also a language model, though: run over the encoding of silence, with the
+        words as a forced prefix, the probability that the next token is terminal punctuation
+        (". ? !") is low after "Could you send me" (0.03) and high after "...the report from
+        yesterday" (0.5). A trailing conjunction, article, preposition or filler, or a trailing
+        "..." or comma, reads as unfinished whatever the model says.
+        """
+        words = _norm_words(text)
+        if not words:
+            return 1.0  # nothing said (noise): nothing to wait for
+        stripped = text.rstrip()
+        english = tokenizer.language_code == "en"
+        if stripped.endswith(("...", "…", ",", "-", ":")) or (english and words[-1] in UNFINISHED_WORDS and not stripped.endswith(("?", "!"))):
+            return 0.0
+        while tokens and not tokenizer.decode(tokens[-1:]).strip(" " + PUNCTUATION):
+            tokens = tokens[:-1]  # drop trailing punctuation: the question is what comes next
+        if not tokens:
+            return 1.0
+        prompt = self.model.get_prompt(tokenizer, [], without_timestamps=True)
+        # CTranslate2 counts forced prefix steps against max_length at about half their number.
+        result = self.model.model.generate(
+            self._silent_encoding,
+            [prompt + tokens],
+            beam_size=1,
+            max_length=2 * len(tokens) + 6,
+            return_logits_vocab=True,
+            suppress_blank=False,
+            suppress_tokens=[],
+        )[0]
+        steps = result.logits[0] if result.logits else []
+        if len(steps) <= len(tokens):
+            return 0.5  # not measurable: neither early nor late
+        logits = np.asarray(steps[len(tokens)], dtype=np.float64)
+        probs = np.exp(logits - logits.max())
+        return float(probs[self._terminals].sum() / probs.sum())
 
     def _trim_repeats(self, tokenizer: "Tokenizer", tokens: list[int], text: str) -> tuple[list[int], str]:
         """Drop a repeated tail ("a b c. a b c") down to its first occurrence."""
@@ -192,8 +254,13 @@ class WhisperModelRunner:
         candidates: frozenset[str] | None,
         prior: str | None,
     ):
-        window = np.zeros((self.n_mels, frames), dtype=np.float32)
+        # The padding is silence: the floor the feature extractor clamps to, 8 orders below the
+        # loudest bin, as when Whisper pads the audio itself. A zero in normalised log-mel is
+        # not silence but a steady hum 4 orders above that floor, and it cost the first word of
+        # short turns ("Hello world" -> "The long world").
         n = min(features.shape[-1], frames)
+        floor = max(float(features[:, :n].max()) - 2.0, SILENCE_MEL) if n else SILENCE_MEL
+        window = np.full((self.n_mels, frames), floor, dtype=np.float32)
         window[:, :n] = features[:, :n]
         encoded = self.model.encode(window)
         if language is None:

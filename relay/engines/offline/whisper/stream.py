@@ -27,7 +27,7 @@ from relay.engines.base import (
     language_ignored_warning,
     model_ignored_warning,
 )
-from relay.engines.offline.pool import PRIORITY_FINAL, PRIORITY_STREAM, PRIORITY_UPDATE, OfflineStream
+from relay.engines.offline.pool import PRIORITY_FINAL, PRIORITY_LATER_UPDATE, PRIORITY_STREAM, PRIORITY_UPDATE, OfflineStream
 
 from .runner import RATE, Decoded
 from .vad import SPEECH_OFF, SPEECH_ON, WINDOW, WINDOW_S
@@ -39,6 +39,10 @@ log = get_logger("relay.engines.offline.whisper")
 
 START_WINDOWS = 3  # ~100 ms of speech opens a turn
 PREROLL_S = 0.4
+#: A final's completion probability (Decoded.complete) at or below COMPLETE_LOW reads as
+#: unfinished, at or above COMPLETE_HIGH as finished; the hangover is interpolated between.
+COMPLETE_LOW = 0.1
+COMPLETE_HIGH = 0.4
 #: flux-general-multi: a turn's language is settled by the first decode with this much audio (or
 #: by its final when shorter). Earlier Updates decode in a provisional guess and report none.
 LANGUAGE_LOCK_S = 2.0
@@ -69,23 +73,34 @@ class WhisperStream(OfflineStream):
         self._reset_turn()
         self.preroll: list[np.ndarray] = []
         self.speech_run = 0
+        #: Windows (with their batch's fed_at) that came while the turn machine waits for a
+        #: speculative final to decide the end of turn; None when it is not waiting.
+        self._held: collections.deque[tuple[np.ndarray, float, float | None]] | None = None
 
     # -- options --------------------------------------------------------------------------------
-    def _limits(self) -> tuple[float, str, float | None]:
-        """(silence that ends a turn, its trigger, silence for EagerEndOfTurn or None)."""
-        base = float(self.engine.options.get("eot_silence_ms", 500)) / 1000
-        eot = base
-        if self.options.eot_threshold is not None:
-            # A higher threshold asks for more certainty: wait longer before ending the turn.
-            eot = base * self.options.eot_threshold / DEFAULT_EOT_THRESHOLD
-        trigger = "model"
-        if self.options.eot_timeout_ms is not None and self.options.eot_timeout_ms / 1000 < eot:
-            eot, trigger = self.options.eot_timeout_ms / 1000, "timeout"
-        eager = None
-        if self.options.eager_eot_threshold is not None:
-            ratio = self.options.eager_eot_threshold / (self.options.eot_threshold or DEFAULT_EOT_THRESHOLD)
-            eager = min(eot, max(self.engine.speculate_s + WINDOW_S, eot * ratio))
-        return eot, trigger, eager
+    def _scale(self) -> float:
+        """``eot_threshold / 0.7``: a higher threshold asks for more certainty, so every hangover is longer."""
+        return (self.options.eot_threshold or DEFAULT_EOT_THRESHOLD) / DEFAULT_EOT_THRESHOLD
+
+    def _timeout(self) -> float | None:
+        """Silence after which the turn ends whatever was said (``eot_timeout_ms``), if the client set one."""
+        return None if self.options.eot_timeout_ms is None else self.options.eot_timeout_ms / 1000
+
+    def _decide_at(self) -> float:
+        """Silence at which the speculative final is read (and waited for, if still decoding)."""
+        return max(self.engine.speculate_s + WINDOW_S, self.engine.eot_complete_s * self._scale())
+
+    def _hangover(self, decoded: Decoded | None) -> tuple[float, float]:
+        """(silence that ends the turn, how finished the utterance reads, 0..1) for a speculative final.
+
+        A finished-sounding utterance closes after ``eot_complete_ms``, an unfinished one waits
+        ``eot_incomplete_ms``, in between by the final's completion probability; both scale with
+        ``eot_threshold``. The decision depends on the decoded audio alone, never on timing.
+        """
+        p = decoded.complete if decoded is not None and decoded.complete is not None else None
+        q = 0.0 if p is None else min(1.0, max(0.0, (p - COMPLETE_LOW) / (COMPLETE_HIGH - COMPLETE_LOW)))
+        short, long = self.engine.eot_complete_s, self.engine.eot_incomplete_s
+        return (long - q * (long - short)) * self._scale(), q
 
     def _hotwords(self) -> str | None:
         terms = [t.strip() for t in self.options.keyterms if t.strip()]
@@ -124,7 +139,7 @@ class WhisperStream(OfflineStream):
     async def configure(
         self, thresholds: dict[str, Any], keyterms: list[str] | None, *, language_hints: list[str] | None = None
     ) -> list[EngineWarning]:
-        # _limits() and _hotwords() read the options live; new hints apply from the next decode.
+        # _scale(), _timeout() and _hotwords() read the options live; new hints apply from the next decode.
         await super().configure(thresholds, keyterms, language_hints=language_hints)
         if language_hints is None:
             return []
@@ -148,6 +163,8 @@ class WhisperStream(OfflineStream):
         self.updates_started = False
         self.eager_sent = False
         self.last_decoded: Decoded | None = None
+        self.hangover: float | None = None  # silence that ends this pause's turn, once the spec is read
+        self.finished = 0.0  # how finished the spec's text reads (0..1)
         self.turn_language: str | None = self.pinned  # flux-general-multi: settled for this turn
 
     def _now(self) -> float:
@@ -208,8 +225,8 @@ class WhisperStream(OfflineStream):
     def _turn_pcm(self) -> np.ndarray:
         return np.concatenate(self.turn_audio) if self.turn_audio else np.zeros(0, dtype=np.float32)
 
-    def _launch(self, final: bool) -> asyncio.Future:
-        priority = PRIORITY_FINAL if final else PRIORITY_UPDATE
+    def _launch(self, final: bool, priority: int = PRIORITY_UPDATE) -> asyncio.Future:
+        priority = PRIORITY_FINAL if final else priority
         if not self.multilingual:
             return asyncio.ensure_future(self.engine.pool.run(priority, self.engine.runner.decode, self._turn_pcm(), final, self._hotwords()))
         # turn_language None: the decode detects the language on its own encoder output.
@@ -232,7 +249,33 @@ class WhisperStream(OfflineStream):
     async def process_audio(self, audio: bytes, last: bool = False) -> None:
         windows, probs = await self.engine.frontend.run(PRIORITY_STREAM, self._frontend, audio, last)
         for window, prob in zip(windows, probs):
-            await self._window(window, float(prob))
+            if self._held is not None:
+                self._held.append((window, float(prob), self.fed_at))
+            else:
+                await self._window(window, float(prob))
+        await self.resume()
+
+    async def resume(self) -> None:
+        """Read a speculative final the turn machine waits for, if ready, and go on with the held windows."""
+        while self._held is not None and (self.spec is None or self.spec.done()):
+            held, self._held = self._held, None
+            if self.spec is not None:
+                self._read_spec()
+                await self._decide()
+            while held:
+                if self._held is not None:  # the next pause waits for its own final
+                    self._held.extend(held)
+                    break
+                window, prob, fed_at = held.popleft()
+                self.fed_at = fed_at
+                await self._window(window, prob)
+
+    async def _catch_up(self) -> None:
+        """Wait until no window is held (before a control message or the end of the stream)."""
+        while self._held is not None:
+            if self.spec is not None:
+                await asyncio.wait([self.spec])
+            await self.resume()
 
     async def _window(self, window: np.ndarray, prob: float) -> None:
         self.windows_done += 1
@@ -266,39 +309,75 @@ class WhisperStream(OfflineStream):
             self._maybe_update()
         else:
             self.silence += WINDOW_S
-        eot, trigger, eager = self._limits()
         if self.turn_samples / RATE >= self.engine.max_turn_s:
             await self.end_turn_now("max_duration")
             return
-        # Speculate early while a worker is idle; on a busy pool wait a little longer, since a
-        # final decoded at a mere pause between words takes a worker from the other streams.
-        spec_after = self.engine.speculate_s if self.engine.pool.idle() else self.engine.speculate_busy_s
-        if self.silence >= spec_after and self.spec is None:
+        # The speculative final decodes exactly the turn's audio up to speculate_ms into the
+        # pause, whatever the pace or the load, so the same audio always gives the same final.
+        if self.silence >= self.engine.speculate_s and self.spec is None:
             self.spec = self._launch(final=True)
-            if eager is not None:
-                self.spec.add_done_callback(self._spec_done)
+        if self.spec is not None and self.hangover is None and self.silence >= self._decide_at():
+            if not self.spec.done():
+                # The turn machine waits for it; the audio after it is held meanwhile (resampled
+                # and through the VAD already). When the turn ends is thus decided by what was
+                # said and the audio's own clock, not by how busy the pool is.
+                self._held = collections.deque()
+                self.spec.add_done_callback(lambda _: self.wake())
+                return
+            self._read_spec()
+        await self._decide()
+
+    def _read_spec(self) -> None:
         spec = self.spec
-        if eager is not None and not self.eager_sent and self.silence >= eager and spec is not None and spec.done() and not spec.cancelled() and spec.exception() is None:
-            self._send_eager(spec)
-        if self.silence >= eot:
-            await self.end_turn_now(trigger)
+        ok = spec is not None and spec.done() and not spec.cancelled() and spec.exception() is None
+        # A failed decode decides nothing here: end_turn_now reports it with the EndOfTurn.
+        self.hangover, self.finished = self._hangover(spec.result() if ok else None)  # type: ignore[union-attr]
+
+    async def _decide(self) -> None:
+        timeout = self._timeout()
+        if self.hangover is not None:
+            ratio = self._eager_ratio()
+            if ratio is not None and not self.eager_sent and self.silence >= self.hangover * ratio and self._spec_ok():
+                self._send_eager(self.spec)  # type: ignore[arg-type]
+            if self.silence >= self.hangover and (timeout is None or self.hangover <= timeout):
+                await self.end_turn_now("model")
+                return
+        if timeout is not None and self.silence >= timeout:
+            await self.end_turn_now("timeout")
+
+    def _eager_ratio(self) -> float | None:
+        """``eager_eot_threshold / eot_threshold``: EagerEndOfTurn at that share of the hangover."""
+        if self.options.eager_eot_threshold is None:
+            return None
+        return min(1.0, self.options.eager_eot_threshold / (self.options.eot_threshold or DEFAULT_EOT_THRESHOLD))
+
+    def _spec_ok(self) -> bool:
+        spec = self.spec
+        return spec is not None and spec.done() and not spec.cancelled() and spec.exception() is None
 
     def _drop_spec(self) -> None:
         if self.spec is not None and not self.spec.done():
             self.spec.cancel()  # still queued: never runs; running: its result is ignored
         self.spec = None
+        self.hangover = None
+        self.finished = 0.0
 
     def _maybe_update(self) -> None:
         if self.eager_sent:
             return
-        interval = self.engine.update_interval_s if self.updates_started else self.engine.first_update_s
+        if not self.updates_started:
+            interval, priority = self.engine.first_update_s, PRIORITY_UPDATE
+        else:
+            # Updates thin out first: with no worker idle, a running turn's Updates come a third as often.
+            busy = not self.engine.pool.idle()
+            interval, priority = self.engine.update_interval_s * (3 if busy else 1), PRIORITY_LATER_UPDATE
         if self.speech_since_update < interval:
             return
         if self.update_task is not None and not self.update_task.done():
             return
         self.updates_started = True
         self.speech_since_update = 0.0
-        self.update_task = asyncio.get_running_loop().create_task(self._update(self.turn, self._launch(final=False)))
+        self.update_task = asyncio.get_running_loop().create_task(self._update(self.turn, self._launch(False, priority)))
 
     async def _update(self, turn: int, job: asyncio.Future) -> None:
         try:
@@ -311,15 +390,9 @@ class WhisperStream(OfflineStream):
         self.last_decoded = decoded
         if self.multilingual and self.turn_language is None and decoded.seconds >= LANGUAGE_LOCK_S:
             self.turn_language = decoded.language
-        confidence = min(0.99, self.silence / max(self._limits()[0], 1e-3))
+        expected = self.hangover if self.hangover is not None else self.engine.eot_incomplete_s * self._scale()
+        confidence = min(0.99, self.silence / max(expected, 1e-3))
         self._out(self._turn_event("Update", decoded, end_of_turn_confidence=round(confidence, 3)))
-
-    def _spec_done(self, future: asyncio.Future) -> None:
-        if future is not self.spec or self.eager_sent or future.cancelled() or future.exception():
-            return
-        eager = self._limits()[2]
-        if eager is not None and self.silence >= eager:
-            self._send_eager(future)
 
     def _send_eager(self, future: asyncio.Future) -> None:
         decoded: Decoded = future.result()
@@ -333,11 +406,15 @@ class WhisperStream(OfflineStream):
         Audio processing goes on meanwhile (the next turn may start), but the next turn's events
         queue behind this EndOfTurn, so clients always see turns in order.
         """
+        if self._held is not None:
+            await self._catch_up()  # ForceEndTurn applies after the audio sent before it
         if not self.in_turn:
             return
         job = self.spec if self.spec is not None else self._launch(final=True)
         self.spec = None  # handed over: _reset_turn must not cancel it
-        confidence = {"model": max(self.options.eot_threshold or DEFAULT_EOT_THRESHOLD, 0.9), "timeout": 0.5}.get(trigger, 1.0)
+        threshold = self.options.eot_threshold or DEFAULT_EOT_THRESHOLD
+        # model: at or above the threshold, the more so the more finished the words read.
+        confidence = {"model": round(threshold + (1 - threshold) * self.finished, 3), "timeout": 0.5}.get(trigger, 1.0)
         window = (self.turn, self.turn_start, self._now())
         fed_at = self.fed_at  # the turn's end arrived with this batch, not with the one after its decode
 
@@ -354,6 +431,7 @@ class WhisperStream(OfflineStream):
 
     async def flush(self) -> None:
         await self.process_audio(b"", last=True)
+        await self._catch_up()
         await self.end_turn_now(TRIGGER_END_OF_STREAM)
         if self.update_task is not None and not self.update_task.done():
             self.update_task.cancel()

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Make the turn-taking speech set under tests/fixtures/speech/turns/ with flite, festival and sox.
+
+The espeak-ng set (scripts/make_test_audio.py) is one synthesizer and whole sentences. This set is
+made with other synthesizers (Debian's ``flite``: voices kal16, slt, rms, awb; ``festival`` with
+festvox-kallpc16k) and holds what end-of-turn detection is judged on:
+
+* ``pause``: one sentence with a silent pause inside it ("I went to the store [700 ms] and bought
+  some milk"); a turn closed in that pause is a turn closed too early;
+* ``short``: one- and two-word turns ("Hello world.", "Yes.", "Okay, thanks."), to be streamed at
+  the very start of a stream and after a long silence (a lost first word shows there); four of
+  them are spoken by espeak-ng too, the project's other synthesizer;
+* ``conversation``: several turns with known boundaries and ends of speech, two speakers, one turn
+  with a pause inside it, as one WAV to stream as is.
+
+Every clip is 16 kHz mono Int16 over a faint noise floor (about -66 dBFS, seeded, as from a
+microphone, so pauses are not digital silence). ``manifest.json`` holds each clip's text, where
+its speech starts and ends, where the pauses inside it are, the synthesizer and voice, and its
+split: ``tune`` clips may be used while tuning an engine, ``held_out`` clips (other voices, other
+texts) only to measure it. The WAVs are committed: tests and benchmarks never run the
+synthesizers, whose output can change between versions. Re-run only to change the set:
+
+    .venv/bin/python scripts/make_turn_audio.py        # rewrite tests/fixtures/speech/turns/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "speech" / "turns"
+RATE = 16000
+PAD_SECONDS = 0.25  # room noise kept around each clip; streams add their own silence
+NOISE_RMS = 16.0  # about -66 dBFS
+HELD_OUT_VOICES = {"rms", "awb", "festival"}  # flite rms/awb and festival: never used to tune
+ESPEAK_WPM = 160
+
+# Texts avoid digits, numbers spoken as words (Whisper writes numerals) and compounds with two
+# spellings, so each reference has one spelling. A "|" marks a pause: (text, pause ms, text...).
+PAUSES: list[tuple[str, tuple]] = [
+    ("kal16", ("I went to the store", 700, "and bought some milk.")),
+    ("slt", ("Could you send me", 600, "the report from yesterday?")),
+    ("kal16", ("The meeting is on Tuesday and", 800, "we will meet at the office.")),
+    ("slt", ("Well, I think", 600, "we should leave now.")),
+    ("kal16", ("If it rains tomorrow", 900, "we will stay at home.")),
+    ("slt", ("Let me check my calendar", 1000, "and get back to you.")),
+    ("rms", ("Please put the boxes", 700, "next to the front door.")),
+    ("awb", ("She said that", 700, "the package arrived this morning.")),
+    ("festival", ("We need to buy eggs, bread", 900, "and a bag of apples.")),
+    ("rms", ("The doctor can see you", 800, "on Friday afternoon.")),
+]
+
+SHORT: list[tuple[str, str]] = [
+    ("slt", "Hello world."),
+    ("kal16", "Yes."),
+    ("slt", "Okay, thanks."),
+    ("kal16", "No."),
+    ("festival", "Hello world."),
+    ("rms", "Yes."),
+    ("awb", "Okay, thanks."),
+    ("festival", "No."),
+    ("rms", "Thank you."),
+    ("awb", "Good morning."),
+    # espeak-ng, as the project's own set: the voice whose "Hello world." lost its first word (issue #16)
+    ("espeak-en-us", "Hello world."),
+    ("espeak-en-gb", "Yes."),
+    ("espeak-en-us+f3", "Okay, thanks."),
+    ("espeak-en-gb-x-rp", "No."),
+]
+
+# (voice, (text[, pause ms, text...]), silence after the turn in seconds)
+CONVERSATIONS: list[tuple[str, list[tuple[str, tuple, float]]]] = [
+    (
+        "conv_a",
+        [
+            ("slt", ("Hi, thanks for calling. How can I help you?",), 1.0),
+            ("kal16", ("Hello.",), 1.2),
+            ("kal16", ("I would like to change my delivery address.",), 1.0),
+            ("slt", ("Sure. What is the new address?",), 1.5),
+            ("kal16", ("It is on Park Road", 600, "near the train station."), 1.2),
+            ("slt", ("Okay, thanks.",), 1.0),
+        ],
+    ),
+    (
+        "conv_b",
+        [
+            ("awb", ("Good morning.",), 1.2),
+            ("festival", ("Good morning. Is the library open on Saturday?",), 1.0),
+            ("awb", ("Yes, it opens in the morning", 700, "and closes in the evening."), 1.2),
+            ("festival", ("Can I borrow books without a card?",), 1.5),
+            ("awb", ("No.",), 1.2),
+            ("rms", ("You can make a card at the front desk.",), 1.0),
+        ],
+    ),
+]
+
+
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def versions() -> dict[str, str]:
+    flite = subprocess.run(["flite", "--version"], capture_output=True, text=True).stdout.split("version:")[-1].strip()
+    festival = subprocess.run(["festival", "--version"], capture_output=True, text=True).stdout.strip()
+    espeak = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip()
+    sox = subprocess.run(["sox", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"flite": flite, "festival": festival, "espeak_ng": espeak, "sox": sox}
+
+
+def synthesizer(voice: str) -> str:
+    if voice.startswith("espeak-"):
+        return f"espeak-ng -v {voice.removeprefix('espeak-')} -s {ESPEAK_WPM}"
+    return "festival kal_diphone (festvox-kallpc16k)" if voice == "festival" else f"flite -voice {voice}"
+
+
+def synthesize(voice: str, text: str, tmp: Path) -> np.ndarray:
+    """flite or festival -> sox (16 kHz mono Int16, high-quality resampling, no dither) -> trimmed."""
+    raw, out = tmp / "raw.wav", tmp / "out.wav"
+    if voice.startswith("espeak-"):
+        run(["espeak-ng", "-v", voice.removeprefix("espeak-"), "-s", str(ESPEAK_WPM), "-w", str(raw), text])
+    elif voice == "festival":
+        (tmp / "text.txt").write_text(text + "\n")
+        run(["text2wave", "-eval", "(voice_kal_diphone)", str(tmp / "text.txt"), "-o", str(raw)])
+    else:
+        run(["flite", "-voice", voice, "-t", text, "-o", str(raw)])
+    run(["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(out), "rate", "-v"])
+    with wave.open(str(out)) as w:
+        samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    start, end = speech_bounds(samples)
+    return samples[start:end]
+
+
+def speech_bounds(samples: np.ndarray, threshold: float = 300.0) -> tuple[int, int]:
+    """First and last 10 ms window whose RMS exceeds ``threshold`` (the synthesizers pad with silence)."""
+    win = RATE // 100
+    n = samples.size // win
+    rms = np.sqrt((samples[: n * win].astype(np.float64).reshape(n, win) ** 2).mean(axis=1))
+    loud = np.flatnonzero(rms > threshold)
+    if not loud.size:
+        raise RuntimeError("the synthesizer produced silence")
+    return int(loud[0] * win), int((loud[-1] + 1) * win)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(round(seconds * RATE)), dtype="<i2")
+
+
+def with_noise(samples: np.ndarray, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0.0, NOISE_RMS, samples.size)
+    return np.clip(samples.astype(np.float64) + noise, -32768, 32767).astype("<i2")
+
+
+def write_wav(path: Path, samples: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(samples.astype("<i2").tobytes())
+
+
+def utterance(voice: str, parts: tuple, t0: float, tmp: Path) -> tuple[list[np.ndarray], dict]:
+    """One turn: its text pieces spoken separately, joined by the given pauses, starting at ``t0``."""
+    pieces, segments, pauses, t = [], [], [], t0
+    for i, part in enumerate(parts):
+        if i % 2:  # a pause, in ms
+            pieces.append(silence(part / 1000))
+            pauses.append({"start": round(t, 3), "end": round(t + part / 1000, 3), "ms": part, "after": parts[i - 1]})
+            t += part / 1000
+            continue
+        speech = synthesize(voice, part, tmp)
+        pieces.append(speech)
+        segments.append({"text": part, "start": round(t, 3), "end": round(t + speech.size / RATE, 3)})
+        t += speech.size / RATE
+    text = " ".join(p for i, p in enumerate(parts) if not i % 2)
+    turn = {
+        "text": text,
+        "voice": voice,
+        "synthesizer": synthesizer(voice),
+        "speech_start": segments[0]["start"],
+        "speech_end": segments[-1]["end"],
+        "pauses": pauses,
+        "segments": segments,
+    }
+    return pieces, turn
+
+
+def split(voices: list[str]) -> str:
+    return "held_out" if set(voices) & HELD_OUT_VOICES else "tune"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    for tool in ("flite", "text2wave", "espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (apt-get install flite festival festvox-kallpc16k espeak-ng sox)")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {
+        "generator": "scripts/make_turn_audio.py",
+        "tools": versions(),
+        "sample_rate": RATE,
+        "noise_rms": NOISE_RMS,
+        "held_out_voices": sorted(HELD_OUT_VOICES),
+        "clips": [],
+        "conversations": [],
+    }
+    seed = 100
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for kind, items in (("pause", PAUSES), ("short", [(v, (t,)) for v, t in SHORT])):
+            for i, (voice, parts) in enumerate(items, 1):
+                pieces, turn = utterance(voice, parts, PAD_SECONDS, tmp)
+                name = f"{kind}{i:02d}_{voice}.wav"
+                seed += 1
+                samples = with_noise(np.concatenate([silence(PAD_SECONDS), *pieces, silence(PAD_SECONDS)]), seed)
+                write_wav(out / name, samples)
+                manifest["clips"].append({"file": name, "kind": kind, "split": split([voice]), **turn, "duration": round(samples.size / RATE, 3)})
+                print(f"{name:24s} {samples.size / RATE:4.1f}s  {turn['text']}")
+        for name, turns in CONVERSATIONS:
+            pieces, refs, t = [silence(0.4)], [], 0.4
+            for voice, parts, after in turns:
+                speech, turn = utterance(voice, parts, t, tmp)
+                pieces += speech + [silence(after)]
+                refs.append(turn)
+                t = turn["speech_end"] + after
+            seed += 1
+            samples = with_noise(np.concatenate(pieces), seed)
+            write_wav(out / f"{name}.wav", samples)
+            manifest["conversations"].append(
+                {"file": f"{name}.wav", "kind": "conversation", "split": split([r["voice"] for r in refs]), "turns": refs, "duration": round(samples.size / RATE, 3)}
+            )
+            print(f"{name}.wav {len(refs)} turns {samples.size / RATE:.1f}s")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    total = sum(p.stat().st_size for p in out.glob("*.wav"))
+    print(f"wrote {out} ({total / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
