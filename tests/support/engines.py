@@ -1,7 +1,10 @@
 """Tiny engines used only by tests (the interface makes them a few lines each)."""
 from __future__ import annotations
 
-from relay.engines.base import Engine, EngineStream
+import itertools
+from pathlib import Path
+
+from relay.engines.base import Engine, EngineStream, StreamOptions
 
 
 class BacklogStream(EngineStream):
@@ -42,3 +45,58 @@ class FailOnFinishStream(BacklogStream):
 class FailOnFinishEngine(Engine):
     name = "fail-on-finish"
     stream_class = FailOnFinishStream
+
+
+class RecordingEngine(Engine):
+    """Writes the bytes every stream is fed to a file, then hands them to another engine.
+
+    Lets a test see exactly what the relay received from a client (the demo page in a browser),
+    after the WebSocket and the consumer and before any engine touches it. Options: ``engine``,
+    the alias that transcribes (``fake``, ``whisper``...), and ``directory``, where stream *n*
+    writes ``<n>-<encoding>-<sample_rate>.pcm`` from its first audio frame on.
+    """
+
+    name = "recording"
+
+    def __init__(self, alias: str, options: dict | None = None) -> None:
+        from django.conf import settings
+        from django.utils.module_loading import import_string
+
+        super().__init__(alias, options)
+        inner_alias = self.options["engine"]
+        config = settings.RELAY_ENGINES[inner_alias]
+        # Built here, not through the registry: get_engine() holds its lock while this runs.
+        self.inner: Engine = import_string(config["BACKEND"])(inner_alias, config.get("OPTIONS", {}))
+        self.directory = Path(self.options["directory"])
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.streams = itertools.count(1)
+
+    def open_stream(self, options: StreamOptions) -> EngineStream:
+        stream = self.inner.open_stream(options)
+        path = self.directory / f"{next(self.streams):03d}-{options.encoding}-{options.sample_rate}.pcm"
+        feed = stream.feed
+
+        def recording_feed(audio: bytes) -> None:
+            with path.open("ab") as file:  # a test engine: a small write per frame is fine
+                file.write(audio)
+            feed(audio)
+
+        stream.feed = recording_feed  # type: ignore[method-assign]
+        return stream
+
+    def __getattr__(self, name: str):
+        # Everything else (model loading, pools, options of the inner engine) is the inner one's.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.inner.readiness()
+
+    def supported_encodings(self) -> set[str]:
+        return self.inner.supported_encodings()
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()

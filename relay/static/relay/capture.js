@@ -1,4 +1,4 @@
-// Microphone capture: getUserMedia -> AudioContext -> AudioWorklet -> 80 ms Int16 chunks.
+// Microphone capture: getUserMedia -> 16 kHz AudioContext -> AudioWorklet -> 80 ms Int16 chunks.
 
 export const TARGET_RATE = 16000;
 export const CHUNK_SAMPLES = 1280; // 80 ms at 16 kHz
@@ -46,13 +46,19 @@ export class MicCapture {
     this.context = null;
     this.node = null;
     this.source = null;
-    this.inputRate = null;
+    this.inputRate = null; // the microphone's rate, as the browser reports it
+    this.path = null;
   }
 
   get active() {
     return this.stream !== null;
   }
 
+  /**
+   * Open the microphone and start sending. Call it from the click that starts recording: the
+   * AudioContext is made before anything is awaited, while the click still counts as a user
+   * gesture, so autoplay rules let it run.
+   */
   async start() {
     if (!window.isSecureContext) {
       throw new MicError("The microphone needs a secure page: open this page over https:// (or on localhost).");
@@ -63,7 +69,27 @@ export class MicCapture {
     if (typeof AudioWorkletNode === "undefined") {
       throw new MicError("This browser cannot process microphone audio here (no AudioWorklet). Try a current Chrome, Edge, Firefox or Safari.");
     }
+    // Two contexts are readied before the microphone opens, so no audio is lost between the
+    // device starting and the worklet listening: one at 16 kHz, where the browser resamples the
+    // microphone itself, and one at the device's own rate for browsers that refuse to connect a
+    // microphone to a context of another rate (the worklet resamples there). The one not used
+    // is closed as soon as the microphone is connected.
+    const contexts = [];
+    try {
+      contexts.push(new AudioContext({ sampleRate: TARGET_RATE, latencyHint: "interactive" }));
+    } catch {
+      // This browser makes no 16 kHz context at all: the device-rate one alone.
+    }
+    contexts.push(new AudioContext({ latencyHint: "interactive" }));
+    const closeAll = (keep) => Promise.all(contexts.filter((c) => c !== keep).map((c) => c.close().catch(() => {})));
     let stream;
+    try {
+      await Promise.all(contexts.map((c) => c.audioWorklet.addModule(this.workletUrl)));
+      await Promise.all(contexts.map((c) => (c.state === "suspended" ? c.resume() : null)));
+    } catch (error) {
+      await closeAll(null);
+      throw new MicError(`Audio processing could not start (${error.message || error}).`, error);
+    }
     try {
       stream = await navigator.mediaDevices.getUserMedia({
         audio: {
@@ -75,14 +101,22 @@ export class MicCapture {
         },
       });
     } catch (error) {
+      await closeAll(null);
       throw new MicError(explain(error), error);
     }
-    // Created only now, after the microphone is granted, as autoplay policies expect.
-    const context = new AudioContext();
+    let context;
     try {
-      await context.audioWorklet.addModule(this.workletUrl);
-      if (context.state === "suspended") await context.resume();
-      const source = context.createMediaStreamSource(stream);
+      let source;
+      for (const candidate of contexts) {
+        try {
+          source = candidate.createMediaStreamSource(stream);
+          context = candidate;
+          break;
+        } catch (error) {
+          // NotSupportedError: a microphone at another rate than this context's (Firefox).
+          if (candidate === contexts[contexts.length - 1]) throw error;
+        }
+      }
       const node = new AudioWorkletNode(context, "relay-pcm-capture", {
         numberOfInputs: 1,
         numberOfOutputs: 0,
@@ -96,12 +130,21 @@ export class MicCapture {
       this.node = node;
     } catch (error) {
       stream.getTracks().forEach((track) => track.stop());
-      await context.close().catch(() => {});
+      await closeAll(null);
       throw new MicError(`Audio processing could not start (${error.message || error}).`, error);
     }
+    closeAll(context);
     this.stream = stream;
     this.context = context;
-    this.inputRate = context.sampleRate;
+    const track = stream.getAudioTracks()[0];
+    const settings = (track && track.getSettings && track.getSettings()) || {};
+    this.inputRate = settings.sampleRate || context.sampleRate;
+    /** How the audio reaches 16 kHz (shown in the page's data-capture for tests and support). */
+    this.path = {
+      contextRate: context.sampleRate,
+      deviceRate: settings.sampleRate || null,
+      resampler: context.sampleRate === TARGET_RATE ? "browser" : "worklet",
+    };
     this.firstChunkAt = null;
     this.samples = 0;
     for (const track of stream.getAudioTracks()) {

@@ -1,0 +1,273 @@
+"""What the relay receives from the demo page is the clip that was played into the microphone.
+
+Chromium plays a committed speech clip as its fake microphone; the relay's engine records every
+byte the page sends (tests.support.engines.RecordingEngine) before the fake engine transcribes
+it. The recording is compared with the clip resampled to 16 kHz with soxr (tests.support.fidelity):
+aligned by cross-correlation, it must be the clip to within 30 dB SNR, with no block of audio
+dropped or repeated anywhere and none of the clip's first samples lost.
+
+Chromium's fake capture device runs at 44.1 kHz here (no audio server: Chromium's stand-in
+device parameters) whatever the WAV's rate, and no switch changes that. The page asks for a
+16 kHz AudioContext and lets Chromium resample; the fallback the page takes when a browser
+refuses that (a context at the device's own rate, resampled in the worklet) is forced with an
+init script that refuses the 16 kHz context the way Firefox does, at 44.1 kHz and at 48 kHz.
+
+On the default engine (whisper), the sentence issue #16 saw go wrong is spoken into the page ten
+times: every run's received audio must be faithful, the page must show what the engine makes of
+exactly those bytes (a plain client sends them again), and, the issue's "done when", the page's
+final must be a plain client's final for the clip itself, ten runs out of ten.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+import urllib.error
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+from playwright.sync_api import expect
+
+from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WAIT_MS, new_page, page_errors, production_env
+from tests.support.audio import silence, wav_bytes
+from tests.support.fidelity import compare, to_float
+from tests.support.live import ROOT, LiveServer, sqlite_env, stream_audio
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(180)]
+
+SPEECH = ROOT / "tests" / "fixtures" / "speech"
+#: The sentence issue #16 saw the page get wrong in three runs of six ("She bought Evan Apples
+#: and free orange anette the market"): scripts/make_test_audio.py's synthesize("en-us", 160,
+#: ...) with its 250 ms of silence either side; not in the espeak-ng set, whose manifest the
+#: engine benchmarks read.
+MARKET = ROOT / "tests" / "fixtures" / "browser" / "market.wav"
+RENDER_QUANTUM = 128  # frames per Web Audio render block, at the context's rate
+
+#: Makes this browser refuse what some browsers refuse: a MediaStream source in an AudioContext
+#: whose rate is not the microphone's (Firefox: NotSupportedError). A context made without a
+#: rate runs at ``rate``, as a device at that rate would give.
+REFUSE_16K = """
+(() => {
+  const Native = window.AudioContext;
+  const rate = %d;
+  class RefusingAudioContext extends Native {
+    constructor(options = {}) {
+      super(options.sampleRate ? options : { ...options, sampleRate: rate });
+      this.refuses = Boolean(options.sampleRate) && options.sampleRate !== rate;
+    }
+    createMediaStreamSource(stream) {
+      if (this.refuses) throw new DOMException(
+        "Connecting AudioNodes from AudioContexts with different sample-rate is currently not supported.",
+        "NotSupportedError");
+      return super.createMediaStreamSource(stream);
+    }
+  }
+  window.AudioContext = RefusingAudioContext;
+})();
+"""
+
+
+def clip(name: str) -> np.ndarray:
+    """A 16 kHz mono clip of the committed espeak-ng set (or a path to another one)."""
+    with wave.open(str(SPEECH / name)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+        return to_float(w.readframes(w.getnframes()))
+
+
+def first_speech(samples: np.ndarray) -> int:
+    """First sample of the first 10 ms window louder than -40 dBFS RMS."""
+    windows = samples[: samples.size // 160 * 160].reshape(-1, 160)
+    loud = np.nonzero(np.sqrt(np.mean(windows**2, axis=1)) > 0.01)[0]
+    return int(loud[0]) * 160
+
+
+def start_recording_server(tmp_path_factory, static_root, engine: str) -> LiveServer:
+    recordings = tmp_path_factory.mktemp(f"received-{engine}")
+    env = {
+        **sqlite_env(tmp_path_factory.mktemp(f"db-recording-{engine}")),
+        **production_env(static_root),
+        "DJANGO_SETTINGS_MODULE": "tests.support.recording_settings",
+        "RELAY_ENGINE": "recording",
+        "RELAY_TEST_RECORDING_DIR": str(recordings),
+        "RELAY_TEST_RECORDED_ENGINE": engine,
+    }
+    server = LiveServer(env, log_name=f"daphne-recording-{engine}").start()
+    server.recordings = recordings  # type: ignore[attr-defined]
+    return server
+
+
+@pytest.fixture(scope="module")
+def recording_server(tmp_path_factory, static_root):
+    """daphne on the fake engine, writing what each stream is fed to ``server.recordings``."""
+    server = start_recording_server(tmp_path_factory, static_root, "fake")
+    yield server
+    server.stop()
+
+
+def speak_into_page(server, launch, tmp_path: Path, samples: np.ndarray, *, init_script: str | None = None) -> tuple[np.ndarray, dict, list[str]]:
+    """Play ``samples`` (then 1.5 s of silence) as the microphone into the demo page.
+
+    Returns what the relay received (16 kHz), how the page captured (its data-capture) and the
+    page's finished turns. The microphone is started as soon as the page is connected (Chromium
+    plays the WAV from the moment the page opens its fake device), and stopped once a turn is
+    final and nothing is provisional: the stop's CloseStream finishes any turn still open.
+    """
+    pcm = (np.round(samples * 32768).astype("<i2")).tobytes() + silence(1.5)
+    wav = tmp_path / "microphone.wav"
+    wav.write_bytes(wav_bytes(pcm))
+    before = set(server.recordings.iterdir())
+    browser = launch(wav)
+    page = new_page(browser)
+    if init_script:
+        page.add_init_script(init_script)
+    page.goto(server.http_url + "/demo/ai-voice/")
+    expect(page.locator("body")).to_have_attribute("data-state", "open")
+    page.locator("#mic").click()
+    expect(page.locator("body")).to_have_attribute("data-recording", "true")
+    expect(page.locator("#turns .turn")).not_to_have_count(0, timeout=60_000)
+    expect(page.locator("#interims .turn")).to_have_count(0, timeout=60_000)
+    page.locator("#mic").click()
+    expect(page.locator("body")).to_have_attribute("data-recording", "false")
+    expect(page.locator("#mic")).to_be_enabled(timeout=60_000)
+    capture = page.evaluate("JSON.parse(document.body.dataset.capture || '{}')")
+    texts = page.locator("#turns .turn-text").all_text_contents()
+    assert page_errors(page) == []
+    browser.close()
+    streams = sorted(p for p in set(server.recordings.iterdir()) - before if p.stat().st_size)
+    assert len(streams) == 1, streams  # all of the microphone's audio went to one stream
+    assert streams[0].name.endswith("-linear16-16000.pcm"), streams
+    return to_float(streams[0].read_bytes()), capture, texts
+
+
+def soxr_reference(samples: np.ndarray, *rates: int) -> np.ndarray:
+    """The 16 kHz clip taken through ``rates`` (the device's, the context's) and back to 16 kHz by soxr."""
+    rate = 16000
+    for step in (*rates, 16000):
+        if step != rate:
+            samples = soxr.resample(samples, rate, step, quality="VHQ")
+            rate = step
+    return samples
+
+
+def check_faithful(received: np.ndarray, reference: np.ndarray, context_rate: int) -> dict:
+    result = compare(received, reference)
+    quantum = RENDER_QUANTUM * 16000 / context_rate  # one render block, in 16 kHz samples
+    speech_at = first_speech(reference)
+    figures = {
+        "context_rate": context_rate,
+        "snr_db": round(result.snr_db, 1),
+        "gain": round(result.gain, 4),
+        "delay_ms": round(result.delay / 16, 2),  # < 0: that much of the clip's start never arrived
+        "slips": result.slips,
+        "worst_window_snr_db": round(min(result.local_snr_db), 1),
+        "received_s": round(len(received) / 16000, 3),
+    }
+    print("audio path:", json.dumps(figures))
+    assert result.local_offsets, "no voiced window was found in the received audio"
+    assert result.slips == [], f"audio dropped (<0) or repeated (>0), in samples (one block = {quantum:.1f}): {figures}"
+    assert result.snr_db >= 30, figures
+    # No gap at the start: at most part of the lead-in before the first word is missing, never
+    # speech (Chromium's fake device starts playing when the microphone opens, a little before
+    # the page can listen; the page itself adds no delay, see docs/demo.md).
+    assert result.delay + speech_at >= 0, figures
+    return figures
+
+
+@pytest.mark.parametrize("clip_name", ["s01.wav", "s11.wav"])
+def test_page_sends_the_clip_itself_resampled_by_the_browser(recording_server, launch, tmp_path, clip_name):
+    received, capture, texts = speak_into_page(recording_server, launch, tmp_path, clip(clip_name))
+    assert texts and all(texts), texts  # the fake engine heard speech
+    # The page asked for 16 kHz and Chromium gave it, resampling the 44.1 kHz device itself.
+    assert capture == {"contextRate": 16000, "deviceRate": 44100, "resampler": "browser"}, capture
+    check_faithful(received, soxr_reference(clip(clip_name), 44100), 16000)
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+def test_page_resamples_itself_when_the_browser_refuses_a_16khz_context(recording_server, launch, tmp_path, rate):
+    received, capture, _ = speak_into_page(recording_server, launch, tmp_path, clip("s01.wav"), init_script=REFUSE_16K % rate)
+    assert capture == {"contextRate": rate, "deviceRate": 44100, "resampler": "worklet"}, capture
+    # The device's 44.1 kHz, Chromium's resampling to the context's rate where it differs, then
+    # the worklet's own resampler: it must do as well as soxr on the same path.
+    check_faithful(received, soxr_reference(clip("s01.wav"), 44100, rate), rate)
+
+
+# -- the default engine: the page and a plain client hear the same ------------------------------------
+RUNS = 10
+
+
+@pytest.fixture(scope="module")
+def whisper_recording_server(tmp_path_factory, static_root):
+    """daphne on the default engine (whisper) recording what it is fed, once its model is loaded."""
+    server = start_recording_server(tmp_path_factory, static_root, "whisper")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(server.http_url + "/healthz", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except urllib.error.HTTPError as exc:  # 503 while the model loads
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"whisper never became ready: {exc.read()[:500]!r}\n{server.output()[-3000:]}")
+        time.sleep(0.2)
+    yield server
+    server.stop()
+
+
+def client_transcript(server, pcm: bytes) -> str:
+    """What a plain WebSocket client (as an SDK sends: 80 ms of 16 kHz linear16 per message, in
+    real time) gets for ``pcm``: its finished turns, joined."""
+    url = server.ws_url + "/v2/listen?encoding=linear16&sample_rate=16000"
+    # Its own thread: Playwright's sync API keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        messages = pool.submit(asyncio.run, stream_audio(url, pcm, chunk=2560, pace=0.08)).result()
+    return " ".join(m["transcript"] for m in messages if m.get("event") == "EndOfTurn" and m["transcript"])
+
+
+@pytest.fixture(scope="module")
+def market_runs(whisper_recording_server, playwright_instance, tmp_path_factory) -> dict:
+    """The market sentence through a plain client twice, then through the page RUNS times; each
+    page run's received audio is also sent again, byte for byte, by a plain client."""
+    server = whisper_recording_server
+    samples = clip(str(MARKET))
+    as_sent = (np.round(samples * 32768).astype("<i2")).tobytes() + silence(1.5)
+    clip_finals = [client_transcript(server, as_sent) for _ in range(2)]
+    print("plain client, the clip:", json.dumps(clip_finals))
+
+    def launch(wav: Path):
+        flags = [*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}%noloop"]
+        return playwright_instance.chromium.launch(executable_path=CHROMIUM, args=flags, timeout=WAIT_MS)
+
+    runs = []
+    for run in range(RUNS):
+        received, capture, texts = speak_into_page(server, launch, tmp_path_factory.mktemp("market"), samples)
+        figures = check_faithful(received, soxr_reference(samples, capture["deviceRate"]), capture["contextRate"])
+        resent = client_transcript(server, (np.round(received * 32768).astype("<i2")).tobytes())
+        runs.append({"run": run, "page": " ".join(texts), "resent": resent, "snr_db": figures["snr_db"], "delay_ms": figures["delay_ms"]})
+        print("page run:", json.dumps(runs[-1]))
+    return {"clip": clip_finals, "runs": runs}
+
+
+@pytest.mark.timeout(1200)
+def test_page_audio_is_faithful_every_run_and_the_page_shows_what_the_engine_made_of_it(market_runs):
+    # check_faithful ran on every run's received audio (SNR, no slips, no speech lost). Whatever
+    # the engine made of those bytes, the page showed it: the same bytes sent again by a plain
+    # client give the same finals (the page adds nothing, and the engine is deterministic).
+    assert all(r["page"] == r["resent"] for r in market_runs["runs"]), market_runs
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue #16: the default engine's final for the same audio changes when the stream "
+    "starts 1 to 3 ms earlier or later (the page's start offset varies by 2 ms steps with Chromium's "
+    "10 ms device buffers); remove this marker once the engine is shift-robust",
+)
+def test_page_gives_the_same_transcript_as_a_plain_client_ten_runs_out_of_ten(market_runs):
+    assert len(set(market_runs["clip"])) == 1, market_runs["clip"]  # the engine agrees with itself on the clip
+    assert [r["page"] for r in market_runs["runs"]] == market_runs["clip"][:1] * RUNS, market_runs
