@@ -74,3 +74,28 @@ async def test_channel_layer_failure_does_not_take_the_stream_down(monkeypatch):
     await a.disconnect()
     await b.disconnect()
     assert await sync_to_async(Turn.objects.filter(session_id="layer-down").count)() == 2
+
+
+async def test_a_gap_longer_than_one_page_is_repaired_whole(monkeypatch, settings):
+    from channels.layers import get_channel_layer
+
+    settings.RELAY_REPLAY_PAGE_SIZE = 2  # five missed turns: three pages
+    a = Client("/v2/listen?session=long-gap")
+    b = Client("/v2/listen?session=long-gap")
+    await a.connect()
+    await b.connect()
+    layer = get_channel_layer()
+
+    async def broken(*args, **kwargs):
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(layer, "group_send", broken)
+    for _ in range(5):
+        await a.send_audio(tone(0.5) + silence(0.7))
+        await a.recv_turn_end()
+    monkeypatch.undo()
+    await a.send_audio(tone(0.25) + silence(0.7))
+    got = [await b.recv_turn_end() for _ in range(6)]
+    assert [m["turn_index"] for m in got] == [0, 1, 2, 3, 4, 5] and all(m["replayed"] for m in got[:5])
+    await a.disconnect()
+    await b.disconnect()
