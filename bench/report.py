@@ -10,10 +10,12 @@ REF_STREAMS, REF_FRAME = 300, 80
 AUDIO_ONLY = 3600.0  # turn_s of the rows without turns
 
 BASE = "baseline (bare websockets)"
+BARE = "bare server (websockets, no engine)"
 NOW = "relay now (1 daphne)"
 BEFORE = "relay before (1 daphne)"
 DEP_NOW = "deployed now (2 daphne+Redis)"
 DEP_BEFORE = "deployed before (2 daphne+Redis)"
+DEP_NGINX = "deployed behind nginx (TLS, 2 daphne+Redis+PostgreSQL)"
 OWNFIRST = "relay now + own EndOfTurn before the write (declined)"
 UVICORN = "uvicorn now (websockets-sansio)"
 BOUNDED_MB_PER_MIN = 60.0  # "RSS bounded": grows by at most 1 MB/s over an overloaded window
@@ -90,6 +92,58 @@ def _cpu_target(variants: list[dict]) -> list[str] | None:
             f"(a turn every 4 s)", now[0], now[1], before[0] if before else "–"]
 
 
+def _x_bare(rows: list[dict], r: dict, label: str = BARE) -> float | None:
+    """``r``'s CPU per frame over the same load's row of ``label`` (the bare server, or bench.baseline)."""
+    b = _find(rows, target=label, streams=r["streams"], frame_ms=r["frame_ms"], turn_s=r.get("turn_s"))
+    return _ratio(r["cpu_per_frame_us"], b["cpu_per_frame_us"]) if b else None
+
+
+def _turn_per_second_target(variants: list[dict]) -> list[str] | None:
+    """Issue 18: a turn per second per stream at the reference load, one process: CPU per frame
+    <= 2x the bare server's (no engine work), ForceEndTurn→EndOfTurn p99 <= 50 ms."""
+    ref = _ref_streams(variants)
+
+    def measure(label: str) -> tuple[str, str] | None:
+        r = _find(variants, target=label, streams=ref, frame_ms=REF_FRAME, turn_s=1.0)
+        if not r:
+            return None
+        bare, base = _x_bare(variants, r), _x_bare(variants, r, BASE)
+        p99 = r["fet_rtt"]["p99"]
+        text = (f"{_v(bare)}x bare ({r['cpu_per_frame_us']} µs; {_v(base)}x bench.baseline); EoT p99 {p99} ms; "
+                f"{r['error_count']} errors, {lost(r)} lost" + (" (not keeping up)" if saturated(r) else ""))
+        cpu_ok, lat_ok = bare is not None and bare <= 2, p99 is not None and p99 <= 50
+        verdict = ("met" if cpu_ok and lat_ok else "CPU met, EoT p99 not" if cpu_ok
+                   else "EoT p99 met, CPU not" if lat_ok else "not met")
+        return text, verdict
+
+    now, before = measure(NOW), measure(BEFORE)
+    if not now:
+        return None
+    return [f"CPU/frame <= 2x the bare server (no engine work) at {ref} x {REF_FRAME} ms, a turn per second per stream, "
+            f"ForceEndTurn→EndOfTurn p99 <= 50 ms, one process", now[0], now[1], before[0] if before else "–"]
+
+
+def _nginx_target(rows: list[dict]) -> list[str] | None:
+    """Issue 18: deployed behind nginx, 1,000 real-time streams clean (EoT p99 <= 50 ms, nothing lost),
+    past that CAPACITY, and (issue 15) no refusal seen by nginx as an upstream reset."""
+    cap = next((r for r in rows if r.get("kind") == "capacity"), None)
+    if not cap:
+        return None
+    past = next((r for r in rows if r.get("kind") == "past capacity"), None)
+    p99 = cap["fet_rtt"]["p99"]
+    clean = p99 is not None and p99 <= 50 and not lost(cap) and not cap["error_count"] and not cap["refused"] and cap["achieved"] >= 0.99
+    text = (f"{cap['streams']} streams: EoT p99 {p99} ms, audio→Update p99 {cap['upd']['p99']} ms, {lost(cap)} lost, {cap['error_count']} errors, "
+            f"{cap['refused']} refused; daphne {cap['server_cores']} cores, client {cap['client_cores']} cores (machine {cap['machine_busy_cores']})")
+    refusals_ok = True
+    if past:
+        refusals_ok = past["refused"] > 0 and not past["nginx_resets"]
+        text += (f"; {past['asked']} arriving: {past['streams']} accepted, {past['refused']} refused (CAPACITY), EoT p99 {past['fet_rtt']['p99']} ms, "
+                 f"{past['error_count']} errors; nginx upstream resets {cap['nginx_resets']} + {past['nginx_resets']}")
+    verdict = "met" if clean and refusals_ok else "refusals clean, streams not" if refusals_ok else "not met"
+    return [f"deployed behind nginx: {cap['asked']} streams of 80 ms, EoT p99 <= 50 ms, nothing lost; past that CAPACITY with close frames "
+            "(no upstream reset in nginx's log)", text, verdict, "–"]
+
+
 def _largest_clean(sweep: list[dict], label: str) -> int | None:
     """The most 80 ms streams a series held with p99 <= 50 ms and nothing lost, refused or failed."""
     dep = [r for r in sweep if r["target"] == label and r["frame_ms"] == 80]
@@ -161,8 +215,10 @@ def targets(res: dict[str, Any]) -> list[list[str]]:
     """[target, relay now, verdict, relay before] for issue 8's targets and issue 4's replay target."""
     out: list[list[str] | None] = []
     out.append(_cpu_target(res.get("variants", [])))
+    out.append(_turn_per_second_target(res.get("variants", [])))
     out.append(_streams_target(res.get("sweep", [])))
     out.append(_tabs_target(res.get("tabs", [])))
+    out.append(_nginx_target(res.get("nginx", [])))
     hs = res.get("handshakes", [])
     for now_label, before_label in ((NOW, BEFORE), (DEP_NOW, DEP_BEFORE)):
         r = _find(hs, target=now_label)
@@ -221,19 +277,22 @@ def targets(res: dict[str, Any]) -> list[list[str]]:
 
 def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None) -> list[str]:
     lines = [
-        "| target | frame | streams (+tabs) | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs | x bare "
-        "| server cores | client cores | machine busy cores | errors | refused (CAPACITY) | lost | server busy after s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | frame | streams (+tabs) | turn every | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs "
+        "| x bare (no engine) | x baseline (fake engine) | server cores | client cores | machine busy cores | errors | refused (CAPACITY) | lost "
+        "| server busy after s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         match = {"turn_s": r["turn_s"]} if "turn_s" in r else {}
         b = _find(base_rows or [], target=BASE, streams=r["streams"], frame_ms=r["frame_ms"], **match)
         ratio = _ratio(r["cpu_per_frame_us"], b["cpu_per_frame_us"]) if b else None
-        tabs = (f"{r['streams']}" + (f" (+{r['listeners']})" if r["listeners"] else "") + (" audio only" if r.get("turn_s", 0) > 60 else "")
+        bare = _x_bare(base_rows or [], r) if "turn_s" in r else None
+        tabs = (f"{r['streams']}" + (f" (+{r['listeners']})" if r["listeners"] else "")
                 + (" **not keeping up**" if saturated(r) else ""))
+        every = "audio only" if r.get("turn_s", 4.0) > 60 else f"{r.get('turn_s', 4.0):g} s"
         lines.append(
-            f"| {r['target']} | {r['frame_ms']} ms | {tabs} | {r['achieved']:.2f} | {_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} "
-            f"| {_v(r['upd']['p50'])} / {_v(r['upd']['p99'])} | {_v(r['cpu_per_frame_us'])} | {_v(ratio)} | {r['server_cores']} "
+            f"| {r['target']} | {r['frame_ms']} ms | {tabs} | {every} | {r['achieved']:.2f} | {_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} "
+            f"| {_v(r['upd']['p50'])} / {_v(r['upd']['p99'])} | {_v(r['cpu_per_frame_us'])} | {_v(bare)} | {_v(ratio)} | {r['server_cores']} "
             f"| {r['client_cores']} | {r['machine_busy_cores']} | {r['error_count']} | {r['refused']} | {lost(r)} "
             f"| {r.get('busy_after_s', '–')} |"
         )
@@ -249,6 +308,8 @@ def before_now(res: dict[str, Any]) -> list[tuple[str, str, float | None, float 
     for what, turn_s, key in ((f"CPU per frame, {ref} x 80 ms audio only", AUDIO_ONLY, "cpu"),
                               (f"CPU per frame, {ref} x 80 ms, a turn every 4 s", 4.0, "cpu"),
                               (f"EoT p99, {ref} x 80 ms, a turn every 4 s", 4.0, "eot"),
+                              (f"CPU per frame, {ref} x 80 ms, a turn per second", 1.0, "cpu"),
+                              (f"EoT p99, {ref} x 80 ms, a turn per second", 1.0, "eot"),
                               (f"EoT p99, {small} x 80 ms, a turn every 4 s", 4.0, "eot100")):
         n = small if key == "eot100" else ref
         b = _find(v, target=BEFORE, streams=n, turn_s=turn_s)
@@ -387,7 +448,7 @@ def write(res: dict[str, Any], out: Path) -> None:
         "# Relay benchmark: latest run",
         "",
         f"`{meta['command']}` on {meta['started']} took {meta.get('duration_s', 0):.0f} s (Python {meta['python']}, "
-        f"{meta['load_before']['cores']} cores). Load average before {meta['load_before']['load1']}, after "
+        f"{meta['load_before']['cores']} cores, the relay on {meta.get('database', 'postgresql')}). Load average before {meta['load_before']['load1']}, after "
         f"{meta.get('load_after', {}).get('load1')}; other work shared the machine, so compare ratios against the "
         f"baseline of this same run rather than absolute numbers."
         + (f" Whole-machine busy cores during the measurement windows: median {sorted(busy)[len(busy) // 2]}, max {max(busy)}." if busy else ""),
@@ -395,7 +456,8 @@ def write(res: dict[str, Any], out: Path) -> None:
         _revisions(meta),
         "",
         "Baseline: a bare `websockets` server doing the same visible job (same messages, same fake engine, no Django, "
-        "Channels, layer or database). Streams send tone in real-time frames and a `ForceEndTurn` every 4 s (so a turn, with its "
+        "Channels, layer or database). Bare server: the same messages at the same moments with no engine work at all "
+        "(bench/bare.py), so *x bare* is the relay's own cost, fake engine included. Streams send tone in real-time frames and a `ForceEndTurn` every 4 s (so a turn, with its "
         "database writes, every 4 s per stream). *EoT rtt*: ForceEndTurn → EndOfTurn; *audio→Update*: the frame that completes "
         "an Update's audio → that Update. CPU is read from /proc of the server processes (Redis separately); the client reports "
         "its own. *Refused (CAPACITY)*: streams the relay turned away with Error CAPACITY / close 4013 (its stream cap, or "
@@ -475,6 +537,12 @@ def write(res: dict[str, Any], out: Path) -> None:
                      f"paused by flow control {_each(r.get('inbound_paused'))} at the end of the window; frames the client could not write "
                      f"(server not reading) {r['frames_skipped']}")
         L.append("")
+    if res.get("nginx"):
+        L += ["## Deployed behind nginx (deploy/: TLS, 2 daphne, Redis, PostgreSQL)", "", *stream_table(res["nginx"]), ""]
+        for r in res["nginx"]:
+            L.append(f"- {r['kind']}: {r['streams']} accepted, {r['refused']} refused of {r['asked']}; nginx upstream resets (`recv() failed (104)`) "
+                     f"{r['nginx_resets']}; daphne log errors {r['server_log_errors']}; errors {r['errors'] or 0}")
+        L.append("")
     if res.get("deflate"):
         L += ["## permessage-deflate offered by the client", ""]
         L += [f"- {k}: `{v}`" for k, v in res["deflate"].items()]
@@ -499,7 +567,7 @@ def docs_block(res: dict[str, Any], rel: str = "../bench/results/") -> str:
     meta = res["meta"]
     L = [f"Figures from `{meta['command']}` run on {meta['started']} ({meta.get('duration_s', 0):.0f} s; load average "
          f"{meta['load_before']['load1']} before, {meta.get('load_after', {}).get('load1')} after, on {meta['load_before']['cores']} cores "
-         f"shared with other work). {_revisions(meta)} Every table: [latest.md]({rel}latest.md).", "",
+         f"shared with other work; the relay on {meta.get('database', 'postgresql')}). {_revisions(meta)} Every table: [latest.md]({rel}latest.md).", "",
          "| target | relay now | verdict | relay before (same run) |", "|---|---|---|---|"]
     L += [f"| {a} | {b} | **{c}** | {d} |" for a, b, c, d in targets(res)]
     pairs = before_now(res)
@@ -508,16 +576,17 @@ def docs_block(res: dict[str, Any], rel: str = "../bench/results/") -> str:
         L += [f"| {what} | {_v(b)} | {_v(a)} | {unit} |" for what, unit, b, a in pairs]
     v = res.get("variants", [])
     if v:
-        L += ["", "One relay process, 80 ms frames, a turn every 4 s per stream (audio-only rows: no turns); read latency at "
-              "100 streams, CPU at 300:", "",
-              "| variant | streams | CPU/frame µs | x bare | EoT rtt p50 / p99 ms | audio→Update p99 ms | server cores | machine busy cores |",
-              "|---|---|---|---|---|---|---|---|"]
+        L += ["", "One relay process, 80 ms frames, a turn every 4 s or every second per stream (audio-only rows: no turns); read "
+              "latency at 100 streams, CPU at 300. *x bare*: over the bare server (bench/bare.py, the same messages and no engine "
+              "work); *x baseline*: over bench/baseline.py (the relay's protocol code and fake engine, no Django):", "",
+              "| variant | streams | turn every | CPU/frame µs | x bare | x baseline | EoT rtt p50 / p99 ms | audio→Update p99 ms | server cores | machine busy cores |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(v, key=lambda r: (r["streams"], [x["target"] for x in v].index(r["target"]))):
             if r["streams"] not in (100, REF_STREAMS):
                 continue
             b = _find(v, target=BASE, streams=r["streams"], turn_s=r.get("turn_s"))
-            what = " (audio only)" if r.get("turn_s", 0) > 60 else ""
-            L.append(f"| {r['target']}{what} | {r['streams']} | {r['cpu_per_frame_us']} | {_v(_ratio(r['cpu_per_frame_us'], b and b['cpu_per_frame_us']))} | "
+            every = "audio only" if r.get("turn_s", 4.0) > 60 else f"{r.get('turn_s', 4.0):g} s"
+            L.append(f"| {r['target']} | {r['streams']} | {every} | {r['cpu_per_frame_us']} | {_v(_x_bare(v, r))} | {_v(_ratio(r['cpu_per_frame_us'], b and b['cpu_per_frame_us']))} | "
                      f"{_v(r['fet_rtt']['p50'])} / {_v(r['fet_rtt']['p99'])} | {_v(r['upd']['p99'])} | {r['server_cores']} | {r['machine_busy_cores']} |")
     hs = res.get("handshakes", [])
     if hs:

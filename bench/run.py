@@ -25,19 +25,20 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.report import BASE, BEFORE, DEP_BEFORE, DEP_NOW, NOW, OWNFIRST, UVICORN
+from bench.report import BARE, BASE, BEFORE, DEP_BEFORE, DEP_NGINX, DEP_NOW, NOW, OWNFIRST, UVICORN
 from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, proc_cpu, proc_rss
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 BEFORE_REV = "8ce78b5"  # the last commit before the speed work this run compares against
-SECTIONS = ("checks", "sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "profile")
+SECTIONS = ("checks", "sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx", "profile")
 
 
 def say(text: str) -> None:
@@ -276,6 +277,7 @@ class Bench:
                 "quick": self.quick,
                 "load_before": machine_load(),
                 "python": sys.version.split()[0],
+                "database": "sqlite" if getattr(args, "sqlite", False) else "postgresql",
                 "now": git_describe("HEAD"),
                 "before": git_describe(args.before) if args.before else None,
             }
@@ -312,6 +314,10 @@ class Bench:
     def baseline(self) -> Deployment:
         return Deployment(BASE, [Server("baseline")])
 
+    def bare(self) -> Deployment:
+        """The same messages with no engine work at all (bench.bare): "x bare" is the relay's own cost."""
+        return Deployment(BARE, [Server("bare")])
+
     def relay(self, label: str = NOW, kind: str = "daphne", env: dict[str, str] | None = None, root: Path = ROOT, **kw: Any) -> Deployment:
         return Deployment(label, [Server(kind, env=self.relay_env(**(env or {})), root=root, **kw)])
 
@@ -338,7 +344,7 @@ class Bench:
 
         try:
             # the database is made (and migrated) by this tree; the before tree shares its schema
-            self.db_url = self.stack.enter_context(postgres_database())
+            self.db_url = self.stack.enter_context(sqlite_database() if getattr(self.args, "sqlite", False) else postgres_database())
             for name in SECTIONS:
                 if name in self.only:
                     say(f"== {name} ({time.monotonic() - self.started:.0f} s elapsed)")
@@ -393,12 +399,14 @@ class Bench:
 
     def section_variants(self) -> None:
         """One relay process at the reference load (300 streams of 80 ms frames), a turn every 4 s
-        per stream (a turn index and a turn row written per turn): baseline, before, now and the
-        alternatives measured against now. The main rows also with audio only (the per-frame
-        path) and at 1,000 streams; every row also at 100 streams (where a process keeps up)."""
+        per stream (a turn index and a turn row written per turn): the bare server, baseline,
+        before, now and the alternatives measured against now. The main rows also with audio only
+        (the per-frame path), with a turn every second per stream (the turn write path) and at
+        1,000 streams; every row also at 100 streams (where a process keeps up)."""
         n, window = (20, 2.0) if self.quick else (self.n(300), self.w(6.0))
         main = not self.quick
-        plan = [  # (deployment, main row: also audio only and 1,000 streams)
+        plan = [  # (deployment, main row: also audio only, a turn per second and 1,000 streams)
+            (self.bare(), main),
             (self.baseline(), main),
             (self.before(), main),
             (self.relay(), main),
@@ -406,7 +414,7 @@ class Bench:
             (self.relay(UVICORN, kind="uvicorn"), False),
         ]
         if self.quick:
-            plan = plan[:4]
+            plan = plan[:5]
         rows = []
         for dep, is_main in plan:
             if dep is None:
@@ -414,7 +422,7 @@ class Bench:
             with dep:
                 self.warm(dep)
                 small = [] if self.quick else [(self.n(100), 4.0)]
-                loads = ([(n, 3600.0), *small, (n, 4.0), (self.n(1000), 4.0)] if is_main else [*small, (n, 4.0)])
+                loads = ([(n, 3600.0), *small, (n, 4.0), (n, 1.0), (self.n(1000), 4.0)] if is_main else [*small, (n, 4.0)])
                 for count, turn_s in loads:
                     row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=turn_s, clients=2 if count >= 1000 else 1)
                     row["turn_s"] = turn_s
@@ -556,6 +564,34 @@ class Bench:
              frame_ms=80, window=window * 2, stop_reading=True)
         self.result["shedding"] = rows
 
+    def section_nginx(self) -> None:
+        """The deployment in deploy/ behind nginx (TLS): two daphne processes, Redis, PostgreSQL, each
+        process capped at half the streams. 1,000 real-time streams of 80 ms frames (a turn every
+        4 s), then past capacity: 1,300 arriving at 200 a second while the first stream, the rest
+        refused with CAPACITY. Counts the upstream resets nginx logs at each step (issue 15)."""
+        from bench.stack import NginxDeployment
+
+        n, window = (20, 2.0) if self.quick else (self.n(1000), self.w(8.0))
+        extra_n = max(1, round(n * 0.3))
+        dep = NginxDeployment(DEP_NGINX, database_url=self.db_url, redis_url=self.redis_url,
+                              env={"RELAY_MAX_STREAMS_PER_PROCESS": str(n // 2)})
+        rows = []
+        with dep:
+            self.warm_stack(dep)
+            steps = [("capacity", {"sessions": n}),
+                     ("past capacity", {"sessions": n + extra_n, "ramp": True, "connect_rate": 200.0, "settle": (n + extra_n) / 200 + 2})]
+            for kind, kw in steps:
+                resets = dep.resets()
+                row = stream_step(dep, frame_ms=80, window=window, clients=2 if n >= 1000 else 1, extra=dep.client_options, **kw)
+                row.update(kind=kind, nginx_resets=dep.resets() - resets,
+                           server_log_errors=sum(s.log_errors()["count"] for s in dep.servers))
+                rows.append(row)
+                say(fmt_row(row) + f"  ({kind}) nginx upstream resets {row['nginx_resets']}, daphne log errors {row['server_log_errors']}")
+        self.result["nginx"] = rows
+
+    def warm_stack(self, dep: Any) -> None:
+        stream_step(dep, sessions=4, frame_ms=80, window=1.0, settle=0.5, extra=dep.client_options)
+
     def section_profile(self) -> None:
         """py-spy on one relay process at 300 streams of 80 ms frames, now and before."""
         from bench import profile
@@ -575,6 +611,8 @@ def argv_shown(args: argparse.Namespace) -> list[str]:
         shown.append(f"--scale {args.scale:g}")
     if args.window:
         shown.append(f"--window {args.window:g}")
+    if getattr(args, "sqlite", False):
+        shown.append("--sqlite")
     return shown
 
 
@@ -595,6 +633,22 @@ def remove_worktree(tree: Path, tmp: Path) -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def sqlite_database() -> Iterator[str]:
+    """A fresh, migrated SQLite database file (the relay's default backend); removed afterwards."""
+    from tests.support.live import migrate
+
+    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-sqlite-"))
+    url = f"sqlite:///{tmp / 'db.sqlite3'}"
+    env = {**os.environ, "DATABASE_URL": url, "DJANGO_DEBUG": "1"}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    try:
+        migrate(env)
+        yield url
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_client(cfg: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
@@ -625,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"commit to compare against, run from a temporary git worktree (default {BEFORE_REV}; '' for none)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the full run's stream counts (e.g. 0.25 to try a section)")
     parser.add_argument("--window", type=float, default=0.0, help="measurement window in seconds instead of each section's own")
+    parser.add_argument("--sqlite", action="store_true", help="run the relay on SQLite (its default) instead of PostgreSQL")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     bench = Bench(args)

@@ -92,7 +92,7 @@ class Server:
     runs from (its working directory, where daphne and uvicorn import ``bench.asgi`` and the relay
     from): this checkout, or a worktree of an older commit to compare against, in the same venv."""
 
-    kind: str
+    kind: str  # baseline, bare, daphne or uvicorn
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     backlog: int | None = 1024
@@ -104,8 +104,8 @@ class Server:
     root: Path = ROOT
 
     def command(self) -> list[str]:
-        if self.kind == "baseline":
-            return [sys.executable, "-m", "bench.baseline", "--port", str(self.port), "--backlog", str(self.backlog or 1024)]
+        if self.kind in ("baseline", "bare"):
+            return [sys.executable, "-m", f"bench.{self.kind}", "--port", str(self.port), "--backlog", str(self.backlog or 1024)]
         if self.kind == "daphne":
             bind = ["-e", f"tcp:port={self.port}:interface=127.0.0.1:backlog={self.backlog}"] if self.backlog else ["-b", "127.0.0.1", "-p", str(self.port)]
             return [str(BIN / "daphne"), *bind, "--websocket-max-message-size", MAX_WS, "--websocket-max-frame-size", MAX_WS,
@@ -143,7 +143,7 @@ class Server:
             return False
 
     def stats(self, reset: bool = False) -> dict:
-        if self.kind == "baseline":
+        if self.kind in ("baseline", "bare"):
             return {}
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/__bench__/{'reset' if reset else 'stats'}", timeout=5) as r:

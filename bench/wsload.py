@@ -29,6 +29,7 @@ import math
 import os
 import random
 import resource
+import ssl
 import sys
 import time
 from typing import Any
@@ -62,7 +63,7 @@ def tone(seconds: float, freq: float = 440.0, amplitude: int = 8000) -> bytes:
     return (np.sin(2 * np.pi * freq * t) * amplitude).astype("<i2").tobytes()
 
 
-def handshake_request(host: str, port: int, path: str, *, deflate: bool = False) -> bytes:
+def handshake_request(host: str, port: int, path: str, *, deflate: bool = False, origin: str | None = None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
@@ -75,6 +76,8 @@ def handshake_request(host: str, port: int, path: str, *, deflate: bool = False)
     ]
     if deflate:
         lines.append("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits")
+    if origin:
+        lines.append(f"Origin: {origin}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -307,13 +310,25 @@ class Conn(asyncio.Protocol):
 
 
 # -- modes --------------------------------------------------------------------------------------
+_tls: dict[str, ssl.SSLContext] = {}
+
+
+def tls_context(cafile: str | None) -> ssl.SSLContext | None:
+    """TLS to a server whose certificate ``cafile`` holds (nginx in front of the relay); None: plain TCP."""
+    if not cafile:
+        return None
+    if cafile not in _tls:
+        _tls[cafile] = ssl.create_default_context(cafile=cafile)
+    return _tls[cafile]
+
+
 async def open_conn(run: Run, host: str, port: int, path: str, *, speaker: Conn | None = None, timeout: float = 30.0,
                     deflate: bool = False, turn_log: list[int] | None = None) -> Conn:
     loop = asyncio.get_running_loop()
-    conn = Conn(run, handshake_request(host, port, path, deflate=deflate), speaker=speaker)
+    conn = Conn(run, handshake_request(host, port, path, deflate=deflate, origin=run.cfg.get("origin")), speaker=speaker)
     conn.turn_log = turn_log  # set before connecting: replayed turns may share a read with Connected
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: conn, host, port), timeout)
+        await asyncio.wait_for(loop.create_connection(lambda: conn, host, port, ssl=tls_context(run.cfg.get("tls_cafile"))), timeout)
         await asyncio.wait_for(asyncio.shield(conn.connected), timeout)
     except ConnectionRefusedError as exc:
         if str(exc) != "CAPACITY":

@@ -15,19 +15,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.live, pytest.mark.redis, pytest.mark
 
 
 def test_bench_quick_writes_the_report(tmp_path):
-    from bench.report import BASE, BEFORE, DEP_NOW, NOW, OWNFIRST
+    from bench.report import BARE, BASE, BEFORE, DEP_NOW, NOW, OWNFIRST
 
     subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=900)
     result = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding"):
+    for section in ("sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx"):
         assert result[section], section
     assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
     sweep = {row["target"] for row in result["sweep"]}
     assert {BASE, NOW, DEP_NOW} <= sweep and any(t.startswith("deployed before") for t in sweep)
-    assert {BASE, BEFORE, NOW, OWNFIRST} <= {row["target"] for row in result["variants"]}
+    assert {BARE, BASE, BEFORE, NOW, OWNFIRST} <= {row["target"] for row in result["variants"]}
     assert {BASE, BEFORE, NOW} <= {row["target"] for row in result["memory"]}
     assert {BASE, BEFORE, NOW} <= {row["target"] for row in result["handshakes"]}
-    for row in result["sweep"] + result["variants"] + result["fanout"] + result["tabs"]:
+    capacity, past = result["nginx"]  # behind nginx: all in, then more than the processes admit
+    assert past["refused"] > 0 and past["streams"] + past["refused"] == past["asked"]
+    assert capacity["nginx_resets"] == past["nginx_resets"] == 0  # refusals end with close frames and FIN
+    for row in result["sweep"] + result["variants"] + result["fanout"] + result["tabs"] + result["nginx"]:
         assert row["streams"] > 0 and row["fps"] > 0, row["target"]
         assert row["dropped_updates"] == 0, row["target"]  # a speaker gets every Update of a finished turn (a count, not a time)
         assert row["listener_missing_eot"] == 0, row["target"]  # every listening tab got every EndOfTurn
@@ -61,3 +64,24 @@ def test_soak_short_writes_memory_and_stability(tmp_path):
     assert result["client"]["counters"]["connections"] > 4  # connections churned and sessions resumed
     assert result["client"]["turn_duplicates"] == 0
     assert (tmp_path / "soak.png").stat().st_size > 1000 and "stability metrics" in (tmp_path / "soak.md").read_text()
+
+
+def test_bench_engines_quick_writes_the_report(tmp_path):
+    """`make bench-engines` end to end on a short session: real daphne with the whisper engine,
+    WebSocket speakers, every phase reported (counts and structure, not speed)."""
+    subprocess.run([sys.executable, "-m", "bench.engines", "--quick", "--streams", "1,2", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=900)
+    result = json.loads((tmp_path / "engines.json").read_text())
+    assert [row["streams"] for row in result["streams"]] == [1, 2]
+    for row in result["streams"]:
+        assert row["served"] + row["refused"] == row["streams"] and row["served"] > 0
+        assert row["turns_ended"] > 0 and row["eot_p50"] is not None and row["wer"] is not None
+        assert row["paused_turns"] == 3 * row["served"]  # two sentences and one conversation turn with a pause inside
+        assert row["peak_rss_mb"] > 0 and row["relay_cores"] > 0
+    short = result["short_turns"]
+    assert short["count"] == 2 and all(c["offline"] for c in short["clips"])
+    det = result["determinism"]
+    assert det["loops"] == 2 and len(det["transcripts"]) == 2 and det["full_speed"]
+    assert not result["relay_log_errors"].get("count"), result["relay_log_errors"]
+    report = (tmp_path / "engines.md").read_text()
+    assert "| streams | served / refused |" in report and "Determinism:" in report and "Short turns" in report
+    assert (tmp_path / "engines.png").stat().st_size > 1000

@@ -216,7 +216,8 @@ class Daphne:
 class Nginx:
     """deploy/nginx/relay.conf in front of the given daphne processes, TLS with a throwaway cert."""
 
-    def __init__(self, upstreams: list[str], *, workdir: Path) -> None:
+    def __init__(self, upstreams: list[str], *, workdir: Path, worker_connections: int = 1024) -> None:
+        """``worker_connections``: two per stream (docs/deploy.md sizes it for the host's streams)."""
         self.binary = need("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else "nginx", "apt-get install nginx")
         self.prefix = workdir / "nginx"
         self.prefix.mkdir()
@@ -235,7 +236,8 @@ class Nginx:
         # The main file stands in for Debian's /etc/nginx/nginx.conf; the site is deploy's.
         (self.prefix / "nginx.conf").write_text(
             f"{user}daemon off;\nworker_processes 1;\npid {self.prefix}/nginx.pid;\n"
-            f"error_log {self.prefix}/error.log info;\nevents {{ worker_connections 1024; }}\n"
+            f"worker_rlimit_nofile {max(1024, 4 * worker_connections)};\n"
+            f"error_log {self.prefix}/error.log info;\nevents {{ worker_connections {worker_connections}; }}\n"
             "http {\n"
             f"    client_body_temp_path {temp['client_body']};\n    proxy_temp_path {temp['proxy']};\n"
             f"    fastcgi_temp_path {temp['fastcgi']};\n    uwsgi_temp_path {temp['uwsgi']};\n"

@@ -1,0 +1,124 @@
+"""The relay as deploy/ runs it, for the benchmark: nginx (TLS) in front of daphne processes
+started from deploy/systemd/relay@.service with deploy/relay.env.example, the shared Redis and
+the run's PostgreSQL database (tests.support.deploy_stack renders and starts them).
+
+The load client speaks TLS to nginx, so its CPU (reported) includes the TLS work a browser
+would do; server CPU is the daphne processes' (nginx's and Redis's apart). nginx's error log is
+kept, so a run can count what nginx saw go wrong with the upstream connections (resets).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.servers import pids_named, proc_cpu, proc_rss
+from tests.support import deploy_stack
+
+RESET = re.compile(r"recv\(\) failed \(104: Connection reset by peer\)")
+
+
+class StackDaphne:
+    """A deploy_stack.Daphne seen as a bench Server (CPU, memory, log errors)."""
+
+    kind = "daphne"
+
+    def __init__(self, daphne: deploy_stack.Daphne) -> None:
+        self.daphne = daphne
+        self.port = daphne.port
+        self.errors: dict = {}
+
+    @property
+    def pid(self) -> int:
+        return self.daphne.pid
+
+    def start(self) -> "StackDaphne":
+        self.daphne.start()
+        return self
+
+    def stop(self) -> None:
+        self.errors = self.log_errors()
+        self.daphne.close()
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def rss(self) -> int:
+        return proc_rss(self.pid)
+
+    def stats(self, reset: bool = False) -> dict:
+        return {}  # transcription_site.asgi as deployed: no /__bench__ endpoint
+
+    def output(self) -> str:
+        return self.daphne.output()
+
+    def log_errors(self) -> dict:
+        lines = [l for l in self.output().splitlines() if "level=error" in l or l.startswith("Traceback")]
+        return {"count": len(lines), "samples": lines[:5]}
+
+
+class NginxDeployment:
+    """nginx + ``processes`` daphne processes + Redis + PostgreSQL; quacks like bench.run.Deployment."""
+
+    def __init__(self, label: str, *, database_url: str, redis_url: str, processes: int = 2, worker_connections: int = 8192,
+                 env: dict[str, str] | None = None) -> None:
+        self.label = label
+        self.workdir = Path(tempfile.mkdtemp(prefix="relay-bench-stack-"))
+        overrides = {"RELAY_CONNECTS_PER_MINUTE": "100000000", "RELAY_LOG_LEVEL": "INFO", **(env or {})}
+        self.env = deploy_stack.relay_env(database_url=database_url, redis_url=redis_url, **overrides)
+        self.servers = [StackDaphne(deploy_stack.Daphne(self.env, name=f"daphne{i}", workdir=self.workdir)) for i in range(processes)]
+        self.worker_connections = worker_connections
+        self.nginx: deploy_stack.Nginx | None = None
+        self.redis_pids = pids_named("redis-server")
+        self.nginx_log = ""
+
+    @property
+    def targets(self) -> list[list[Any]]:
+        assert self.nginx is not None
+        return [["127.0.0.1", self.nginx.https_port]]
+
+    @property
+    def client_options(self) -> dict[str, Any]:
+        """What the load client needs to pass nginx: TLS with its certificate, the allowed Origin."""
+        assert self.nginx is not None
+        return {"tls_cafile": str(self.nginx.cert), "origin": "https://127.0.0.1"}
+
+    def start(self) -> "NginxDeployment":
+        for s in self.servers:
+            s.start()
+        self.nginx = deploy_stack.Nginx([s.daphne.upstream for s in self.servers], workdir=self.workdir,
+                                        worker_connections=self.worker_connections).start()
+        return self
+
+    def error_log(self) -> str:
+        if self.nginx is None:
+            return self.nginx_log
+        path = self.nginx.prefix / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def resets(self) -> int:
+        """Upstream resets nginx logged (``recv() failed (104: Connection reset by peer)``) so far."""
+        return len(RESET.findall(self.error_log()))
+
+    def stop(self) -> None:
+        self.nginx_log = self.error_log()
+        if self.nginx is not None:
+            self.nginx.close()
+            self.nginx = None
+        for s in self.servers:
+            s.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cpu(self) -> tuple[float, float]:
+        return sum(s.cpu() for s in self.servers), sum(proc_cpu(p) for p in self.redis_pids)
+
+    def rss(self) -> int:
+        return sum(s.rss() for s in self.servers)
+
+    def __enter__(self) -> "NginxDeployment":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
