@@ -72,8 +72,9 @@ SOAK_ARGS ?= --minutes 10 --streams 50
 soak: install-dev
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
-# The embedded engines (docs/engines.md): WER, CPU, latency, RSS, concurrent real-time streams;
-# writes bench/results/engines.json and engines.png. BENCH_ENGINES_ARGS=--quick for fewer steps.
+# The embedded engine through a real relay (docs/engines.md): 1, 4, 8 and 12 real-time WebSocket
+# speakers; latency, WER, early closes, refusals, CPU, RSS, determinism; writes
+# bench/results/engines.json, .md and .png (about 12 minutes). BENCH_ENGINES_ARGS=--quick for a smoke run.
 bench-engines: install-dev
 	$(PY) -m bench.engines $(BENCH_ENGINES_ARGS)
 

@@ -9,6 +9,6 @@ class RelayConfig(AppConfig):
     def ready(self) -> None:
         # The admin lives in relay.ops; admin.autodiscover() only looks for relay.admin.
         from relay.live import layer_health
-        from relay.ops import admin, admin_tokens  # noqa: F401
+        from relay.ops import admin, admin_rooms, admin_tokens  # noqa: F401
 
         layer_health.install()

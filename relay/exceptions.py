@@ -80,6 +80,14 @@ class Forbidden(RelayError):
     description = "This session belongs to another user."
 
 
+class ShareLinkInvalid(RelayError):
+    """A share link that was tampered with, revoked, expired, or is for another session."""
+
+    code = "SHARE_LINK_INVALID"
+    close_code = 4003
+    description = "This share link is not valid: it expired, was revoked, or is not for this session."
+
+
 class Unauthorized(RelayError):
     """The relay requires a valid API token or login."""
 
@@ -178,6 +186,7 @@ ALL_ERRORS: list[type[RelayError]] = [
     FrameTooLarge,
     BacklogExceeded,
     Forbidden,
+    ShareLinkInvalid,
     Unauthorized,
     SessionFull,
     SessionEnded,

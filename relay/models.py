@@ -74,6 +74,7 @@ class RelayProcess(models.Model):
 
 class Session(models.Model):
     id = models.CharField(primary_key=True, max_length=128)
+    title = models.CharField(max_length=200, blank=True, help_text="A name its owner gave it; the id is shown when empty.")
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="relay_sessions")
     engine = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -113,6 +114,11 @@ class Connection(models.Model):
     last_error_code = models.CharField(max_length=64, blank=True)
     client_addr = models.CharField(max_length=64, blank=True)
     user_agent = models.CharField(max_length=256, blank=True)
+    # Who spoke: the signed-in user (null for anonymous), the role the connection was served with,
+    # and the label its turns show (the user's display name, or "Guest N" kept across reconnects).
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="relay_connections")
+    role = models.CharField(max_length=16, blank=True, help_text="owner, speaker or viewer, as the connection was served.")
+    speaker_name = models.CharField(max_length=150, blank=True)
     # Reconnection time: when this connection last received a frame, the connection it resumed
     # (the client said so with previous_connection=, or the same client resumed with since=), and
     # on the resumed one how long after its last frame the resuming connection was opened.
@@ -205,3 +211,56 @@ class Refusal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.minute:%Y-%m-%d %H:%M} {self.code} x{self.count}"
+
+
+ROLE_OWNER = "owner"
+ROLE_SPEAKER = "speaker"
+ROLE_VIEWER = "viewer"
+MEMBER_ROLES = ((ROLE_SPEAKER, "speaker (may send audio)"), (ROLE_VIEWER, "viewer (reads live and history)"))
+
+
+class ShareLink(models.Model):
+    """A link that lets whoever holds it into a session with a role, until it expires or is revoked.
+
+    The link itself is this row's id signed with ``django.core.signing`` (see
+    :mod:`relay.store.access`); the row is what makes it revocable and what carries its expiry.
+    """
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="share_links")
+    role = models.CharField(max_length=16, choices=MEMBER_ROLES, default=ROLE_VIEWER)
+    label = models.CharField(max_length=100, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} {self.role} link #{self.pk}"
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+class Membership(models.Model):
+    """A user's role in a session they do not own: invited by username, or joined by a share link.
+
+    A membership that came from a share link (``link``) lasts only as long as that link: it goes
+    with the link's row, and stops counting when the link expires or is revoked.
+    """
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="relay_memberships")
+    role = models.CharField(max_length=16, choices=MEMBER_ROLES, default=ROLE_VIEWER)
+    link = models.ForeignKey(ShareLink, null=True, blank=True, on_delete=models.CASCADE, related_name="memberships")
+    invited_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [models.UniqueConstraint(fields=["session", "user"], name="unique_member_per_session")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.role} in {self.session_id}"

@@ -16,6 +16,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from relay import server  # noqa: E402
 from relay.live import heartbeat  # noqa: E402
+from relay.api import worker  # noqa: E402
 from relay.live.middleware import OriginCheckMiddleware, WebsocketAuthMiddleware  # noqa: E402
 from relay.live.routing import websocket_urlpatterns  # noqa: E402
 
@@ -24,6 +25,7 @@ from django.conf import settings  # noqa: E402
 # Framework patches (relay/server/): refuses to start if an upgrade moved what they patch.
 server.install(settings)
 heartbeat.start_with_server()  # an idle process is listed from its start, not its first stream
+worker.start_with_server()  # RELAY_WORKER=inline: usage and webhooks from a thread of this process
 
 application = ProtocolTypeRouter(
     {

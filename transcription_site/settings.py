@@ -62,7 +62,11 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets served locally (no CDN)
     "relay",
+    "relay.api",
 ]
 
 MIDDLEWARE = [
@@ -88,6 +92,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "relay.web.context.accounts",  # sign-up link on or off (RELAY_SIGNUP_ENABLED)
             ],
         },
     },
@@ -185,9 +190,12 @@ RELAY_ENGINES: dict[str, dict] = {
             "compute_type": os.environ.get("RELAY_WHISPER_COMPUTE_TYPE", "int8"),
             "workers": env_int("RELAY_WHISPER_WORKERS", 0),  # 0 = one decode thread per CPU core
             "cpu_threads": env_int("RELAY_WHISPER_CPU_THREADS", 1),
-            "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = two per worker
+            "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = four per worker
             "beam_size": env_int("RELAY_WHISPER_BEAM_SIZE", 5),
-            "eot_silence_ms": env_int("RELAY_WHISPER_EOT_SILENCE_MS", 500),
+            # End of turn from what was said (docs/engines.md): silence after words that read
+            # finished / unfinished, at eot_threshold 0.7.
+            "eot_complete_ms": env_int("RELAY_WHISPER_EOT_COMPLETE_MS", 300),
+            "eot_incomplete_ms": env_int("RELAY_WHISPER_EOT_INCOMPLETE_MS", 1000),
             "update_interval_ms": env_int("RELAY_WHISPER_UPDATE_INTERVAL_MS", 600),
             "speculate_ms": env_int("RELAY_WHISPER_SPECULATE_MS", 64),
         },
@@ -245,8 +253,52 @@ RELAY_LISTENER_UPDATE_SECONDS = env_float("RELAY_LISTENER_UPDATE_SECONDS", 0.5)
 RELAY_CONNECTS_PER_MINUTE = env_int("RELAY_CONNECTS_PER_MINUTE", 600)  # per client address, per process
 RELAY_CONFIGURES_PER_MINUTE = env_int("RELAY_CONFIGURES_PER_MINUTE", 60)  # per connection
 RELAY_DB_RETRY_SECONDS = env_float("RELAY_DB_RETRY_SECONDS", 30.0)  # keep retrying a turn write this long
+RELAY_TURN_WRITES = os.environ.get("RELAY_TURN_WRITES", "loop")  # PostgreSQL: loop, thread or orm (relay/store/loop_db.py)
+if RELAY_TURN_WRITES not in ("thread", "loop", "orm"):
+    raise ImproperlyConfigured(f"RELAY_TURN_WRITES must be loop, thread or orm, not {RELAY_TURN_WRITES!r}.")
 RELAY_REQUIRE_AUTH = env_bool("RELAY_REQUIRE_AUTH", False)
 RELAY_ALLOWED_ORIGINS = env_list("RELAY_ALLOWED_ORIGINS", [])
+
+# --- Accounts and rooms (docs/accounts.md) -----------------------------------------------------
+RELAY_SIGNUP_ENABLED = env_bool("RELAY_SIGNUP_ENABLED", True)  # anyone may create an account at /account/signup/
+RELAY_ANONYMOUS_READ_ONLY = env_bool("RELAY_ANONYMOUS_READ_ONLY", False)  # an anonymous session's link lets others view, not speak
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")  # password-reset mail
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "relay@localhost")
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "my-sessions"
+LOGOUT_REDIRECT_URL = "login"
+
+# --- REST API, webhooks, usage (docs/api.md) ---------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "relay.api.authentication.RelayTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",  # the login cookie, with CSRF
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "relay.api.errors.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Relay API",
+    "DESCRIPTION": "Sessions, transcripts, API tokens, webhooks and usage of a Relay deployment (docs/api.md).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+}
+RELAY_PUBLIC_URL = os.environ.get("RELAY_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")  # links in webhook bodies
+RELAY_WORKER = os.environ.get("RELAY_WORKER", "inline")  # inline: daphne runs the worker in a thread; external: `manage.py relay_worker`
+RELAY_WORKER_POLL_SECONDS = env_float("RELAY_WORKER_POLL_SECONDS", 1.0)
+RELAY_WEBHOOK_SESSION_ENDED_DELAY_SECONDS = env_float("RELAY_WEBHOOK_SESSION_ENDED_DELAY_SECONDS", 5.0)  # reconnect debounce
+RELAY_WEBHOOK_TIMEOUT_SECONDS = env_float("RELAY_WEBHOOK_TIMEOUT_SECONDS", 10.0)
+RELAY_WEBHOOK_MAX_ATTEMPTS = env_int("RELAY_WEBHOOK_MAX_ATTEMPTS", 8)
+RELAY_WEBHOOK_BACKOFF_SECONDS = env_float("RELAY_WEBHOOK_BACKOFF_SECONDS", 10.0)  # first retry; doubles each time
+RELAY_WEBHOOK_BACKOFF_MAX_SECONDS = env_float("RELAY_WEBHOOK_BACKOFF_MAX_SECONDS", 3600.0)
+RELAY_WEBHOOK_DISABLE_AFTER = env_int("RELAY_WEBHOOK_DISABLE_AFTER", 20)  # consecutive failed attempts disable an endpoint
+RELAY_WEBHOOK_MAX_TURNS = env_int("RELAY_WEBHOOK_MAX_TURNS", 500)  # session.ended carries up to this many turns inline
+RELAY_API_PAGE_SIZE = env_int("RELAY_API_PAGE_SIZE", 50)
 
 # --- Operations: retention, metrics, health, exports, logs (docs/operations.md) -----------------
 RELAY_RETENTION_DAYS = env_int("RELAY_RETENTION_DAYS", 90)  # purge_sessions default age; 0 keeps forever

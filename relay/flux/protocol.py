@@ -29,7 +29,7 @@ from relay.flux.constants import (
     SESSION_ID_RE,
     THRESHOLDS,
 )
-from relay.engines.base import StreamOptions, TurnEvent
+from relay.engines.base import StreamOptions, TurnEvent, Word
 from relay.exceptions import (
     ConfigureRejected,
     InvalidParameter,
@@ -60,7 +60,12 @@ KNOWN_PARAMS = (
     "token",
     "relay_events",
     "previous_connection",
+    "share",
+    "role",
 )
+#: ``role=``: what a connection announces it will do (docs/accounts.md).
+CONNECT_ROLES = ("speaker", "viewer")
+MAX_SHARE_LENGTH = 512
 
 
 @dataclass(slots=True)
@@ -79,6 +84,8 @@ class ConnectParams:
     notices: list[Notice] = field(default_factory=list)
     relay_events: frozenset[str] = frozenset()
     previous_connection: str | None = None
+    share: str | None = None
+    role: str | None = None
 
 
 def validate_session_id(value: str) -> str:
@@ -194,7 +201,14 @@ def parse_connect_params(query_string: bytes | str) -> ConnectParams:
             previous = str(uuid.UUID(previous))
         except ValueError:
             raise InvalidParameter("previous_connection must be the connection_id a previous Connected gave.") from None
-    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices, relay_events=relay_events, previous_connection=previous)
+    share = single("share")
+    if share is not None and not 0 < len(share) <= MAX_SHARE_LENGTH:
+        raise InvalidParameter(f"share must be a share link's value (1-{MAX_SHARE_LENGTH} characters).")
+    role = single("role")
+    if role is not None and role not in CONNECT_ROLES:
+        raise InvalidParameter(f"role must be one of {', '.join(CONNECT_ROLES)}; got {role[:32]!r}.")
+    return ConnectParams(session_id=session_id, since=since, options=options, notices=notices, relay_events=relay_events,
+                         previous_connection=previous, share=share or None, role=role)
 
 
 def parse_relay_events(raw: list[str], notices: list[Notice]) -> frozenset[str]:
@@ -324,15 +338,47 @@ def stamp(body_json: str, *, sequence_id: int, request_id: str) -> str:
     return f'{{"sequence_id":{sequence_id},"request_id":"{request_id}",{body_json[1:]}'
 
 
-def connected_body(*, session_id: str, resumed: bool, connection_id: str, engine: str) -> str:
-    return dumps(
-        {"type": "Connected", "session_id": session_id, "resumed": resumed, "connection_id": connection_id, "engine": engine}
-    )
+def connected_body(*, session_id: str, resumed: bool, connection_id: str, engine: str, role: str = "", speaker_name: str = "") -> str:
+    """``role`` and ``speaker_name`` (relay extensions): how this connection is served and labelled."""
+    body = {"type": "Connected", "session_id": session_id, "resumed": resumed, "connection_id": connection_id, "engine": engine}
+    if role:
+        body["role"] = role
+    if speaker_name:
+        body["speaker_name"] = speaker_name
+    return dumps(body)
+
+
+class WordsJson:
+    """A turn's ``words`` as JSON, each word encoded once.
+
+    An engine's Updates repeat the turn so far, so a stream encoding every Update's whole list
+    would encode its words quadratically often. One of these per stream keeps the words it
+    encoded and their JSON; a list that starts with them (compared by value, the same objects
+    being the cheap case) only encodes what is new. A Word is a value: engines never change one
+    after emitting it.
+    """
+
+    __slots__ = ("words", "parts")
+
+    def __init__(self) -> None:
+        self.words: list[Word] = []
+        self.parts: list[str] = []
+
+    def encode(self, words: list[Word]) -> str:
+        known = len(self.words)
+        if words[:known] != self.words:  # a new turn, or a revised word: start over
+            self.words, self.parts, known = [], [], 0
+        for word in words[known:]:
+            self.words.append(word)
+            self.parts.append(dumps(word.as_dict()))
+        return "[" + ",".join(self.parts) + "]"
 
 
 def turn_info_body(
-    event: TurnEvent, *, turn_index: int, speaker: str, replayed: bool = False, created_at: datetime | None = None
+    event: TurnEvent, *, turn_index: int, speaker: str, replayed: bool = False, created_at: datetime | None = None, speaker_name: str = "",
+    words: WordsJson | None = None,
 ) -> str:
+    """``words``: the stream's :class:`WordsJson`, so a growing turn's words are encoded once."""
     body: dict[str, Any] = {
         "type": "TurnInfo",
         "event": event.event,
@@ -340,7 +386,7 @@ def turn_info_body(
         "audio_window_start": event.audio_window_start,
         "audio_window_end": event.audio_window_end,
         "transcript": event.transcript,
-        "words": [w.as_dict() for w in event.words],
+        "words": [] if words is not None else [w.as_dict() for w in event.words],
         "end_of_turn_confidence": round(event.end_of_turn_confidence, 4),
     }
     if event.event == "EndOfTurn":
@@ -348,10 +394,15 @@ def turn_info_body(
     if event.languages:
         body["languages"] = event.languages
     body["speaker"] = speaker
+    if speaker_name:
+        body["speaker_name"] = speaker_name
     if replayed:
         body["replayed"] = True
     if created_at is not None:
         body["created_at"] = created_at.isoformat().replace("+00:00", "Z")
+    if words is not None and event.words:
+        # The first '"words":[]' is the key's: a string value before it has its quotes escaped.
+        return dumps(body).replace('"words":[]', '"words":' + words.encode(event.words), 1)
     return dumps(body)
 
 
@@ -361,7 +412,8 @@ def turn_info_from_record(record: dict[str, Any]) -> str:
     Built by :func:`turn_info_body` from the turn's event, so replay and live bodies agree.
     """
     return turn_info_body(
-        record["event"], turn_index=record["index"], speaker=record["speaker"], replayed=True, created_at=record.get("created_at")
+        record["event"], turn_index=record["index"], speaker=record["speaker"], replayed=True, created_at=record.get("created_at"),
+        speaker_name=record.get("speaker_name") or "",
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -29,7 +30,8 @@ from relay.live.engine_link import EngineLink
 from relay.ops import metrics
 from relay.ops.logs import get_logger
 from relay.server.consumer_loop import SingleTaskLoop
-from relay.store import selectors, services
+from relay.api import usage
+from relay.store import access, selectors, services
 from relay.store.retry import with_db_retry
 
 log = get_logger("relay.consumer")
@@ -44,6 +46,7 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
     engine: EngineLink | None = None
     finished = True  # until websocket_connect runs
     admitted = False
+    accepted = False  # the handshake: refusals before it may be HTTP responses (auth.handshake_refusal)
     group = ""
     audio_meter: metrics.AudioMeter | None = None
     timer: asyncio.TimerHandle | None = None
@@ -60,8 +63,6 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         self.started = time.monotonic()
         self.finished = False
         self.session = core.StreamSession.from_settings(settings, channel_name=getattr(self, "channel_name", ""))
-        protocols = self.scope.get("subprotocols") or []
-        await self.accept(subprotocol="token" if protocols[:1] == ["token"] else None)
         try:
             await self._open()
         except RelayError as exc:
@@ -75,10 +76,15 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         admission.check_rate(client)
         params = protocol.parse_connect_params(self.scope.get("query_string", b""))
         self.session.use_options(params.options, params.relay_events)
-        credentials = await auth.authenticate(self.scope)
+        credentials = await auth.authenticate(self.scope, share=params.share is not None)
+        await self._accept()  # not before: a refusal until here may be an HTTP status instead (auth.handshake_refusal)
         if credentials.ignored_key:  # never the key itself in the log
             self.log.info("unknown_credentials_ignored", client=client)
             params.notices.append(protocol.Notice(auth.UNKNOWN_CREDENTIALS_IGNORED, "The relay does not know the API key this client sent and serves it without one (RELAY_REQUIRE_AUTH is off)."))
+        # The role first (relay.store.access): a stranger is refused before using anything, and a
+        # viewer gets no engine stream.
+        admitted = await access.aconnect_access(user=credentials.user, session_id=params.session_id, share=params.share, wants=params.role,
+                                                previous=params.previous_connection, client_addr=client)
         admission.admit()
         self.admitted = True
         engine = get_engine()
@@ -86,19 +92,23 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
             raise UnsupportedEncoding(f"The {engine.name} engine does not accept {params.options.encoding}.")
         # The engine stream starts first: a full engine pool or a refused upstream key refuses the
         # attempt before it becomes a connection (Error, and no Connected).
-        self.stream = engine.open_stream(params.options)
-        self.engine = EngineLink(self.stream, deliver=self._deliver, failed=self._engine_failed, log=self.log)
-        warnings = await self.stream.start()
+        warnings: list[EngineWarning] = []
+        if admitted.may_speak:
+            self.stream = engine.open_stream(params.options)
+            self.engine = EngineLink(self.stream, deliver=self._deliver, failed=self._engine_failed, log=self.log)
+            warnings = await self.stream.start()
         headers = dict(self.scope.get("headers", []))
         opened = await services.aconnection_open(
             session_id=params.session_id, user=credentials.user, engine=engine.alias, since=params.since,
             client_addr=client, user_agent=headers.get(b"user-agent", b"").decode("latin-1"), previous=params.previous_connection,
+            admitted=admitted,
         )
         self.log = log.bind(session=opened.session_id, connection=opened.connection_id)
         self.group = services.session_group_name(opened.session_id)
         heartbeat.ensure_running()
         s = self.session
-        await self._run(s.opened(session_id=opened.session_id, connection_id=opened.connection_id, others=opened.others, resumed=opened.resumed, engine=engine.alias, since=params.since))
+        await self._run(s.opened(session_id=opened.session_id, connection_id=opened.connection_id, others=opened.others, resumed=opened.resumed, engine=engine.alias, since=params.since,
+                                 role=opened.role, speaker_name=opened.speaker_name))
         metrics.connection_opened(resumed=opened.resumed)
         self.audio_meter = metrics.AudioMeter(s.bytes_per_second)
         self.log.info("client_connected", resumed=opened.resumed, since=params.since, engine=engine.alias, client=client)
@@ -106,9 +116,11 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         if opened.resumed:
             await self._replay(params.since)
         await self._run(s.ready([*params.notices, *warnings]))
-        self.engine.log = self.log
-        self.engine.start_pump()
+        if self.engine is not None:
+            self.engine.log = self.log
+            self.engine.start_pump()
         registry.register(self)
+        usage.connection_opened(connection_id=opened.connection_id, credentials=credentials)  # API-token connections only; not awaited
 
     async def _replay(self, since: int | None) -> None:
         s = self.session
@@ -179,11 +191,17 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
 
     async def _read_turns(self, action: core.ReadTurns) -> None:
         s = self.session
-        try:
-            records = await selectors.aturns_between(session_id=s.session_id, after_index=action.after, before_index=action.before, limit=settings.RELAY_REPLAY_PAGE_SIZE)
+        records: list[dict[str, Any]] = []
+        try:  # page by page: a gap can be longer than one page (a long layer outage)
+            after, size = action.after, settings.RELAY_REPLAY_PAGE_SIZE
+            while page := await selectors.aturns_between(session_id=s.session_id, after_index=after, before_index=action.before, limit=size):
+                records += page
+                if len(page) < size:
+                    break
+                after = page[-1]["index"]
         except (DatabaseError, InterfaceError) as exc:  # the live final still goes out; a resync retries
             self.log.warning("gap_repair_failed", error=type(exc).__name__)
-            records = []
+            records = []  # none sent rather than part: the ledger then still sees the whole gap
         if records:
             self.log.info("gap_repaired", after=action.after, before=action.before, turns=len(records))
         await self._run(s.turns_read(action, records))
@@ -267,10 +285,29 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
         metrics.error_sent(code=error.code)
         if not s.connection_id:  # refused before it became a connection: an attempt, counted apart
             heartbeat.note_refusal(error.code)
+        if not self.accepted and (refusal := auth.handshake_refusal(self.scope, error)):
+            return await self._deny(error, *refusal)
         self.log.warning("stream_error", code=error.code, description=error.description)
+        await self._accept()
         await self._finish(error)
         if not s.client_gone:
             await self.close(code=error.close_code, reason=error.code)
+
+    async def _accept(self) -> None:
+        if not self.accepted:
+            self.accepted = True
+            protocols = self.scope.get("subprotocols") or []
+            await self.accept(subprotocol="token" if protocols[:1] == ["token"] else None)
+
+    async def _deny(self, error: RelayError, status: int, err_code: str) -> None:
+        """Refuse the handshake with an HTTP status and a Deepgram-shaped JSON body, as Deepgram does:
+        what an SDK's status handling (deepgram-sdk's ApiError(401)) expects. Nothing was opened, so
+        nothing is flushed or recorded beyond the refusal counted in end_stream."""
+        self.finished = True
+        request_id = str(uuid.uuid4())
+        self.log.warning("stream_refused", code=error.code, status=status, request_id=request_id, description=error.description)
+        await self.base_send({"type": "websocket.http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await self.base_send({"type": "websocket.http.response.body", "body": auth.refusal_body(error, err_code=err_code, request_id=request_id)})
 
     async def _finish(self, error: RelayError | None = None) -> None:
         """Flush the engine (finishing the open turn), send the error, record the close."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.engines.base import EngineWarning, StreamOptions, TurnEvent
-from relay.exceptions import BacklogExceeded, ConfigureRejected, FrameTooLarge, RateLimited, RelayError
+from relay.exceptions import BacklogExceeded, ConfigureRejected, Forbidden, FrameTooLarge, RateLimited, RelayError
 from relay.flux import protocol
 from relay.flux.audio import SampleAligner
 from relay.live.actions import (
@@ -97,9 +97,14 @@ class StreamSession:
 
         self.session_id = ""
         self.connection_id = ""
+        self.speaker_name = ""  # the label this connection's turns carry (relay.store.access.display_name, or "Guest N")
+        self.role = "speaker"  # owner, speaker or viewer (relay.store.access); set by opened()
+        self.may_speak = True  # the one check per audio frame: False for a viewer
+        self._refused: set[str] = set()  # what a viewer was already told it may not do ("audio", "control")
         self.sequence_id = 0
         self.peers: set[str] = set()  # other live connections of the session
         self.ledger = TurnLedger()  # finished turns this tab was sent
+        self._words_json = protocol.WordsJson()  # the open turn's words, each encoded once
         self.sharing = False  # in the session's channel-layer group
         self.layer_outage = False  # the process's channel layer is down (told to the client once)
         self.streaming = False  # audio and control frames are taken (after Connected, until the end)
@@ -149,16 +154,24 @@ class StreamSession:
         # 32.8 s at 16 kHz Int16, past the default 30 s): it could never be accepted.
         self._audio_frame_limit = min(self.max_frame_bytes, int(self.max_backlog_seconds * self.bytes_per_second) or self.max_frame_bytes)
 
-    def opened(self, *, session_id: str, connection_id: str, others: list[str], resumed: bool, engine: str, since: int | None = None) -> list[Action]:
+    def opened(
+        self, *, session_id: str, connection_id: str, others: list[str], resumed: bool, engine: str, since: int | None = None,
+        role: str = "speaker", speaker_name: str = "",
+    ) -> list[Action]:
         """The connection row is committed: say ``Connected`` (always the first message).
 
-        ``since``: the client already has every finished turn up to it.
+        ``since``: the client already has every finished turn up to it. ``role``: as
+        :func:`relay.store.access.connection_role` decided; a ``viewer`` never feeds the engine.
         """
         self.session_id = session_id
         self.connection_id = connection_id
+        self.role = role
+        self.may_speak = role != "viewer"
+        self.speaker_name = speaker_name
         self.peers = set(others)
         self.ledger = TurnLedger(since if since is not None else -1)
-        return self._send([], protocol.connected_body(session_id=session_id, resumed=resumed, connection_id=connection_id, engine=engine))
+        return self._send([], protocol.connected_body(session_id=session_id, resumed=resumed, connection_id=connection_id, engine=engine,
+                                                      role=role, speaker_name=speaker_name))
 
     def joined(self, *, sharing: bool) -> list[Action]:
         """The group join was attempted (``sharing``: it worked); announce this tab."""
@@ -209,6 +222,8 @@ class StreamSession:
         size = len(data)
         if not size or self.closing or not self.streaming:
             return NOTHING
+        if not self.may_speak:
+            return self._refuse("audio", "A viewer cannot send audio; this frame and later ones are ignored.")
         limit = self._audio_frame_limit
         if size > limit:
             audio = f" ({limit / self.bytes_per_second:.1f} s of this stream's audio)" if self.bytes_per_second else ""
@@ -238,6 +253,8 @@ class StreamSession:
             return self._send([], protocol.warning_body(exc.code, exc.description))
         if message.type == "KeepAlive":
             return NOTHING
+        if not self.may_speak and message.type in ("ForceEndTurn", "Configure"):
+            return self._refuse("control", f"A viewer cannot send {message.type}; it was ignored, as later ones will be.")
         if message.type == "ForceEndTurn":
             return [ForceEndTurn()]
         if message.type == "Configure":
@@ -291,7 +308,8 @@ class StreamSession:
     def _turn_event(self, event: TurnEvent) -> list[Action]:
         index = self._turn_index
         assert index is not None
-        body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id)
+        body = protocol.turn_info_body(event, turn_index=index, speaker=self.connection_id, speaker_name=self.speaker_name,
+                                       words=self._words_json)
         out: list[Action] = []
         fan_out = bool(self.peers)
         if event.event == "Update":
@@ -447,6 +465,18 @@ class StreamSession:
         }
 
     # -- helpers -------------------------------------------------------------------------------
+    def _refuse(self, what: str, description: str) -> list[Action] | tuple[Action, ...]:
+        """A viewer tried to change the transcript: ``Error`` ``FORBIDDEN`` the first time, then silence.
+
+        Not fatal: the viewer keeps receiving the session's turns.
+        """
+        if what in self._refused:
+            return NOTHING
+        self._refused.add(what)
+        self.errors += 1
+        self.last_error_code = Forbidden.code
+        return self._send([], protocol.error_body(Forbidden.code, description))
+
     def _record_error(self, error: RelayError) -> None:
         self.errors += 1
         self.last_error_code = error.code

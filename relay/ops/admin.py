@@ -131,15 +131,15 @@ class SessionAdmin(admin.ModelAdmin):
         "audio", "turn_count", "error_count", "engine", "owner",
     )
     list_filter = (SessionStatusFilter, "engine", HasErrorsFilter, "created_at", "last_activity_at")
-    search_fields = ("id", "turns__transcript")
-    search_help_text = "Search by session id or by words in its transcript."
+    search_fields = ("id", "title", "turns__transcript")
+    search_help_text = "Search by session id, title or words in its transcript."
     date_hierarchy = "created_at"
     ordering = ("-last_activity_at",)
     list_per_page = 50
     inlines = [TurnInline]
     actions = ["end_sessions", "export_transcripts", "delete_selected"]
     fields = (
-        "id", "status", "owner", "engine", "live_connections", "created_at", "last_activity_at", "duration",
+        "id", "title", "status", "owner", "engine", "live_connections", "created_at", "last_activity_at", "duration",
         "ended_at", "end_reason", "audio", "turn_count", "next_turn_index", "error_count", "connections_link", "export_links",
     )
     readonly_fields = fields

@@ -74,6 +74,7 @@ class DashboardData:
     recent_drops: list[dict[str, Any]] = field(default_factory=list)
     refusals: dict[str, int] = field(default_factory=dict)  # by error code
     planned_restarts: int = 0  # connections ended by a planned restart (4012), outside the rates
+    top_usage: dict[str, Any] = field(default_factory=dict)  # heaviest users and API tokens (relay.api.usage)
 
 
 def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = None) -> DashboardData:
@@ -160,7 +161,15 @@ def dashboard_data(*, window_key: str = DEFAULT_WINDOW, now: datetime | None = N
         ],
         live_rows=live_rows,
         recent_drops=recent_drops,
+        top_usage=_top_usage(window),
     )
+
+
+def _top_usage(window: Window) -> dict[str, Any]:
+    """From the daily aggregate rows, so whole days: today for windows shorter than a day."""
+    from relay.api.usage import usage_top
+
+    return usage_top(days=max(1, window.span.days), limit=10)
 
 
 def storage_used() -> dict[str, Any]:

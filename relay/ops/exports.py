@@ -1,7 +1,8 @@
 """Transcript exports: txt, json, srt and vtt at ``/sessions/<id>/transcript.<fmt>``.
 
-Access follows the rules for joining a session: the id is the capability, and a session with an
-owner is readable only by that user and by staff. Ended sessions stay exportable.
+Access follows the rules for joining a session (:mod:`relay.store.access`): an anonymous
+session's id is the capability; a session with an owner is readable by its owner, its members,
+staff, and whoever presents a usable share link (``?share=``). Ended sessions stay exportable.
 
 History is read page by page (``relay.store.selectors``) and streamed, so a long session is never held
 in memory. Times: turn windows are relative to their connection's audio, so every connection gets
@@ -11,9 +12,10 @@ creation, but never before the audio of an earlier connection that had closed wh
 has ended: a file uploaded faster than real time takes its audio's length on the timeline, so a
 second upload follows the first instead of overlapping it, while a live reconnect (whose audio
 is never longer than the wall clock) keeps the real gap. Connections open at the same time
-(several tabs) keep their wall-clock offsets and are told apart by speaker labels ("Speaker 1:
-...") given only then; a single user's sequential connections read as one voice, whose cues
-never overlap.
+(several tabs) keep their wall-clock offsets and are told apart by speaker labels; a single
+user's sequential connections read as one voice, whose cues never overlap. Labels are the
+connections' speaker names (a user's display name, "Guest N"), given when more than one name
+spoke or connections overlapped; overlapping connections with no name are "Speaker 1", ...
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from django.db.models import Max
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 
-from relay.store import selectors
+from relay.exceptions import ShareLinkInvalid
+from relay.store import access, selectors
 from relay.store.turns import turn_fields
 from relay.models import Connection, Session
 
@@ -43,13 +46,17 @@ FORMATS: dict[str, str] = {
 }
 
 
-def session_readable(session: Session, user: Any) -> bool:
+def session_readable(session: Session, user: Any, share: str | None = None) -> bool:
     """The join rule, for reading: unowned sessions are open to whoever has the id."""
-    if session.owner_id is None:
+    if session.owner_id is None or access.can_read(access.session_role(user=user, session=session)):
         return True
-    if user is None or not getattr(user, "is_authenticated", False):
+    if not share:
         return False
-    return user.pk == session.owner_id or bool(user.is_staff)
+    try:
+        access.share_link_resolve(token=share, session_id=session.pk)
+    except ShareLinkInvalid:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,7 @@ def session_timeline(*, session: Session) -> Timeline:
         Connection.objects.filter(session=session, turns__isnull=False)
         .annotate(last_window_end=Max("turns__audio_window_end"))
         .order_by("opened_at", "id")
-        .values("id", "opened_at", "closed_at", "audio_seconds", "last_window_end")
+        .values("id", "opened_at", "closed_at", "audio_seconds", "last_window_end", "speaker_name")
     )
     offsets: dict[str, float] = {}
     ended: list[tuple[Any, float]] = []  # (closed_at, where its audio ends on the timeline)
@@ -85,7 +92,10 @@ def session_timeline(*, session: Session) -> Timeline:
             break
         end = r["closed_at"] or r["opened_at"] + timedelta(days=36500)
         latest_end = end if latest_end is None else max(latest_end, end)
-    labels = {str(r["id"]): f"Speaker {n}" for n, r in enumerate(rows, 1)} if concurrent else {}
+    names = {r["speaker_name"] for r in rows if r["speaker_name"]}
+    labels = {}
+    if concurrent or len(names) > 1:
+        labels = {str(r["id"]): r["speaker_name"] or (f"Speaker {n}" if concurrent else "") for n, r in enumerate(rows, 1)}
     return Timeline(offsets=offsets, labels=labels)
 
 
@@ -138,6 +148,7 @@ class JsonRenderer(Renderer):
         s = self.session
         head = {
             "id": s.pk,
+            "title": s.title,
             "engine": s.engine,
             "created_at": s.created_at,
             "last_activity_at": s.last_activity_at,
@@ -156,6 +167,7 @@ class JsonRenderer(Renderer):
                 "start": round(c.start, 3),
                 "end": round(c.end, 3),
                 "speaker": c.speaker,
+                "speaker_name": r.get("speaker_name") or "",
                 "connection_id": r["speaker"],
                 **turn_fields(r["event"]),
                 "created_at": r["created_at"],
@@ -251,7 +263,7 @@ async def transcript_view(request: HttpRequest, session_id: str, fmt: str) -> Ht
     if session is None:
         raise Http404("No such session.")
     user = await request.auser()
-    if not session_readable(session, user):
+    if not await database_sync_to_async(session_readable)(session, user, request.GET.get("share")):
         return HttpResponseForbidden("This session belongs to another user.\n", content_type="text/plain")
     response = StreamingHttpResponse(aexport_chunks(session=session, fmt=fmt), content_type=FORMATS[fmt])
     disposition = "attachment" if request.GET.get("download") else "inline"

@@ -16,11 +16,13 @@ __all__ = ["PatchTargetMissing", "install"]
 
 def install(settings: Any) -> None:
     """Install every patch with its limits from ``settings``; calling it again only updates them."""
-    from relay.server import autobahn_logs, close_reason, consumer_loop, inbound_flow, send_limit, shutdown
+    from relay.server import autobahn_logs, clean_close, close_reason, consumer_loop, denial_response, inbound_flow, send_limit, shutdown
 
     consumer_loop.install()
     autobahn_logs.install()
     close_reason.install()
+    denial_response.install()
+    clean_close.install()
     send_limit.install(limit_bytes=settings.RELAY_MAX_SEND_BUFFER_BYTES)
     inbound_flow.install(limit=settings.RELAY_MAX_INBOUND_MESSAGES)
     shutdown.install(timeout=settings.RELAY_SHUTDOWN_TIMEOUT_SECONDS)

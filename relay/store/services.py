@@ -22,12 +22,14 @@ from django.db.models import F
 from django.utils import timezone
 
 from relay.live import admission as load
+from relay.store import access
+from relay.store import loop_db
 from relay.store.batching import Batcher
 from relay.store.db import db_async
 from relay.store.turns import EVENT_FIELDS, turn_fields
 from relay.engines.base import TurnEvent
-from relay.exceptions import Forbidden, SessionEnded, SessionFull
-from relay.models import Connection, Refusal, RelayProcess, Session, Turn, live_cutoff
+from relay.exceptions import SessionEnded, SessionFull
+from relay.models import ROLE_OWNER, ROLE_SPEAKER, ROLE_VIEWER, Connection, Refusal, RelayProcess, Session, Turn, live_cutoff
 from relay.ops import metrics
 from relay.ops.logs import get_logger
 
@@ -84,6 +86,8 @@ class Opened:
     connection_id: str
     resumed: bool
     others: list[str]
+    role: str = ROLE_SPEAKER
+    speaker_name: str = ""
 
 
 def connection_open(
@@ -95,8 +99,13 @@ def connection_open(
     client_addr: str = "",
     user_agent: str = "",
     previous: str | None = None,
+    admitted: access.ConnectAccess | None = None,
 ) -> Opened:
     """Join (or create, under the id the client chose) the session and record the connection.
+
+    ``admitted``: the role :func:`relay.store.access.connect_access` gave before the engine
+    stream was opened; without it (or when the session appeared meanwhile) the role is decided
+    here by :func:`relay.store.access.connection_role`, which refuses strangers to owned sessions.
 
     The connection row is written before the consumer joins the group and reads history, which
     is what makes replay gap-free (see relay.live.consumer). A connection that asked for no session
@@ -122,10 +131,14 @@ def connection_open(
                 session = Session.objects.get(pk=session_id)
         if session.ended_at is not None:
             raise SessionEnded(f"This session was ended{': ' + session.end_reason if session.end_reason else ''}.")
-        if session.owner_id is not None and not (
-            authenticated and (user.pk == session.owner_id or user.is_staff)
-        ):
-            raise Forbidden()
+        if created:
+            role = ROLE_OWNER if authenticated else ROLE_SPEAKER
+        elif admitted is not None and admitted.session_existed:
+            role = admitted.role
+        else:
+            role = access.connection_role(user=user, session=session)
+        if admitted is not None and not admitted.may_speak:
+            role = ROLE_VIEWER  # it has no engine stream
         others = [str(pk) for pk in Connection.objects.live().filter(session=session).values_list("pk", flat=True)]
         if len(others) >= settings.RELAY_MAX_CONNECTIONS_PER_SESSION:
             raise SessionFull()
@@ -145,10 +158,34 @@ def connection_open(
             previous=resumed_from,
             client_addr=client_addr[:64],
             user_agent=user_agent[:256],
+            user=user if authenticated else None,
+            role=role,
+            speaker_name=_speaker_name(session, user, previous, client_addr[:64], user_agent[:256], created),
         )
         if not created:
             Session.objects.filter(pk=session.pk).update(last_activity_at=now)
-    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, others=others)
+    return Opened(session_id=session.pk, connection_id=str(connection.pk), resumed=not created, others=others, role=role,
+                  speaker_name=connection.speaker_name)
+
+
+def _speaker_name(session: Session, user: Any, previous: str | None, client_addr: str, user_agent: str, created: bool) -> str:
+    """The label a connection's turns carry: the user's display name; for a guest, the label of the
+    connection it resumes (``previous_connection=``, else the same address and browser), so a
+    reconnect keeps it, or the next free "Guest N"."""
+    if _authenticated(user):
+        return access.display_name(user)
+    if created:
+        return "Guest 1"
+    guests = Connection.objects.filter(session=session, user__isnull=True).exclude(speaker_name="")
+    if previous and (name := guests.filter(pk=previous).values_list("speaker_name", flat=True).first()):
+        return name
+    if client_addr:  # a client that reconnects without saying so: a closed label of its browser no open tab uses
+        same = guests.filter(client_addr=client_addr, user_agent=user_agent)
+        in_use = same.filter(closed_at__isnull=True).values("speaker_name")
+        name = same.filter(closed_at__isnull=False).exclude(speaker_name__in=in_use).order_by("-closed_at").values_list("speaker_name", flat=True).first()
+        if name:
+            return name
+    return f"Guest {guests.values('speaker_name').distinct().count() + 1}"
 
 
 #: A client back within this long of its connection's last frame is reconnecting; later, revisiting.
@@ -204,6 +241,7 @@ class NewConnection:
     since: int | None
     client_addr: str = ""
     user_agent: str = ""
+    role: str | None = None  # viewer when the client announced it (role=viewer)
 
 
 def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
@@ -218,6 +256,8 @@ def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
     sessions = []
     connections = []
     for request in requests:
+        authenticated = _authenticated(request.user)
+        role = request.role or (ROLE_OWNER if authenticated else ROLE_SPEAKER)
         session = Session(
             pk=str(uuid.uuid4()),
             owner=request.user if _authenticated(request.user) else None,
@@ -237,13 +277,16 @@ def connections_open_new(requests: list[NewConnection]) -> list[Opened]:
                 since=request.since,
                 client_addr=request.client_addr[:64],
                 user_agent=request.user_agent[:256],
+                user=request.user if authenticated else None,
+                role=role,
+                speaker_name=access.display_name(request.user) if authenticated else "Guest 1",
             )
         )
     with transaction.atomic():
         Session.objects.bulk_create(sessions)
         Connection.objects.bulk_create(connections)
     return [
-        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, others=[])
+        Opened(session_id=s.pk, connection_id=str(c.pk), resumed=False, others=[], role=c.role, speaker_name=c.speaker_name)
         for s, c in zip(sessions, connections)
     ]
 
@@ -377,20 +420,25 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
 # arriving together share one transaction. Errors one item can cause are retried one by one.
 _ITEM_ERRORS = (IntegrityError, DataError)
 _new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
-_turn_indexes = Batcher("turn_index", db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
-_finished_turns = Batcher("turn_record", db_async(turns_record), split_on=_ITEM_ERRORS)
+# On PostgreSQL the turn writes run on the event loop's own connections (relay.store.loop_db), off
+# the pool threads that would hold the GIL against the audio path; on SQLite on the ORM's one thread.
+_turn_indexes = Batcher("turn_index", loop_db.writer("turn_index") if loop_db.available() else db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
+_finished_turns = Batcher("turn_record", loop_db.writer("turn_record") if loop_db.available() else db_async(turns_record), split_on=_ITEM_ERRORS)
 _aconnection_open_existing = db_async(connection_open)
 
 
 async def aconnection_open(
-    *, session_id: str | None, user: Any, engine: str, since: int | None, client_addr: str = "", user_agent: str = "", previous: str | None = None
+    *, session_id: str | None, user: Any, engine: str, since: int | None, client_addr: str = "", user_agent: str = "", previous: str | None = None,
+    admitted: access.ConnectAccess | None = None,
 ) -> Opened:
     if session_id is None:
+        viewer = admitted is not None and not admitted.may_speak
         return await _new_connections.submit(
-            NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent)
+            NewConnection(user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent, role=ROLE_VIEWER if viewer else None)
         )
     return await _aconnection_open_existing(
-        session_id=session_id, user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent, previous=previous
+        session_id=session_id, user=user, engine=engine, since=since, client_addr=client_addr, user_agent=user_agent, previous=previous,
+        admitted=admitted,
     )
 
 

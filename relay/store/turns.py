@@ -22,7 +22,7 @@ EVENT_FIELDS = (
     "languages",
 )
 #: What a history read loads per turn: the event's fields and where the turn sits.
-ROW_FIELDS = ("index", *EVENT_FIELDS, "connection_id", "created_at")
+ROW_FIELDS = ("index", *EVENT_FIELDS, "connection_id", "created_at", "connection__speaker_name")
 
 
 def turn_fields(event: TurnEvent) -> dict[str, Any]:
@@ -42,7 +42,8 @@ def turn_record(row: dict[str, Any]) -> dict[str, Any]:
     """A ``.values(*ROW_FIELDS)`` row as the record replay and exports read.
 
     ``index``, ``connection_id`` and ``created_at`` as stored; ``speaker``, the connection id as
-    a string ("" when that connection's row is gone); ``event``, the turn as the EndOfTurn
+    a string ("" when that connection's row is gone); ``speaker_name``, that connection's label
+    (a user's display name, or "Guest N"); ``event``, the turn as the EndOfTurn
     :class:`TurnEvent` it was, so a replayed body is built by the same code as a live one.
     """
     fields = {name: row[name] for name in EVENT_FIELDS}
@@ -52,6 +53,7 @@ def turn_record(row: dict[str, Any]) -> dict[str, Any]:
         "index": row["index"],
         "connection_id": row["connection_id"],
         "speaker": str(row["connection_id"]) if row["connection_id"] else "",
+        "speaker_name": row.get("connection__speaker_name") or "",
         "created_at": row["created_at"],
         "event": TurnEvent(event="EndOfTurn", turn=row["index"], **fields),
     }

@@ -37,6 +37,8 @@ def ai_voice(request: HttpRequest) -> HttpResponse:
         "workletUrl": static("relay/pcm-worklet.js"),
         "engine": settings.RELAY_ENGINE,
         "bufferSeconds": AUDIO_BUFFER_SECONDS,
+        "signedIn": request.user.is_authenticated,
+        "sessionsPath": reverse("my-sessions"),
     }
     context = {
         "config": config,

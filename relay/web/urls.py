@@ -2,7 +2,7 @@ from django.urls import path, re_path
 
 from relay.flux.constants import SESSION_ID_PATTERN
 from relay.ops import exports, health, metrics
-from relay.web import demo, views
+from relay.web import accounts, demo, rooms, views
 
 urlpatterns = [
     path("", demo.root, name="root"),
@@ -16,4 +16,6 @@ urlpatterns = [
         exports.transcript_view,
         name="transcript-export",
     ),
+    *accounts.urlpatterns,  # sign up, sign in and out, password reset, the account page
+    *rooms.urlpatterns,  # My sessions, a session's page, share links
 ]

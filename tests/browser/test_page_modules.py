@@ -1,7 +1,8 @@
 """The page's JavaScript modules, unit-tested inside Chromium (no Node on the machines).
 
-The AudioWorklet is checked with an OfflineAudioContext at 48 kHz: 16 kHz Int16 chunks of 1280
-samples, speech-band tones kept, tones above 8 kHz filtered out rather than aliased.
+The AudioWorklet is checked with OfflineAudioContexts: at 16 kHz (the page's usual context) it
+passes every sample through as Int16, in chunks of 1280; at 48 kHz (the fallback) it resamples,
+speech-band tones kept, tones above 8 kHz filtered out rather than aliased.
 """
 from __future__ import annotations
 
@@ -87,12 +88,14 @@ def test_speakers_and_session_ids(page):
         """
         const s = new T.Speakers(['me-old']);
         s.addOwn('me');
+        s.setName('z', 'Alice Liddell');
+        s.setName('me', 'Me Myself');
         const ids = new Set(Array.from({ length: 50 }, () => T.newSessionId()));
-        return { labels: ['me', 'me-old', 'x', 'y', 'x', ''].map(id => s.label(id)),
+        return { labels: ['me', 'me-old', 'x', 'y', 'x', '', 'z'].map(id => s.label(id)),
                  ids: ids.size, sample: [...ids][0] };
         """,
     )
-    assert result["labels"] == ["You", "You", "Speaker 2", "Speaker 3", "Speaker 2", "Speaker"]
+    assert result["labels"] == ["You", "You", "Speaker 2", "Speaker 3", "Speaker 2", "Speaker", "Alice Liddell"]
     assert result["ids"] == 50
     assert len(result["sample"]) == 26 and result["sample"].isalnum()
 
@@ -182,11 +185,45 @@ def test_worklet_makes_16khz_int16_chunks_of_80ms_and_filters_above_8khz(page):
     )
     speech, high = result["speech"], result["high"]
     assert all(size == 1280 for size in speech["sizes"][:-1])  # 80 ms each; the last is the flush
-    assert 15900 <= speech["total"] <= 16000  # one second at 48 kHz became one second at 16 kHz
+    assert speech["total"] == 16000  # one second at 48 kHz became one second at 16 kHz, all of it
     assert abs(speech["rms"] - 0.5 / 2**0.5) < 0.02  # gain 0.5 sine, amplitude kept
     assert abs(speech["hz"] - 1000) < 5
     assert high["rms"] < 0.01  # 12 kHz would alias to 4 kHz without the low-pass
 
+
+
+def test_worklet_at_16khz_only_converts_and_batches(page):
+    # The page's usual path: a 16 kHz context (the browser resamples), so the worklet's Int16
+    # samples are the context's Float32 ones times 32768, every one, in 80 ms chunks.
+    result = page.evaluate(
+        """async () => {
+            const config = JSON.parse(document.getElementById('relay-config').textContent);
+            const ctx = new OfflineAudioContext(1, 16000, 16000);
+            await ctx.audioWorklet.addModule(config.workletUrl);
+            const node = new AudioWorkletNode(ctx, 'relay-pcm-capture', {
+                numberOfInputs: 1, numberOfOutputs: 0, channelCountMode: 'explicit', channelCount: 1,
+                processorOptions: { targetRate: 16000, chunkSamples: 1280 } });
+            const chunks = [];
+            const flushed = new Promise(resolve => node.port.onmessage = e => {
+                if (e.data.type === 'chunk') chunks.push(new Int16Array(e.data.pcm));
+                else resolve();
+            });
+            const buffer = ctx.createBuffer(1, 16000, 16000);
+            const data = buffer.getChannelData(0);
+            for (let i = 0; i < data.length; i++) data[i] = ((i * 7919) % 65536 - 32768) / 32768;
+            const source = new AudioBufferSourceNode(ctx, { buffer });
+            source.connect(node);
+            source.start();
+            await ctx.startRendering();
+            node.port.postMessage('flush');
+            await flushed;
+            const all = chunks.flatMap(c => Array.from(c));
+            const wrong = all.findIndex((x, i) => x !== Math.round(data[i] * 32768));
+            return { sizes: chunks.map(c => c.length), total: all.length, wrong };
+        }"""
+    )
+    assert result["sizes"][:12] == [1280] * 12 and result["total"] == 16000
+    assert result["wrong"] == -1
 
 # -- resuming after a drop: the audio ledger and the decision, with fake WebSockets ---------------
 # Frames are 10 ms (320 bytes of 16 kHz Int16), each filled with its own number, so what went out

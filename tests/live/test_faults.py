@@ -176,7 +176,7 @@ def test_deploy_files_render_and_nginx_accepts_the_site(tmp_path):
     assert "ip_hash" not in directives and "sticky" not in directives and "hash " not in directives
     # The Procfile runs the same command as the systemd unit, one port per line.
     unit = unit_exec_start().split("daphne", 1)[1]
-    lines = [line for line in PROCFILE.read_text().splitlines() if line and not line.startswith("#")]
+    lines = [line for line in PROCFILE.read_text().splitlines() if line and not line.startswith(("#", "worker:"))]
     ports = set()
     for line in lines:
         name, _, command = line.partition(": ")

@@ -18,6 +18,8 @@ NAME = re.compile(r"\brelay_[a-z][a-z0-9_]*\b")
 NOT_METRICS = {
     "relay_events": "the query parameter asking for Presence and History (docs/protocol.md)",
     "relay_event": "the consumer's channel-layer handler (docs/architecture.md)",
+    "relay_worker": "the background worker's management command (docs/api.md)",
+    "relay_api": "the REST API's Django app label (docs/api.md)",
 }
 #: The series names Prometheus stores for each exposed family type.
 SUFFIXES = {"histogram": ("_bucket", "_count", "_sum"), "summary": ("", "_count", "_sum")}

@@ -17,8 +17,13 @@ if (!sessionId) {
   here.searchParams.set("session", sessionId);
   window.history.replaceState(null, "", here);
 }
-const shareLink = `${here.origin}${here.pathname}?session=${encodeURIComponent(sessionId)}`;
+// A share link (?share=, from /s/<link>/) admits with its role; ?role=viewer joins without a microphone.
+const share = here.searchParams.get("share");
+const wantsViewer = here.searchParams.get("role") === "viewer";
+let viewOnly = wantsViewer;
+const shareLink = `${here.origin}${here.pathname}?session=${encodeURIComponent(sessionId)}${share ? `&share=${encodeURIComponent(share)}` : ""}`;
 $("share-link").value = shareLink;
+$("manage-link").href = `${config.sessionsPath}${encodeURIComponent(sessionId)}/`;
 $("session-id").textContent = sessionId;
 
 const store = new SessionStore(sessionId);
@@ -36,8 +41,12 @@ function explainFailure(error) {
   const detail = error.description ? ` (${error.description})` : "";
   if (code === "UNAUTHORIZED" || error.closeCode === 4001)
     return "This relay only transcribes for signed-in users. Sign in, then reload this page.";
+  if (code === "SHARE_LINK_INVALID")
+    return "This share link no longer works: it expired or was revoked. Ask the session's owner for a new one.";
   if (code === "FORBIDDEN" || error.closeCode === 4003)
-    return "This session belongs to another account, so it cannot be opened here. Start a new session instead.";
+    return config.signedIn
+      ? "This session belongs to another account, so it cannot be opened here. Ask its owner to invite you, or start a new session."
+      : "This session belongs to an account. Sign in if you were invited, or start a new session.";
   if (code === "SESSION_ENDED" || error.closeCode === 4010)
     return "This session has been ended and takes no more audio. Start a new session to keep going.";
   if (code === "INVALID_SESSION")
@@ -186,6 +195,7 @@ function onPresence(message) {
 function onMessage(message) {
   switch (message.type) {
     case "Connected":
+      setRole(message.role);
       connectionId = message.connection_id;
       body.dataset.connectionId = connectionId;
       speakers.addOwn(connectionId);
@@ -208,6 +218,10 @@ function onMessage(message) {
       notice(`Note from the relay: ${message.description}`);
       break;
     case "Error":
+      if (message.code === "FORBIDDEN" && viewOnly) {  // not fatal: a viewer's audio or control message was refused
+        notice("You are viewing this session and cannot speak in it.");
+        break;
+      }
       relayError = message; // said when the close that follows shows whether a retry helps
       break;
     default:
@@ -286,7 +300,20 @@ function updateEmpty() {
   $("empty").hidden = turnsList.children.length + interimsList.children.length > 0;
 }
 
+/** How the relay serves this page: a viewer watches live and never sends audio. */
+function setRole(role) {
+  body.dataset.role = role || "speaker";
+  $("manage-link").hidden = role !== "owner";
+  if (role === "owner") $("share-label").textContent = "Link for you and the people you invite (others need a share link)";
+  const viewer = role === "viewer";
+  if (viewer && recording) stopMic({ finish: false });
+  if (viewer) $("mic-hint").textContent = "You are viewing this session: the transcript appears live, but you cannot speak in it.";
+  viewOnly = viewer;
+  renderMic();
+}
+
 function onTurn(message) {
+  if (message.speaker_name) speakers.setName(message.speaker, message.speaker_name);
   const stick = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 64;
   const spokenAt = connection.captureTime(message.speaker, Number(message.audio_window_start));
   const { kind, turn } = transcript.apply(message, { startedAt: spokenAt });
@@ -347,7 +374,8 @@ languageSelect.addEventListener("change", async () => {
 const wsScheme = window.location.protocol === "https:" ? "wss:" : "ws:";
 const connection = new RelayConnection({
   endpoint: `${wsScheme}//${window.location.host}${config.wsPath}`,
-  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000, relay_events: "presence,history", ...languageQuery() }),
+  query: () => ({ session: sessionId, since: transcript.since(), encoding: "linear16", sample_rate: 16000, relay_events: "presence,history", ...languageQuery(),
+    share, role: wantsViewer ? "viewer" : null }),
   onMessage,
   onStatus,
   bufferSeconds: config.bufferSeconds,
@@ -381,7 +409,7 @@ let elapsedTimer = null;
 function renderMic() {
   micButton.setAttribute("aria-pressed", String(recording));
   $("mic-label").textContent = recording ? "Stop" : "Start microphone";
-  micButton.disabled = micBusy;
+  micButton.disabled = micBusy || viewOnly;
   languageSelect.disabled = recording || micBusy;
   body.dataset.recording = String(recording);
   const elapsed = recording ? Math.floor((Date.now() - recordingStartedAt) / 1000) : 0;
@@ -407,6 +435,7 @@ async function startMic() {
   elapsedTimer = setInterval(renderMic, 1000);
   connection.open();
   renderMic();
+  body.dataset.capture = JSON.stringify(capture.path);
   $("mic-hint").textContent = capture.inputRate
     ? `Microphone on (${(capture.inputRate / 1000).toFixed(1)} kHz, sent as 16 kHz). Speak naturally; pause to end a turn.`
     : "Microphone on.";
@@ -430,7 +459,7 @@ async function stopMic({ finish = true } = {}) {
 }
 
 micButton.addEventListener("click", () => {
-  if (micBusy) return;
+  if (micBusy || viewOnly) return;
   if (recording) stopMic();
   else startMic();
 });

@@ -103,11 +103,17 @@ export class Transcript {
   }
 }
 
-/** Friendly names for connection ids: "You" for this browser's own connections. */
+/** Friendly names for connection ids: "You" for this browser's own connections, else the name the
+ * relay gave the speaker (an account's display name, "Guest 2"), else "Speaker N". */
 export class Speakers {
   constructor(ownIds = []) {
     this.own = new Set(ownIds);
     this.others = new Map();
+    this.names = new Map();
+  }
+
+  setName(id, name) {
+    if (id && name) this.names.set(id, name);
   }
 
   addOwn(id) {
@@ -121,6 +127,7 @@ export class Speakers {
   label(id) {
     if (!id) return "Speaker";
     if (this.own.has(id)) return "You";
+    if (this.names.has(id)) return this.names.get(id);
     if (!this.others.has(id)) this.others.set(id, this.others.size + 2);
     return `Speaker ${this.others.get(id)}`;
   }
@@ -128,7 +135,7 @@ export class Speakers {
   /** A stable colour slot (0-5) per speaker label. */
   tone(id) {
     if (this.own.has(id)) return 0;
-    this.label(id);
+    if (!this.others.has(id)) this.others.set(id, this.others.size + 2);
     return ((this.others.get(id) || 1) - 1) % 5 + 1;
   }
 }
