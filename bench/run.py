@@ -270,6 +270,7 @@ class Bench:
         self.stack = ExitStack()
         self.redis_url = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
         self._before_root: Path | None = None
+        self._before_db_url: str | None = None
         self.result: dict[str, Any] = {
             "meta": {
                 "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -327,12 +328,27 @@ class Bench:
         e = self.relay_env(REDIS_URL=self.redis_url, RELAY_CHANNEL_LAYER_BACKEND=backend, **(env or {}))
         return Deployment(label, [Server("daphne", env=e, name=f"daphne{i}", root=root) for i in range(processes)], redis=True)
 
-    def before(self, label: str = BEFORE, **kw: Any) -> Deployment | None:
-        """The relay at --before (None when the run compares nothing: --before '')."""
-        return self.relay(label, root=self.before_root(), **kw) if self.args.before else None
+    def before_db_url(self) -> str:
+        """A database of the before tree's own schema, migrated by that tree: a newer schema's
+        NOT NULL columns would refuse the older code's rows."""
+        if self._before_db_url is None:
+            from tests.support.services import postgres_database
 
-    def deployed_before(self, label: str = DEP_BEFORE, **kw: Any) -> Deployment | None:
-        return self.deployed(label, root=self.before_root(), **kw) if self.args.before else None
+            root = self.before_root()
+            self._before_db_url = self.stack.enter_context(
+                sqlite_database(root=root) if getattr(self.args, "sqlite", False) else postgres_database(root=root))
+        return self._before_db_url
+
+    def before(self, label: str = BEFORE, env: dict[str, str] | None = None, **kw: Any) -> Deployment | None:
+        """The relay at --before (None when the run compares nothing: --before '')."""
+        if not self.args.before:
+            return None
+        return self.relay(label, root=self.before_root(), env={"DATABASE_URL": self.before_db_url(), **(env or {})}, **kw)
+
+    def deployed_before(self, label: str = DEP_BEFORE, env: dict[str, str] | None = None, **kw: Any) -> Deployment | None:
+        if not self.args.before:
+            return None
+        return self.deployed(label, root=self.before_root(), env={"DATABASE_URL": self.before_db_url(), **(env or {})}, **kw)
 
     def warm(self, dep: Deployment) -> None:
         """A few streams first, so lazy imports and first connections are not measured."""
@@ -343,7 +359,7 @@ class Bench:
         from tests.support.services import postgres_database
 
         try:
-            # the database is made (and migrated) by this tree; the before tree shares its schema
+            # the database is made (and migrated) by this tree; the before tree gets its own (before_db_url)
             self.db_url = self.stack.enter_context(sqlite_database() if getattr(self.args, "sqlite", False) else postgres_database())
             for name in SECTIONS:
                 if name in self.only:
@@ -472,9 +488,15 @@ class Bench:
         turns = 100 if self.quick else 1000
         repeat = 3 if self.quick else 30
         session = "bench-history-" + uuid.uuid4().hex[:8]
-        env = {**os.environ, "DATABASE_URL": self.db_url, "DJANGO_DEBUG": "1"}
-        env.pop("DJANGO_SETTINGS_MODULE", None)
-        subprocess.run([PY, "-m", "bench.history", session, str(turns)], cwd=ROOT, env=env, check=True)
+
+        def seed(db_url: str, root: Path) -> None:  # each tree writes the history into its own schema
+            env = {**os.environ, "DATABASE_URL": db_url, "DJANGO_DEBUG": "1"}
+            env.pop("DJANGO_SETTINGS_MODULE", None)
+            subprocess.run([PY, "-m", "bench.history", session, str(turns)], cwd=root, env=env, check=True)
+
+        seed(self.db_url, ROOT)
+        if not self.quick and self.args.before:
+            seed(self.before_db_url(), self.before_root())
         rows = []
         plan = [self.relay(), self.deployed()] + ([] if self.quick else [self.before()])
         for dep in filter(None, plan):
@@ -636,8 +658,9 @@ def remove_worktree(tree: Path, tmp: Path) -> None:
 
 
 @contextmanager
-def sqlite_database() -> Iterator[str]:
-    """A fresh, migrated SQLite database file (the relay's default backend); removed afterwards."""
+def sqlite_database(root: Path = ROOT) -> Iterator[str]:
+    """A fresh SQLite database file (the relay's default backend), migrated by the tree at
+    ``root``; removed afterwards."""
     from tests.support.live import migrate
 
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-sqlite-"))
@@ -645,7 +668,7 @@ def sqlite_database() -> Iterator[str]:
     env = {**os.environ, "DATABASE_URL": url, "DJANGO_DEBUG": "1"}
     env.pop("DJANGO_SETTINGS_MODULE", None)
     try:
-        migrate(env)
+        migrate(env, root=root)
         yield url
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,8 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def migrate(env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+def migrate(env: dict[str, str], root: Path = ROOT) -> None:
+    """Migrate with the ``manage.py`` of ``root`` (another tree's schema for a benchmark's "before")."""
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=root, env=env, check=True)
 
 
 class LiveServer:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import psycopg
@@ -21,8 +22,9 @@ REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database; dropped afterwards. Yields its URL."""
+def postgres_database(root: Path | None = None) -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated by the tree at ``root`` (this one by default); dropped
+    afterwards. Yields its URL."""
     name = "relay_t_" + uuid.uuid4().hex[:10]
     admin = psycopg.connect(PG_URL, autocommit=True)
     admin.execute(f'CREATE DATABASE "{name}"')
@@ -30,7 +32,7 @@ def postgres_database() -> Iterator[str]:
     try:
         env = {**os.environ, "DATABASE_URL": url, "DJANGO_DEBUG": "1"}
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        migrate(env)
+        migrate(env, **({"root": root} if root else {}))
         yield url
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
