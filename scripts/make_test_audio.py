@@ -64,9 +64,17 @@ def run(cmd: list[str]) -> None:
 
 def synthesize(voice: str, wpm: int, text: str, tmp: Path) -> np.ndarray:
     """espeak-ng -> sox (16 kHz mono Int16, high-quality resampling) -> trimmed samples."""
-    raw, out = tmp / "raw.wav", tmp / "out.wav"
+    raw = tmp / "raw.wav"
     run(["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(raw), text])
-    # -D: no dither, so the same espeak-ng output always gives the same samples.
+    return converted_speech(raw, tmp)
+
+
+def converted_speech(raw: Path, tmp: Path) -> np.ndarray:
+    """A synthesizer's WAV through sox (16 kHz mono Int16, high-quality resampling), trimmed to its speech.
+
+    -D: no dither, so the same synthesizer output always gives the same samples.
+    """
+    out = tmp / "out.wav"
     run(["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(out), "rate", "-v"])
     with wave.open(str(out)) as w:
         samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
@@ -75,13 +83,13 @@ def synthesize(voice: str, wpm: int, text: str, tmp: Path) -> np.ndarray:
 
 
 def speech_bounds(samples: np.ndarray, threshold: float = 300.0) -> tuple[int, int]:
-    """First and last 10 ms window whose RMS exceeds ``threshold`` (espeak pads with silence)."""
+    """First and last 10 ms window whose RMS exceeds ``threshold`` (synthesizers pad with silence)."""
     win = RATE // 100
     n = samples.size // win
     rms = np.sqrt((samples[: n * win].astype(np.float64).reshape(n, win) ** 2).mean(axis=1))
     loud = np.flatnonzero(rms > threshold)
     if not loud.size:
-        raise RuntimeError("espeak-ng produced silence")
+        raise RuntimeError("the synthesizer produced silence")
     return int(loud[0] * win), int((loud[-1] + 1) * win)
 
 

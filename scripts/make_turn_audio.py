@@ -29,14 +29,14 @@ import json
 import shutil
 import subprocess
 import tempfile
-import wave
 from pathlib import Path
 
 import numpy as np
+# scripts/ is on sys.path when this runs as a script: one conversion, trim and WAV writer for both sets
+from make_test_audio import RATE, converted_speech, run, silence, write_wav
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "speech" / "turns"
-RATE = 16000
 PAD_SECONDS = 0.25  # room noise kept around each clip; streams add their own silence
 NOISE_RMS = 16.0  # about -66 dBFS
 HELD_OUT_VOICES = {"rms", "awb", "festival"}  # flite rms/awb and festival: never used to tune
@@ -102,10 +102,6 @@ CONVERSATIONS: list[tuple[str, list[tuple[str, tuple, float]]]] = [
 ]
 
 
-def run(cmd: list[str]) -> None:
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def versions() -> dict[str, str]:
     flite = subprocess.run(["flite", "--version"], capture_output=True, text=True).stdout.split("version:")[-1].strip()
     festival = subprocess.run(["festival", "--version"], capture_output=True, text=True).stdout.strip()
@@ -122,7 +118,7 @@ def synthesizer(voice: str) -> str:
 
 def synthesize(voice: str, text: str, tmp: Path) -> np.ndarray:
     """flite or festival -> sox (16 kHz mono Int16, high-quality resampling, no dither) -> trimmed."""
-    raw, out = tmp / "raw.wav", tmp / "out.wav"
+    raw = tmp / "raw.wav"
     if voice.startswith("espeak-"):
         run(["espeak-ng", "-v", voice.removeprefix("espeak-"), "-s", str(ESPEAK_WPM), "-w", str(raw), text])
     elif voice == "festival":
@@ -130,39 +126,12 @@ def synthesize(voice: str, text: str, tmp: Path) -> np.ndarray:
         run(["text2wave", "-eval", "(voice_kal_diphone)", str(tmp / "text.txt"), "-o", str(raw)])
     else:
         run(["flite", "-voice", voice, "-t", text, "-o", str(raw)])
-    run(["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(out), "rate", "-v"])
-    with wave.open(str(out)) as w:
-        samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    start, end = speech_bounds(samples)
-    return samples[start:end]
-
-
-def speech_bounds(samples: np.ndarray, threshold: float = 300.0) -> tuple[int, int]:
-    """First and last 10 ms window whose RMS exceeds ``threshold`` (the synthesizers pad with silence)."""
-    win = RATE // 100
-    n = samples.size // win
-    rms = np.sqrt((samples[: n * win].astype(np.float64).reshape(n, win) ** 2).mean(axis=1))
-    loud = np.flatnonzero(rms > threshold)
-    if not loud.size:
-        raise RuntimeError("the synthesizer produced silence")
-    return int(loud[0] * win), int((loud[-1] + 1) * win)
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(round(seconds * RATE)), dtype="<i2")
+    return converted_speech(raw, tmp)
 
 
 def with_noise(samples: np.ndarray, seed: int) -> np.ndarray:
     noise = np.random.default_rng(seed).normal(0.0, NOISE_RMS, samples.size)
     return np.clip(samples.astype(np.float64) + noise, -32768, 32767).astype("<i2")
-
-
-def write_wav(path: Path, samples: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(samples.astype("<i2").tobytes())
 
 
 def utterance(voice: str, parts: tuple, t0: float, tmp: Path) -> tuple[list[np.ndarray], dict]:
