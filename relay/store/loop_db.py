@@ -40,7 +40,7 @@ from django.db import connections
 from django.utils import timezone
 
 from relay.models import Connection, RelayProcess, Session, Turn, live_cutoff
-from relay.store.turns import turn_fields
+from relay.store.turns import allocated_indexes, turn_fields
 
 if TYPE_CHECKING:
     from relay.store.services import FinishedTurn
@@ -207,15 +207,7 @@ def writer(name: str, alias: str = "default", mode: str | None = None) -> Any:
         ids = sorted(wanted)
         (found,) = await conn.run([(statements().index_update, [timezone.now(), ids, [wanted[i] for i in ids]])])
         first = {session_id: after - wanted[session_id] for session_id, after in found}
-        results: list[int | Exception] = []
-        for session_id in session_ids:
-            index = first.get(session_id)
-            if index is None:
-                results.append(Session.DoesNotExist(session_id))
-            else:
-                results.append(index)
-                first[session_id] = index + 1
-        return results
+        return allocated_indexes(first, session_ids)
 
     async def turns_record(turns: list[FinishedTurn]) -> list[frozenset[str]]:
         # services.turns_record on the loop: one upsert (committed), then the live connections.

@@ -26,7 +26,7 @@ from relay.store import access
 from relay.store import loop_db
 from relay.store.batching import Batcher
 from relay.store.db import db_async
-from relay.store.turns import EVENT_FIELDS, turn_fields
+from relay.store.turns import EVENT_FIELDS, allocated_indexes, turn_fields
 from relay.engines.base import TurnEvent
 from relay.exceptions import SessionEnded, SessionFull
 from relay.models import ROLE_OWNER, ROLE_SPEAKER, ROLE_VIEWER, Connection, Refusal, RelayProcess, Session, Turn, live_cutoff
@@ -313,15 +313,7 @@ def turn_indexes_allocate(session_ids: list[str]) -> list[int | Exception]:
             params,
         )
         first: dict[str, int] = {session_id: after - wanted[session_id] for session_id, after in cursor.fetchall()}
-    results: list[int | Exception] = []
-    for session_id in session_ids:
-        index = first.get(session_id)
-        if index is None:
-            results.append(Session.DoesNotExist(session_id))
-        else:
-            results.append(index)
-            first[session_id] = index + 1
-    return results
+    return allocated_indexes(first, session_ids)
 
 
 @dataclass(slots=True)

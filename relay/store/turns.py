@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.engines.base import TurnEvent, Word
+from relay.models import Session
 
 #: ``Turn`` fields that come from the engine's event; each is named as on ``TurnEvent``.
 EVENT_FIELDS = (
@@ -57,3 +58,19 @@ def turn_record(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": row["created_at"],
         "event": TurnEvent(event="EndOfTurn", turn=row["index"], **fields),
     }
+
+
+def allocated_indexes(first: dict[str, int], session_ids: list[str]) -> list[int | Exception]:
+    """Each request's turn index, in request order, from each session's first newly allocated one
+    (one locked ``UPDATE ... RETURNING`` per batch); ``Session.DoesNotExist`` for a session that
+    was not found. Shared by the ORM writer and relay.store.loop_db's."""
+    first = dict(first)
+    results: list[int | Exception] = []
+    for session_id in session_ids:
+        index = first.get(session_id)
+        if index is None:
+            results.append(Session.DoesNotExist(session_id))
+        else:
+            results.append(index)
+            first[session_id] = index + 1
+    return results
