@@ -76,20 +76,25 @@ def fake_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
     server.stop()
 
 
-@pytest.fixture(scope="package")
-def whisper_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
-    """daphne with the default engine (whisper), once its model is loaded (/healthz says ready)."""
-    server = start_server(tmp_path_factory, static_root, "whisper")
-    deadline = time.monotonic() + 120
+def wait_until_ready(server: LiveServer, timeout: float = 120) -> None:
+    """Until /healthz answers 200: the whisper model has loaded (503 until then)."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(server.http_url + "/healthz", timeout=5) as response:
                 if response.status == 200:
-                    break
-        except urllib.error.HTTPError as exc:  # 503 while the model loads
+                    return
+        except urllib.error.HTTPError as exc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"whisper never became ready: {exc.read()[:500]!r}\n{server.output()[-3000:]}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="package")
+def whisper_server(tmp_path_factory, static_root) -> Iterator[LiveServer]:
+    """daphne with the default engine (whisper), once its model is loaded (/healthz says ready)."""
+    server = start_server(tmp_path_factory, static_root, "whisper")
+    wait_until_ready(server)
     yield server
     server.stop()
 

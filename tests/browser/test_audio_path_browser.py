@@ -22,9 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import time
-import urllib.error
-import urllib.request
 import wave
 from pathlib import Path
 
@@ -33,7 +30,7 @@ import pytest
 import soxr
 from playwright.sync_api import expect
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WAIT_MS, new_page, page_errors, production_env
+from tests.browser.conftest import CHROMIUM, CHROMIUM_FLAGS, WAIT_MS, new_page, page_errors, production_env, wait_until_ready
 from tests.support.audio import silence, wav_bytes
 from tests.support.fidelity import compare, to_float
 from tests.support.live import ROOT, LiveServer, sqlite_env, stream_audio
@@ -204,16 +201,7 @@ RUNS = 10
 def whisper_recording_server(tmp_path_factory, static_root):
     """daphne on the default engine (whisper) recording what it is fed, once its model is loaded."""
     server = start_recording_server(tmp_path_factory, static_root, "whisper")
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(server.http_url + "/healthz", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except urllib.error.HTTPError as exc:  # 503 while the model loads
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"whisper never became ready: {exc.read()[:500]!r}\n{server.output()[-3000:]}")
-        time.sleep(0.2)
+    wait_until_ready(server)
     yield server
     server.stop()
 
