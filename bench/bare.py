@@ -16,15 +16,13 @@ engine included (``bench.baseline`` runs that engine too, so its ratio leaves th
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import gc
 import itertools
 import uuid
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from bench.baseline import cli
 from relay.engines.base import TurnEvent, Word
 from relay.engines.fake import number_word
 from relay.flux import protocol
@@ -118,23 +116,5 @@ async def handler(ws: ServerConnection) -> None:
         pass
 
 
-def process_request(connection, request):
-    """Plain HTTP GETs (the benchmark's readiness probe) get a 200; upgrades go on."""
-    if "upgrade" not in request.headers.get("Connection", "").lower():
-        return connection.respond(200, "ok\n")
-    return None
-
-
-async def main(port: int, backlog: int) -> None:
-    gc.freeze()
-    async with serve(handler, "127.0.0.1", port, compression=None, max_size=4 * 1024 * 1024, backlog=backlog, ping_interval=None,
-                     process_request=process_request) as server:
-        await server.serve_forever()
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--backlog", type=int, default=1024)
-    args = parser.parse_args()
-    asyncio.run(main(args.port, args.backlog))
+    cli(handler, __doc__.splitlines()[0])

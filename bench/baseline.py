@@ -13,6 +13,7 @@ import asyncio
 import gc
 import itertools
 import uuid
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -92,7 +93,7 @@ def process_request(connection, request):
     return None
 
 
-async def main(port: int, backlog: int) -> None:
+async def main(port: int, backlog: int, handler: Any = handler) -> None:
     gc.freeze()
     async with serve(
         handler, "127.0.0.1", port, compression=None, max_size=4 * 1024 * 1024, backlog=backlog, ping_interval=None,
@@ -101,9 +102,14 @@ async def main(port: int, backlog: int) -> None:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(handler: Any, description: str) -> None:
+    """``--port`` / ``--backlog``, then serve ``handler`` as this baseline serves its own (bench.bare too)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--backlog", type=int, default=1024)
     args = parser.parse_args()
-    asyncio.run(main(args.port, args.backlog))
+    asyncio.run(main(args.port, args.backlog, handler))
+
+
+if __name__ == "__main__":
+    cli(handler, __doc__.splitlines()[0])
