@@ -639,28 +639,11 @@ def source_tree(rev: str | None, tree: Path | None = None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-@contextlib.contextmanager
-def database(tree: Path) -> Iterator[str]:
+def database(tree: Path) -> contextlib.AbstractContextManager[str]:
     """A fresh PostgreSQL database migrated by ``tree``'s own migrations; dropped afterwards."""
-    import uuid
-    from urllib.parse import urlparse, urlunparse
+    from tests.support.services import postgres_database
 
-    import psycopg
-
-    from tests.support.services import PG_URL
-
-    name = "relay_bench_" + uuid.uuid4().hex[:10]
-    admin = psycopg.connect(PG_URL, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlunparse(urlparse(PG_URL)._replace(path="/" + name))
-    try:
-        env = {**os.environ, "DATABASE_URL": url, "DJANGO_DEBUG": "1"}
-        env.pop("DJANGO_SETTINGS_MODULE", None)
-        subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=tree, env=env, check=True)
-        yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    return postgres_database(root=tree)
 
 
 def main(argv: list[str] | None = None) -> None:
