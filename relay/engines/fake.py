@@ -138,8 +138,23 @@ class FakeStream(EngineStream):
         eot_samples = self.rate * eot_ms // 1000
         timeout_samples = self.rate * timeout_ms // 1000 if timeout_ms else None
         w = self.window
-        frames = samples[: n_windows * w].reshape(n_windows, w).astype(np.float32)
-        voiced = np.einsum("ij,ij->i", frames, frames) > limit
+        whole = samples[: n_windows * w].astype(np.float32)
+        np.multiply(whole, whole, out=whole)
+        voiced = whole.reshape(n_windows, w).sum(axis=1) > limit
+        self._pending = samples[n_windows * w :].copy()
+        # The common frames in one step, with the same outcome as window by window: silence
+        # outside a turn, or speech inside one that reaches no Update and resumes nothing.
+        span = n_windows * w
+        if not voiced.any():
+            if not self.in_turn:
+                self.samples_done += span
+                return
+        elif voiced.all() and self.in_turn and not (self.eager_sent and self.silence_samples) \
+                and self.speech_samples + span < self.next_update_at:
+            self.samples_done += span
+            self.silence_samples = 0
+            self.speech_samples += span
+            return
         for speech in voiced.tolist():
             self.samples_done += w
             if speech:
@@ -172,7 +187,6 @@ class FakeStream(EngineStream):
                 ):
                     self.eager_sent = True
                     self.emit(self._event("EagerEndOfTurn", end_of_turn_confidence=self.options.eager_eot_threshold))
-        self._pending = samples[n_windows * w :].copy()
 
     async def force_end_turn(self) -> None:
         self._end_turn("manual")
