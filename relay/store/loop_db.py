@@ -29,8 +29,10 @@ SQLite allows one writer at a time and its calls stay on the ORM's single thread
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter, defaultdict
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -148,8 +150,10 @@ class ThreadConnection:
 class TurnStatements:
     """The SQL of the turn writes, built once from the models' metadata.
 
-    Each statement's text is the same whatever the batch size (the rows travel as arrays through
-    ``unnest``), so psycopg parses it once and the server gets a short query and binary arrays.
+    Each statement's text is the same whatever the batch size, so psycopg parses it once. The
+    turns of a batch travel as one JSON document read back by ``json_populate_recordset`` against
+    the turn table's own row type: one text parameter encoded by the standard library's C
+    encoder, where a parameter per column made psycopg dump every value of every row in Python.
     """
 
     def __init__(self, alias: str = "default") -> None:
@@ -158,12 +162,13 @@ class TurnStatements:
         _q = django_conn.ops.quote_name
         self.session = _q(Session._meta.db_table)
         self.turn_fields = [f for f in Turn._meta.concrete_fields if not f.primary_key]
+        assert all(f.column == f.attname for f in self.turn_fields), "turn columns are named as their fields"
         columns = ", ".join(_q(f.column) for f in self.turn_fields)
-        arrays = ", ".join(f"%s::{f.cast_db_type(django_conn)}[]" for f in self.turn_fields)
         keys = ", ".join(_q(Turn._meta.get_field(name).column) for name in ("session", "index"))
         update = [Turn._meta.get_field(name).column for name in ("connection", "transcript", "words", "audio_window_start", "audio_window_end",
                                                                   "end_of_turn_confidence", "trigger", "languages")]
-        self.turn_upsert = (f"INSERT INTO {_q(Turn._meta.db_table)} ({columns}) SELECT * FROM unnest({arrays}) "
+        self.turn_upsert = (f"INSERT INTO {_q(Turn._meta.db_table)} ({columns}) "
+                            f"SELECT {columns} FROM json_populate_recordset(NULL::{_q(Turn._meta.db_table)}, %s::json) "
                             f"ON CONFLICT ({keys}) DO UPDATE SET " + ", ".join(f"{_q(c)} = EXCLUDED.{_q(c)}" for c in update))
         # services.turn_indexes_allocate's statement, with the wanted counts as two arrays.
         s = self.session
@@ -178,15 +183,12 @@ class TurnStatements:
                      f"WHERE {conn}.{c('session')} = ANY(%s::text[]) AND {conn}.{c('closed_at')} IS NULL "
                      f"AND {proc}.{p('heartbeat_at')} >= %s AND {proc}.{p('stopped_at')} IS NULL")
 
-    def turn_columns(self, turns: list[FinishedTurn], now: Any) -> list[list[Any]]:
-        """The turns' values, one list per column, as the model's fields prepare them."""
-        django_conn = connections[self.alias]
-        columns: list[list[Any]] = [[] for _ in self.turn_fields]
-        for turn in turns:
-            row = Turn(session_id=turn.session_id, index=turn.index, connection_id=turn.connection_id, created_at=now, **turn_fields(turn.event))
-            for column, f in zip(columns, self.turn_fields):
-                column.append(f.get_db_prep_save(f.pre_save(row, True), django_conn))
-        return columns
+    def turn_rows(self, turns: list[FinishedTurn], now: datetime) -> list[str]:
+        """The statement's parameter: the turns as a JSON array of rows, keyed by column."""
+        created_at = now.isoformat()
+        rows = [{"session_id": t.session_id, "index": t.index, "connection_id": t.connection_id, "created_at": created_at,
+                 **turn_fields(t.event)} for t in turns]
+        return [json.dumps(rows, separators=(",", ":"))]
 
 
 def writer(name: str, alias: str = "default", mode: str | None = None) -> Any:
@@ -214,7 +216,7 @@ def writer(name: str, alias: str = "default", mode: str | None = None) -> Any:
         s = statements()
         rows = list({(t.session_id, t.index): t for t in turns}.values())  # the same turn twice in a batch (a retry) is written once
         sessions = sorted({t.session_id for t in turns})
-        _, found = await conn.run([(s.turn_upsert, s.turn_columns(rows, timezone.now())), (s.live, [sessions, live_cutoff()])])
+        _, found = await conn.run([(s.turn_upsert, s.turn_rows(rows, timezone.now())), (s.live, [sessions, live_cutoff()])])
         live: dict[str, set[str]] = defaultdict(set)
         for session_id, pk in found:
             live[session_id].add(str(pk))
