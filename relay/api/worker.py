@@ -53,10 +53,22 @@ def tick() -> TickResult:
     return result
 
 
+#: An idle worker waits ``poll`` after a busy tick, then twice as long after each idle one, up to this many polls.
+IDLE_BACKOFF_POLLS = 5
+
+
+def idle_wait(poll: float, idle_ticks: int) -> float:
+    """How long to wait after ``idle_ticks`` ticks in a row found nothing (the first: ``poll``)."""
+    return poll * min(2 ** max(0, idle_ticks - 1), IDLE_BACKOFF_POLLS)
+
+
 def run(stop: threading.Event, *, poll_seconds: float | None = None) -> None:
-    """Tick until ``stop`` is set; a busy tick is followed at once by the next."""
+    """Tick until ``stop`` is set; a busy tick is followed at once by the next, idle ones by a
+    wait that grows from ``poll`` to ``IDLE_BACKOFF_POLLS`` polls (an idle tick is a handful of
+    queries, and the inline worker shares the process with the audio)."""
     poll = settings.RELAY_WORKER_POLL_SECONDS if poll_seconds is None else poll_seconds
     log.info("worker_started", mode=settings.RELAY_WORKER, poll_seconds=poll)
+    idle = 0
     while not stop.is_set():
         close_old_connections()
         busy = False
@@ -66,8 +78,9 @@ def run(stop: threading.Event, *, poll_seconds: float | None = None) -> None:
             log.warning("worker_tick_failed", error=repr(exc))
         finally:
             close_old_connections()
+        idle = 0 if busy else idle + 1
         if not busy:
-            stop.wait(poll)
+            stop.wait(idle_wait(poll, idle))
     log.info("worker_stopped")
 
 

@@ -349,3 +349,21 @@ def test_ping(owner):
         webhooks.ping_enqueue(endpoint=hook)
         receiver.wait_for(lambda got: len(got) == 1, poll=worker.tick)
     assert receiver.received[0].json["type"] == "ping" and receiver.received[0].signature_ok
+
+
+def test_an_idle_worker_backs_off_to_five_polls_and_a_busy_tick_resets_it(monkeypatch):
+    assert [worker.idle_wait(1.0, n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    # the loop: two idle ticks, a busy one, an idle one; then stop
+    results = iter([False, False, True, False])
+    waits: list[float] = []
+
+    class Stop:
+        def is_set(self) -> bool:
+            return len(waits) >= 3
+
+        def wait(self, seconds: float) -> None:
+            waits.append(seconds)
+
+    monkeypatch.setattr(worker, "tick", lambda: worker.TickResult(counted=int(next(results))))
+    worker.run(Stop(), poll_seconds=0.5)  # type: ignore[arg-type]
+    assert waits == [0.5, 1.0, 0.5]
