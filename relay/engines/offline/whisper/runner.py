@@ -14,7 +14,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -243,6 +243,23 @@ class WhisperModelRunner:
             text = tokenizer.decode(tokens).strip()
         return tokens, text
 
+    def _encode(self, features: np.ndarray, frames: int) -> Any:
+        # The padding is silence: the floor the feature extractor clamps to, 8 orders below the
+        # loudest bin, as when Whisper pads the audio itself. A zero in normalised log-mel is
+        # not silence but a steady hum 4 orders above that floor, and it cost the first word of
+        # short turns ("Hello world" -> "The long world").
+        n = min(features.shape[-1], frames)
+        floor = max(float(features[:, :n].max()) - 2.0, SILENCE_MEL) if n else SILENCE_MEL
+        window = np.full((self.n_mels, frames), floor, dtype=np.float32)
+        window[:, :n] = features[:, :n]
+        return self.model.encode(window)
+
+    def detect_audio(self, audio: np.ndarray, candidates: frozenset[str] | None = None, prior: str | None = None) -> str:
+        """The language of ``audio`` on its own encoding (as :meth:`detect`), in the shortest window."""
+        features = self.model.feature_extractor(audio)
+        frames = min(MAX_FRAMES, max(MIN_WINDOW_FRAMES, -(-(features.shape[-1] + PAD_FRAMES) // 100) * 100))
+        return self.detect(self._encode(features, frames), candidates, prior)
+
     def _generate(
         self,
         features: np.ndarray,
@@ -254,15 +271,7 @@ class WhisperModelRunner:
         candidates: frozenset[str] | None,
         prior: str | None,
     ):
-        # The padding is silence: the floor the feature extractor clamps to, 8 orders below the
-        # loudest bin, as when Whisper pads the audio itself. A zero in normalised log-mel is
-        # not silence but a steady hum 4 orders above that floor, and it cost the first word of
-        # short turns ("Hello world" -> "The long world").
-        n = min(features.shape[-1], frames)
-        floor = max(float(features[:, :n].max()) - 2.0, SILENCE_MEL) if n else SILENCE_MEL
-        window = np.full((self.n_mels, frames), floor, dtype=np.float32)
-        window[:, :n] = features[:, :n]
-        encoded = self.model.encode(window)
+        encoded = self._encode(features, frames)
         if language is None:
             language = self.detect(encoded, candidates, prior)
         tokenizer = self.tokenizer_for(language)

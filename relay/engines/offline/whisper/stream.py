@@ -45,7 +45,88 @@ COMPLETE_LOW = 0.1
 COMPLETE_HIGH = 0.4
 #: flux-general-multi: a turn's language is settled by the first decode with this much audio (or
 #: by its final when shorter). Earlier Updates decode in a provisional guess and report none.
-LANGUAGE_LOCK_S = 2.0
+LANGUAGE_LOCK_S = 3.0
+#: A decode's span is anchored to the speech, not to the 32 ms VAD windows: it starts ANCHOR_LEAD_S
+#: before the turn's first loud 10 ms (no further back than just after the speech before it) and
+#: a final ends ANCHOR_TAIL_S after the last, so the same words give the same samples to decode
+#: wherever the stream's window boundaries fall. CONTEXT_S of audio from before the turn (the end
+#: of the last one) is kept for the lead; the turn's own audio window is unchanged.
+ANCHOR_LEAD_S = 0.4
+ANCHOR_TAIL_S = 0.05
+CONTEXT_S = 0.5
+LOUD_SAMPLES = RATE // 100  # 10 ms, slid a sample at a time
+LOUD_BELOW_PEAK = 0.01  # amplitude ratio (-40 dB) to the turn's loudest 10 ms
+LOUD_FLOOR = 10 ** (-55 / 20)  # never quieter than -55 dBFS
+LOUD_OVER_NOISE = 10 ** (10 / 20)  # nor than 10 dB over the noise (the quietest tenth of the audio)
+QUIET_GAP = int(0.15 * RATE)  # a quieter stretch this long separates two stretches of speech
+
+
+def speech_span(pcm: np.ndarray, final: bool, speech_at: int = 0, context: int = 0) -> tuple[int, int, int]:
+    """``(start, onset, end)`` of ``pcm`` to decode; ``speech_at``: about where the VAD heard the turn's
+    speech begin; ``context``: how many samples of ``pcm`` come from before the turn.
+
+    Loud: a mean square over 10 ms, at any sample, within LOUD_BELOW_PEAK of the loudest 10 ms
+    from ``speech_at`` on and LOUD_OVER_NOISE above the quietest tenth.
+    The turn's speech starts where the loud stretch going on at ``speech_at`` (or the next one)
+    starts, stretches being apart when quiet for QUIET_GAP; the span starts ANCHOR_LEAD_S before
+    it but not before the previous stretch's end. A final ends ANCHOR_TAIL_S after the last loud
+    10 ms; an Update keeps all it has. Everything here is a function of the samples, so the span
+    moves with the speech sample for sample (``speech_at`` only picks the stretch). ``onset``:
+    where the speech starts. When no quiet stretch tells the turn from what came before it (no
+    loud sample, or noise as loud as speech running back into the context): the turn's own audio.
+    """
+    if pcm.size <= LOUD_SAMPLES:
+        return context, context, pcm.size
+    sums = np.cumsum(np.square(pcm, dtype=np.float64))
+    power = (sums[LOUD_SAMPLES:] - sums[:-LOUD_SAMPLES]) / LOUD_SAMPLES  # the 10 ms after each sample
+    peak = float(power[min(max(0, speech_at), power.size - 1) :].max())  # the turn's speech, not the context's
+    every = power[:: LOUD_SAMPLES]
+    noise = float(np.partition(every, every.size // 10)[every.size // 10])
+    threshold = max(LOUD_FLOOR ** 2, peak * LOUD_BELOW_PEAK ** 2, noise * LOUD_OVER_NOISE ** 2)
+    threshold = 10 ** (round(10 * np.log10(threshold)) / 10)  # in whole dB: a hair more noise moves nothing
+    loud = np.flatnonzero(power >= threshold)
+    if not loud.size:
+        return context, context, pcm.size
+    cuts = np.flatnonzero(np.diff(loud) > QUIET_GAP)  # loud[cut] ends a stretch, loud[cut + 1] starts the next
+    starts = np.concatenate(([loud[0]], loud[cuts + 1]))
+    ends = np.concatenate((loud[cuts], [loud[-1]]))
+    k = min(int(np.searchsorted(ends, speech_at)), ends.size - 1)  # the stretch going on at speech_at, or the next
+    onset = int(starts[k])
+    floor = int(loud[cuts[k - 1]]) + LOUD_SAMPLES if k > 0 else 0
+    # The previous turn ended on a pause, so its speech is in the context and this turn's starts
+    # after it. When no quiet stretch tells them apart (noise as loud as speech), decode the
+    # turn's own audio as the VAD cut it rather than risk the last turn's words.
+    if onset < context - LOUD_SAMPLES:
+        return context, context, pcm.size
+    start = max(floor, onset - int(ANCHOR_LEAD_S * RATE))
+    end = int(loud[-1]) + LOUD_SAMPLES + int(ANCHOR_TAIL_S * RATE) if final else pcm.size
+    return start, onset, end
+
+
+def decode_span(decode: Any, pcm: np.ndarray, context: int, speech_at: int, final: bool, hotwords: str | None, *language: str | None,
+                detect: Any = None) -> Decoded:
+    """Worker thread: ``decode`` the :func:`speech_span` of ``pcm`` (whose first ``context``
+    samples come from before the turn); word times from the turn's start.
+
+    ``detect`` (flux-general-multi, the turn's language not settled yet): the language is
+    detected on the span's first LANGUAGE_LOCK_S alone when it is that long, so an Update that
+    settles it and a final that comes before any such Update find the same language, however
+    much audio each happened to have.
+    """
+    start, onset, end = speech_span(pcm, final, speech_at, context)
+    piece = pcm[start:end]
+    if end > pcm.size:  # a final read before ANCHOR_TAIL_S of the pause came: the rest as digital silence
+        piece = np.concatenate((piece, np.zeros(end - pcm.size, dtype=pcm.dtype)))
+    if detect is not None and language == (None,) and piece.size >= LANGUAGE_LOCK_S * RATE:
+        language = (detect(piece[: int(LANGUAGE_LOCK_S * RATE)]),)
+    decoded: Decoded = decode(piece, final, hotwords, *language)
+    if start != context:
+        # Word times from the turn's start; none before the speech (Whisper puts the first word's
+        # start anywhere in the lead), nor before the turn.
+        shift, first = (start - context) / RATE, max(0.0, (onset - context) / RATE)
+        at = lambda t: None if t is None else max(first, t + shift)  # noqa: E731
+        decoded.words = [Word(w.word, w.confidence, at(w.start), at(w.end)) for w in decoded.words]
+    return decoded
 
 
 class WhisperStream(OfflineStream):
@@ -72,6 +153,8 @@ class WhisperStream(OfflineStream):
         self.last_language: str | None = None
         self._reset_turn()
         self.preroll: list[np.ndarray] = []
+        #: The latest windows whatever the turn state: a new turn's context (CONTEXT_S before its pre-roll).
+        self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=int(CONTEXT_S / WINDOW_S) + int(PREROLL_S / WINDOW_S) + START_WINDOWS)
         self.speech_run = 0
         #: Windows (with their batch's fed_at) that came while the turn machine waits for a
         #: speculative final to decide the end of turn; None when it is not waiting.
@@ -156,6 +239,8 @@ class WhisperStream(OfflineStream):
         self._drop_spec()
         self.in_turn = False
         self.turn_audio: list[np.ndarray] = []
+        self.context: list[np.ndarray] = []  # windows before turn_audio, for the decodes' lead only
+        self.speech_at = 0  # samples into turn_audio where the VAD's speech run began
         self.turn_samples = 0
         self.turn_start = 0.0  # stream seconds of the first sample in turn_audio
         self.silence = 0.0
@@ -222,16 +307,24 @@ class WhisperStream(OfflineStream):
                 self.emit(self._outbox.popleft())
         self._out_idle.set()
 
-    def _turn_pcm(self) -> np.ndarray:
-        return np.concatenate(self.turn_audio) if self.turn_audio else np.zeros(0, dtype=np.float32)
+    def _turn_pcm(self) -> tuple[np.ndarray, int, int]:
+        """The audio to decode from: the context, then the turn's own; the context's length; where speech began."""
+        windows = self.context + self.turn_audio
+        pcm = np.concatenate(windows) if windows else np.zeros(0, dtype=np.float32)
+        context = sum(w.size for w in self.context)
+        return pcm, context, context + self.speech_at
 
     def _launch(self, final: bool, priority: int = PRIORITY_UPDATE) -> asyncio.Future:
         priority = PRIORITY_FINAL if final else priority
         if not self.multilingual:
-            return asyncio.ensure_future(self.engine.pool.run(priority, self.engine.runner.decode, self._turn_pcm(), final, self._hotwords()))
-        # turn_language None: the decode detects the language on its own encoder output.
-        decode = functools.partial(self.engine.runner.decode, candidates=self.candidates, prior=self.last_language)
-        return asyncio.ensure_future(self.engine.pool.run(priority, decode, self._turn_pcm(), final, self._hotwords(), self.turn_language))
+            return asyncio.ensure_future(self.engine.pool.run(priority, decode_span, self.engine.runner.decode, *self._turn_pcm(), final,
+                                                              self._hotwords()))
+        # turn_language None: the language is detected (see decode_span).
+        runner = self.engine.runner
+        decode = functools.partial(runner.decode, candidates=self.candidates, prior=self.last_language)
+        detect = functools.partial(runner.detect_audio, candidates=self.candidates, prior=self.last_language)
+        return asyncio.ensure_future(self.engine.pool.run(priority, functools.partial(decode_span, detect=detect), decode, *self._turn_pcm(),
+                                                          final, self._hotwords(), self.turn_language))
 
     # -- audio ----------------------------------------------------------------------------------
     def _frontend(self, data: bytes, last: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +372,7 @@ class WhisperStream(OfflineStream):
 
     async def _window(self, window: np.ndarray, prob: float) -> None:
         self.windows_done += 1
+        self.recent.append(window)
         if not self.in_turn:
             self.preroll.append(window)
             limit = int(PREROLL_S / WINDOW_S) + START_WINDOWS
@@ -289,6 +383,8 @@ class WhisperStream(OfflineStream):
                 self.in_turn = True
                 self.turn_audio = self.preroll
                 self.turn_samples = sum(w.size for w in self.preroll)
+                self.context = list(self.recent)[: max(0, len(self.recent) - len(self.preroll))]
+                self.speech_at = self.turn_samples - START_WINDOWS * WINDOW
                 self.turn_start = self._now() - self.turn_samples / RATE
                 self.preroll = []
                 self.speech_run = 0
