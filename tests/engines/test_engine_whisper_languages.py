@@ -39,8 +39,8 @@ def engine():
 def clips(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("speech")
     # German a little slower than espeak-ng's default: at 160 words a minute Whisper base takes
-    # the clip's first 3 s for Thai and hears "Das Wetter ist" as "Tasmetast" (on an AMD EPYC
-    # here; the same model and audio passed on the machine before it).
+    # the clip's first 3 s for Thai and hears "Das Wetter ist" as "Tasmetast" on an AMD EPYC
+    # (CTranslate2 on oneDNN); the same model and audio passed on the machine before it.
     return {"de": synthesize("de", GERMAN, tmp, wpm=145), "es": synthesize("es", SPANISH, tmp)}
 
 
