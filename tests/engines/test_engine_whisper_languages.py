@@ -51,19 +51,7 @@ def multi(*hints: str) -> StreamOptions:
 
 async def run_paced(stream, audio: bytes, *, speed: float = 2.0) -> list:
     """Like run_stream, but at ``speed`` x real time, so Updates come at their usual cadence."""
-    events: list = list(await stream.start())
-
-    async def collect() -> None:
-        async for item in stream.events():
-            events.append(item)
-
-    pump = asyncio.get_running_loop().create_task(collect())
-    for i in range(0, len(audio), 2560):
-        stream.feed(audio[i : i + 2560])
-        await asyncio.sleep(0.08 / speed)
-    await stream.finish()
-    await pump
-    return events
+    return await run_stream(stream, audio, between=lambda _: asyncio.sleep(0.08 / speed))
 
 
 def turn_infos(events: list) -> list[TurnEvent]:

@@ -32,21 +32,9 @@ def _clips(kind: str) -> list[dict]:
     return [c for c in turns_manifest()["clips"] if c["kind"] == kind]
 
 
-async def _paced(stream, audio: bytes, *, chunk: int = 2560) -> list:
+async def _paced(stream, audio: bytes) -> list:
     """Like run_stream, but each 80 ms frame is processed before the next is fed (a slow talker)."""
-    events: list = list(await stream.start())
-
-    async def collect() -> None:
-        async for item in stream.events():
-            events.append(item)
-
-    pump = asyncio.get_running_loop().create_task(collect())
-    for i in range(0, len(audio), chunk):
-        stream.feed(audio[i : i + chunk])
-        await settle(stream)
-    await stream.finish()
-    await pump
-    return events
+    return await run_stream(stream, audio, between=settle)
 
 
 async def _run_all(engine, audios: list[bytes], at_once: int = 4) -> list[list]:

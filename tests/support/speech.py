@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import wave
+from typing import Any
 from functools import cache
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def finals(events: list) -> list[TurnEvent]:
     return [e for e in events if isinstance(e, TurnEvent) and e.event == "EndOfTurn"]
 
 
-async def run_stream(stream: EngineStream, audio: bytes, *, chunk: int = 2560) -> list:
-    """Start ``stream``, feed ``audio`` in 80 ms frames as fast as it takes them, finish, collect."""
+async def run_stream(stream: EngineStream, audio: bytes, *, chunk: int = 2560, between: Any = None) -> list:
+    """Start ``stream``, feed ``audio`` in 80 ms frames, finish, collect. ``between(stream)`` is
+    awaited after each frame: by default nothing (as fast as it takes them); ``settle`` for a
+    talker who waits for each frame to be processed, a sleep for a paced one."""
     warnings = await stream.start()
     events: list = list(warnings)
 
@@ -68,7 +71,7 @@ async def run_stream(stream: EngineStream, audio: bytes, *, chunk: int = 2560) -
     pump = asyncio.get_running_loop().create_task(collect())
     for i in range(0, len(audio), chunk):
         stream.feed(audio[i : i + chunk])
-        await asyncio.sleep(0)
+        await (asyncio.sleep(0) if between is None else between(stream))
     await stream.finish()
     await pump
     return events
