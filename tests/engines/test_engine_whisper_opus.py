@@ -75,12 +75,15 @@ async def test_ogg_opus_and_raw_opus_transcribe_like_linear16(engine):
     print("WER by encoding:", {encoding: f"{value:.2%}" for encoding, value in errors.items()})
     assert errors["linear16"] <= 0.10, hypotheses["linear16"]
     for encoding in ("ogg-opus", "opus"):
-        # Not worse than linear16 by more than a point; better is Whisper's noise too, so only a
-        # looser bound that way. Measured on 2026-11-30: Ogg/Opus 7.58% against linear16's 7.07%
-        # (one word of 198), raw Opus 4.55-5.05% (4-5 words better: linear16 misheard "light
-        # rain" and "the dentist" where raw Opus did not). The two Opus paths go through
+        # Not worse than linear16 by more than two points (four words of 198; a broken decoder
+        # is off by tens); better is Whisper's noise too, so only a looser bound that way.
+        # Measured on 2026-11-30: Ogg/Opus 7.58% against linear16's 7.07% (one word of 198), raw
+        # Opus 4.55-5.05% (4-5 words better: linear16 misheard "light rain" and "the dentist"
+        # where raw Opus did not); on a machine whose CTranslate2 runs on oneDNN instead of MKL,
+        # Ogg/Opus 7.07% against 6.06% (two words: "a chance on eye-training evening" for
+        # linear16's "a chance of eye-training the evening"). The two Opus paths go through
         # different encoder set-ups, so their audio differs a little too.
-        assert errors[encoding] <= errors["linear16"] + 0.01, (errors, hypotheses[encoding], hypotheses["linear16"])
+        assert errors[encoding] <= errors["linear16"] + 0.02, (errors, hypotheses[encoding], hypotheses["linear16"])
         assert errors[encoding] >= errors["linear16"] - 0.03, (errors, hypotheses[encoding], hypotheses["linear16"])
 
 
