@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from relay.engines.base import StreamOptions
@@ -45,6 +46,13 @@ async def _run_all(engine, audios: list[bytes], at_once: int = 4) -> list[list]:
     return results
 
 
+def _offline(engine, audio: bytes) -> str:
+    """What faster-whisper's own offline transcription says of a clip (30 s window, beam search)."""
+    samples = np.frombuffer(audio, dtype=np.int16).astype(np.float32) / 32768
+    segments, _ = engine.runner.model.transcribe(samples, language="en", beam_size=engine.runner.beam_size, vad_filter=False)
+    return " ".join(s.text.strip() for s in segments)
+
+
 def _turns(events: list) -> list[tuple]:
     return [(e.transcript, e.audio_window_start, e.audio_window_end, e.trigger) for e in finals(events)]
 
@@ -57,17 +65,22 @@ async def test_short_turns_keep_their_first_word_at_stream_start_and_after_a_lon
     # After a long silence: another short turn first, then 5 s of nothing, then the clip.
     lead = pcm(f"turns/{clips[1]['file']}") + silence(5.0)
     later = await _run_all(engine, [lead + pcm(f"turns/{c['file']}") + silence(1.5) for c in clips])
-    wrong = []
+    worse, misheard = [], 0
     for clip, at_start, after in zip(clips, first, later):
         check_turn_grammar(at_start)
         check_turn_grammar(after)
         assert len(finals(at_start)) == 1 and len(finals(after)) == 2, (clip["file"], _turns(at_start), _turns(after))
+        offline = _offline(engine, pcm(f"turns/{clip['file']}"))
         for where, end in (("start", finals(at_start)[0]), ("after silence", finals(after)[1])):
-            if wer([clip["text"]], [end.transcript]) > 0:
-                wrong.append((clip["file"], where, end.transcript))
-    # Whisper base mishears a few synthetic one-word turns (flite's "No." as "Nope.", as
-    # faster-whisper does offline on the same clips); before the fix 8 of these 28 were wrong.
-    assert len(wrong) <= 3, wrong
+            misheard += wer([clip["text"]], [end.transcript]) > 0
+            if wer([clip["text"]], [end.transcript]) > wer([clip["text"]], [offline]):
+                worse.append((clip["file"], where, end.transcript, offline))
+    # As well as offline faster-whisper on the same clip with the same model, on this machine's
+    # numerics: Whisper base itself mishears a few synthetic one-word turns (flite's "No." as
+    # "Nope.", espeak-ng's "Hello world." as "The Long Whirls" where CTranslate2 runs on oneDNN).
+    # Before the fix 8 of these 28 were wrong.
+    print(f"short turns misheard: {misheard} of {2 * len(clips)}; worse than offline: {worse}")
+    assert not worse, worse
 
 
 @slow
