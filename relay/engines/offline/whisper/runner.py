@@ -61,6 +61,10 @@ class Decoded:
     #: Finals only: how likely the text is a finished utterance, from 0 to 1 (see
     #: :meth:`WhisperModelRunner.completion`); None when not measured.
     complete: float | None = None
+    #: Finals only (set by stream.decode_span): the sample of the turn's audio where its last loud
+    #: 10 ms ends, and the mean square that counted as loud; None when the span was not found.
+    speech_end: int | None = None
+    loud: float | None = None
 
 
 def compression_ratio(text: str) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -59,10 +59,49 @@ LOUD_BELOW_PEAK = 0.01  # amplitude ratio (-40 dB) to the turn's loudest 10 ms
 LOUD_FLOOR = 10 ** (-55 / 20)  # never quieter than -55 dBFS
 LOUD_OVER_NOISE = 10 ** (10 / 20)  # nor than 10 dB over the noise (the quietest tenth of the audio)
 QUIET_GAP = int(0.15 * RATE)  # a quieter stretch this long separates two stretches of speech
+#: A pause is measured in samples from where the speculative final's speech ends, not in VAD
+#: windows, and speech that resumes is placed where its loud stretch starts: so whether a pause
+#: ends the turn depends on the audio alone, not on where the 32 ms windows fall. A pause long
+#: enough to end the turn with a loud stretch that began inside it and goes on waits this much
+#: more for the VAD to call it speech (the turn goes on) or not (it ends).
+RESUME_WAIT_S = 0.128
 
 
-def speech_span(pcm: np.ndarray, final: bool, speech_at: int = 0, context: int = 0) -> tuple[int, int, int]:
-    """``(start, onset, end)`` of ``pcm`` to decode; ``speech_at``: about where the VAD heard the turn's
+class Span(NamedTuple):
+    start: int  # the first sample to decode
+    onset: int  # where the turn's speech starts
+    end: int  # one past the last sample to decode (may pass the audio's end: digital silence)
+    speech_end: int | None = None  # one past the last loud 10 ms; None: no span found in the samples
+    loud: float | None = None  # the mean square that counted as loud
+
+
+def _power(pcm: np.ndarray) -> np.ndarray:
+    """The mean square of the 10 ms after each sample (``pcm.size - LOUD_SAMPLES`` values)."""
+    sums = np.cumsum(np.square(pcm, dtype=np.float64))
+    return (sums[LOUD_SAMPLES:] - sums[:-LOUD_SAMPLES]) / LOUD_SAMPLES
+
+
+def _stretches(loud: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends (last loud sample) of the runs in ``loud`` (sorted sample indices) that no
+    quiet stretch of QUIET_GAP splits."""
+    cuts = np.flatnonzero(np.diff(loud) > QUIET_GAP)  # loud[cut] ends a stretch, loud[cut + 1] starts the next
+    return np.concatenate(([loud[0]], loud[cuts + 1])), np.concatenate((loud[cuts], [loud[-1]]))
+
+
+def loud_stretches(pcm: np.ndarray, loud: float) -> list[tuple[int, int]]:
+    """``(start, end)`` of each loud stretch of ``pcm`` (end: one past its last loud 10 ms), by the
+    ``loud`` mean square a final's :class:`Span` found."""
+    if pcm.size <= LOUD_SAMPLES:
+        return []
+    at = np.flatnonzero(_power(pcm) >= loud)
+    if not at.size:
+        return []
+    starts, ends = _stretches(at)
+    return [(int(a), int(b) + LOUD_SAMPLES) for a, b in zip(starts, ends)]
+
+
+def speech_span(pcm: np.ndarray, final: bool, speech_at: int = 0, context: int = 0) -> Span:
+    """The :class:`Span` of ``pcm`` to decode; ``speech_at``: about where the VAD heard the turn's
     speech begin; ``context``: how many samples of ``pcm`` come from before the turn.
 
     Loud: a mean square over 10 ms, at any sample, within LOUD_BELOW_PEAK of the loudest 10 ms
@@ -76,9 +115,8 @@ def speech_span(pcm: np.ndarray, final: bool, speech_at: int = 0, context: int =
     loud sample, or noise as loud as speech running back into the context): the turn's own audio.
     """
     if pcm.size <= LOUD_SAMPLES:
-        return context, context, pcm.size
-    sums = np.cumsum(np.square(pcm, dtype=np.float64))
-    power = (sums[LOUD_SAMPLES:] - sums[:-LOUD_SAMPLES]) / LOUD_SAMPLES  # the 10 ms after each sample
+        return Span(context, context, pcm.size)
+    power = _power(pcm)
     peak = float(power[min(max(0, speech_at), power.size - 1) :].max())  # the turn's speech, not the context's
     every = power[:: LOUD_SAMPLES]
     noise = float(np.partition(every, every.size // 10)[every.size // 10])
@@ -86,21 +124,19 @@ def speech_span(pcm: np.ndarray, final: bool, speech_at: int = 0, context: int =
     threshold = 10 ** (round(10 * np.log10(threshold)) / 10)  # in whole dB: a hair more noise moves nothing
     loud = np.flatnonzero(power >= threshold)
     if not loud.size:
-        return context, context, pcm.size
-    cuts = np.flatnonzero(np.diff(loud) > QUIET_GAP)  # loud[cut] ends a stretch, loud[cut + 1] starts the next
-    starts = np.concatenate(([loud[0]], loud[cuts + 1]))
-    ends = np.concatenate((loud[cuts], [loud[-1]]))
+        return Span(context, context, pcm.size)
+    starts, ends = _stretches(loud)
     k = min(int(np.searchsorted(ends, speech_at)), ends.size - 1)  # the stretch going on at speech_at, or the next
     onset = int(starts[k])
-    floor = int(loud[cuts[k - 1]]) + LOUD_SAMPLES if k > 0 else 0
+    floor = int(ends[k - 1]) + LOUD_SAMPLES if k > 0 else 0
     # The previous turn ended on a pause, so its speech is in the context and this turn's starts
     # after it. When no quiet stretch tells them apart (noise as loud as speech), decode the
     # turn's own audio as the VAD cut it rather than risk the last turn's words.
     if onset < context - LOUD_SAMPLES:
-        return context, context, pcm.size
+        return Span(context, context, pcm.size)
     start = max(floor, onset - int(ANCHOR_LEAD_S * RATE))
-    end = int(loud[-1]) + LOUD_SAMPLES + int(ANCHOR_TAIL_S * RATE) if final else pcm.size
-    return start, onset, end
+    speech_end = int(loud[-1]) + LOUD_SAMPLES
+    return Span(start, onset, speech_end + int(ANCHOR_TAIL_S * RATE) if final else pcm.size, speech_end, threshold)
 
 
 def decode_span(decode: Any, pcm: np.ndarray, context: int, speech_at: int, final: bool, hotwords: str | None, *language: str | None,
@@ -113,13 +149,15 @@ def decode_span(decode: Any, pcm: np.ndarray, context: int, speech_at: int, fina
     settles it and a final that comes before any such Update find the same language, however
     much audio each happened to have.
     """
-    start, onset, end = speech_span(pcm, final, speech_at, context)
+    start, onset, end, speech_end, loud = speech_span(pcm, final, speech_at, context)
     piece = pcm[start:end]
     if end > pcm.size:  # a final read before ANCHOR_TAIL_S of the pause came: the rest as digital silence
         piece = np.concatenate((piece, np.zeros(end - pcm.size, dtype=pcm.dtype)))
     if detect is not None and language == (None,) and piece.size >= LANGUAGE_LOCK_S * RATE:
         language = (detect(piece[: int(LANGUAGE_LOCK_S * RATE)]),)
     decoded: Decoded = decode(piece, final, hotwords, *language)
+    if final and speech_end is not None:
+        decoded.speech_end, decoded.loud = speech_end - context, loud
     if start != context:
         # Word times from the turn's start; none before the speech (Whisper puts the first word's
         # start anywhere in the lead), nor before the turn.
@@ -170,8 +208,41 @@ class WhisperStream(OfflineStream):
         return None if self.options.eot_timeout_ms is None else self.options.eot_timeout_ms / 1000
 
     def _decide_at(self) -> float:
-        """Silence at which the speculative final is read (and waited for, if still decoding)."""
-        return max(self.engine.speculate_s + WINDOW_S, self.engine.eot_complete_s * self._scale())
+        """VAD silence at which the speculative final is read (and waited for, if still decoding):
+        a window after it starts, so that every pause is measured from where its speech ends."""
+        return self.engine.speculate_s + WINDOW_S
+
+    def _limit(self) -> tuple[float | None, str]:
+        """(pause that ends the turn, its trigger): the hangover once the speculative final is read,
+        or ``eot_timeout_ms`` when that comes first; None: neither applies yet."""
+        timeout = self._timeout()
+        if self.hangover is not None and (timeout is None or self.hangover <= timeout):
+            return self.hangover, "model"
+        return timeout, "timeout"
+
+    def _pause(self) -> float:
+        """Seconds of pause: from where the speculative final's speech ends, once it is read and
+        found it; before that (or when it found none), the VAD's silence."""
+        if self.speech_end is None:
+            return self.silence
+        return (self.turn_samples - self.speech_end) / RATE
+
+    def _stretches_since(self, at: int) -> list[tuple[int, int]]:
+        """The loud stretches of the turn's audio from sample ``at`` on, in samples from there."""
+        assert self.loud is not None
+        first = at // WINDOW
+        pcm = np.concatenate(self.turn_audio[first:]) if len(self.turn_audio) > first else np.zeros(0, dtype=np.float32)
+        return loud_stretches(pcm[at - first * WINDOW :], self.loud)
+
+    def _may_speculate(self) -> bool:
+        """After a speculative final found the speech going on past its audio: not before that
+        loud stretch has been quiet for ``speculate_ms`` in the samples too (or the VAD's silence
+        is as long as the longest hangover), so the next one has all of it."""
+        if self.respec_from is None or self.silence >= self.engine.eot_incomplete_s * self._scale():
+            return True
+        stretches = self._stretches_since(self.respec_from)
+        heard = self.turn_samples - self.respec_from
+        return not stretches or heard - stretches[-1][1] >= self.engine.speculate_s * RATE
 
     def _hangover(self, decoded: Decoded | None) -> tuple[float, float]:
         """(silence that ends the turn, how finished the utterance reads, 0..1) for a speculative final.
@@ -250,6 +321,9 @@ class WhisperStream(OfflineStream):
         self.last_decoded: Decoded | None = None
         self.hangover: float | None = None  # silence that ends this pause's turn, once the spec is read
         self.finished = 0.0  # how finished the spec's text reads (0..1)
+        self.speech_end: int | None = None  # sample of turn_audio where the spec's speech ends (see _pause)
+        self.loud: float | None = None  # the mean square the turn's last speculative final counted as loud
+        self.respec_from: int | None = None  # a spec's speech_end, when the speech went on past it (_may_speculate)
         self.turn_language: str | None = self.pinned  # flux-general-multi: settled for this turn
 
     def _now(self) -> float:
@@ -395,8 +469,11 @@ class WhisperStream(OfflineStream):
         self.turn_audio.append(window)
         self.turn_samples += window.size
         speaking = prob >= SPEECH_OFF if self.silence == 0.0 else prob >= SPEECH_ON
+        if speaking and self.silence and self.speech_end is not None and await self._resumed_after_the_end(window, prob):
+            return
         if speaking:
             self.silence = 0.0
+            self.respec_from = None
             self.speech_since_update += WINDOW_S
             self._drop_spec()  # speech went on: a speculative final is stale
             if self.eager_sent:
@@ -410,7 +487,20 @@ class WhisperStream(OfflineStream):
             return
         # The speculative final decodes exactly the turn's audio up to speculate_ms into the
         # pause, whatever the pace or the load, so the same audio always gives the same final.
-        if self.silence >= self.engine.speculate_s and self.spec is None:
+        if self.speech_end is not None:
+            stretches = self._stretches_since(self.speech_end)
+            if stretches and stretches[0][0] < QUIET_GAP:
+                # The speech's own loud stretch (a trailing consonant the VAD calls silence) goes
+                # on past the audio the speculative final had, which thus depended on where the
+                # VAD's windows fell: decode again once it is over.
+                respec_from = self.speech_end
+                self._drop_spec()
+                self.respec_from = respec_from
+                if self.eager_sent:  # as when speech resumes: the EndOfTurn will come from the next one
+                    self.eager_sent = False
+                    self._out(self._turn_event("TurnResumed", self.last_decoded))
+        if self.silence >= self.engine.speculate_s and self.spec is None and self._may_speculate():
+            self.respec_from = None
             self.spec = self._launch(final=True)
         if self.spec is not None and self.hangover is None and self.silence >= self._decide_at():
             if not self.spec.done():
@@ -427,19 +517,52 @@ class WhisperStream(OfflineStream):
         spec = self.spec
         ok = spec is not None and spec.done() and not spec.cancelled() and spec.exception() is None
         # A failed decode decides nothing here: end_turn_now reports it with the EndOfTurn.
-        self.hangover, self.finished = self._hangover(spec.result() if ok else None)  # type: ignore[union-attr]
+        decoded: Decoded | None = spec.result() if ok else None  # type: ignore[union-attr]
+        self.hangover, self.finished = self._hangover(decoded)
+        if decoded is not None and decoded.speech_end is not None and decoded.speech_end <= self.turn_samples:
+            self.speech_end, self.loud = decoded.speech_end, decoded.loud
+
+    async def _resumed_after_the_end(self, window: np.ndarray, prob: float) -> bool:
+        """The VAD hears speech again in a measured pause: True when it starts (its loud stretch,
+        or this window when nothing is loud) a pause long enough to end the turn after its speech
+        ended. Then the turn ends there and this window begins the next one's pre-roll."""
+        limit, trigger = self._limit()
+        if limit is None:
+            return False
+        stretches = self._stretches_since(self.speech_end)  # type: ignore[arg-type]
+        onset = stretches[-1][0] if stretches else self.turn_samples - window.size - self.speech_end  # type: ignore[operator]
+        if onset < limit * RATE:
+            return False
+        self.turn_audio.pop()
+        self.turn_samples -= window.size
+        self.windows_done -= 1  # the turn's audio window ends before this one
+        await self.end_turn_now(trigger)
+        self.windows_done += 1
+        self.preroll = [window]
+        self.speech_run = 1 if prob >= SPEECH_ON else 0
+        return True
 
     async def _decide(self) -> None:
-        timeout = self._timeout()
+        limit, trigger = self._limit()
+        pause = self._pause()
         if self.hangover is not None:
             ratio = self._eager_ratio()
-            if ratio is not None and not self.eager_sent and self.silence >= self.hangover * ratio and self._spec_ok():
+            if ratio is not None and not self.eager_sent and pause >= self.hangover * ratio and self._spec_ok():
                 self._send_eager(self.spec)  # type: ignore[arg-type]
-            if self.silence >= self.hangover and (timeout is None or self.hangover <= timeout):
-                await self.end_turn_now("model")
+        if limit is None or pause < limit:
+            return
+        if self.speech_end is not None and pause < limit + RESUME_WAIT_S:
+            # The last 10 ms heard cannot be called loud or not yet: wait until all of the pause
+            # up to the limit can. Then, something loud began inside the pause and goes on: speech
+            # resuming in time (the turn goes on) unless the VAD still calls it silence
+            # RESUME_WAIT_S after the limit.
+            if pause < limit + LOUD_SAMPLES / RATE:
                 return
-        if timeout is not None and self.silence >= timeout:
-            await self.end_turn_now("timeout")
+            stretches = self._stretches_since(self.speech_end)
+            heard = self.turn_samples - self.speech_end
+            if stretches and stretches[-1][0] < limit * RATE and heard - stretches[-1][1] < QUIET_GAP:
+                return
+        await self.end_turn_now(trigger)
 
     def _eager_ratio(self) -> float | None:
         """``eager_eot_threshold / eot_threshold``: EagerEndOfTurn at that share of the hangover."""
@@ -457,6 +580,7 @@ class WhisperStream(OfflineStream):
         self.spec = None
         self.hangover = None
         self.finished = 0.0
+        self.speech_end = None
 
     def _maybe_update(self) -> None:
         if self.eager_sent:
