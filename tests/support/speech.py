@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import wave
-from typing import Any
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import jiwer
 
