@@ -68,7 +68,7 @@ bench: install-dev
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # A bounded soak with reconnect churn: memory over time and the four stability metrics.
-SOAK_ARGS ?= --minutes 10 --streams 50
+SOAK_ARGS ?= --minutes 30 --streams 50
 soak: install-dev
 	$(PY) -m bench.soak $(SOAK_ARGS)
 

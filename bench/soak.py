@@ -1,6 +1,6 @@
 """``make soak``: a bounded soak of the relay as deployed, with reconnect churn.
 
-    python -m bench.soak --minutes 10 --streams 50            # the acceptance soak (about 10 minutes)
+    python -m bench.soak --minutes 30 --streams 50            # the acceptance soak (make soak; 30 minutes)
     python -m bench.soak --minutes 1 --streams 10 --out /tmp/soak
 
 Two daphne processes (``--processes``) share Redis (pub/sub layer) and a fresh PostgreSQL
