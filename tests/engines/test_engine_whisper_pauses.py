@@ -4,8 +4,9 @@ identical transcripts).
 
 The decoder is swapped for one that reads every final as a finished sentence, so every pause's
 hangover is ``eot_complete_ms`` (300 ms); the Silero VAD and the turn machine are the real ones.
-Two utterances from two synthesizers, the pause between them swept across the hangover, each
-streamed at several offsets against the windows: every offset must split (or not) alike.
+Two utterances in two flite voices (rms, awb), the pause between them swept across the
+hangover, each streamed at several offsets against the windows: every offset must split (or
+not) alike.
 """
 from __future__ import annotations
 
