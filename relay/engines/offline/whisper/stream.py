@@ -533,11 +533,9 @@ class WhisperStream(OfflineStream):
         onset = stretches[-1][0] if stretches else self.turn_samples - window.size - self.speech_end  # type: ignore[operator]
         if onset < limit * RATE:
             return False
-        self.turn_audio.pop()
+        self.turn_audio.pop()  # the turn's audio window ends before this one
         self.turn_samples -= window.size
-        self.windows_done -= 1  # the turn's audio window ends before this one
         await self.end_turn_now(trigger)
-        self.windows_done += 1
         self.preroll = [window]
         self.speech_run = 1 if prob >= SPEECH_ON else 0
         return True
@@ -635,7 +633,7 @@ class WhisperStream(OfflineStream):
         threshold = self.options.eot_threshold or DEFAULT_EOT_THRESHOLD
         # model: at or above the threshold, the more so the more finished the words read.
         confidence = {"model": round(threshold + (1 - threshold) * self.finished, 3), "timeout": 0.5}.get(trigger, 1.0)
-        window = (self.turn, self.turn_start, self._now())
+        window = (self.turn, self.turn_start, self.turn_start + self.turn_samples / RATE)  # up to the turn's last window
         fed_at = self.fed_at  # the turn's end arrived with this batch, not with the one after its decode
 
         async def final() -> TurnEvent:
