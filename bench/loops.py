@@ -23,16 +23,12 @@ VAD_WINDOW = 512
 async def run_case(engine, clip: str, gap_s: float, loops: int) -> tuple[list[list[str]], int]:
     """Each loop's finals, and a loop's length in samples."""
     from relay.engines.base import StreamOptions
-    from tests.support.speech import check_turn_grammar, finals, pcm, run_stream, silence
+    from tests.support.speech import check_turn_grammar, finals_per_loop, pcm, run_stream, silence
 
     audio = pcm(clip) + silence(gap_s)
     events = await run_stream(engine.open_stream(StreamOptions()), audio * loops)
     check_turn_grammar(events)
-    loop_s = len(audio) / 2 / 16000
-    per_loop: list[list[str]] = [[] for _ in range(loops)]
-    for end in finals(events):
-        per_loop[min(loops - 1, int(end.audio_window_start // loop_s))].append(end.transcript)
-    return per_loop, len(audio) // 2
+    return finals_per_loop(events, audio, loops), len(audio) // 2
 
 
 async def main() -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from relay.engines.base import StreamOptions
 from relay.engines.offline.whisper import WhisperEngine
-from tests.support.speech import check_turn_grammar, finals, pcm, run_stream, settle, silence, turns_manifest, wer
+from tests.support.speech import check_turn_grammar, finals, finals_per_loop, pcm, run_stream, settle, silence, turns_manifest, wer
 
 slow = pytest.mark.slow
 
@@ -141,10 +141,7 @@ async def test_one_stream_repeating_a_recording_five_times_gives_five_identical_
     assert (len(audio) // 2) % 512
     events = await run_stream(engine.open_stream(StreamOptions()), audio * 5)
     check_turn_grammar(events)
-    loop_s = len(audio) / 2 / 16000
-    loops: list[list[str]] = [[] for _ in range(5)]
-    for end in finals(events):
-        loops[min(4, int(end.audio_window_start // loop_s))].append(end.transcript)
+    loops = finals_per_loop(events, audio, 5)
     assert loops[0] and all(loop == loops[0] for loop in loops), loops
 
 

@@ -57,6 +57,16 @@ def finals(events: list) -> list[TurnEvent]:
     return [e for e in events if isinstance(e, TurnEvent) and e.event == "EndOfTurn"]
 
 
+def finals_per_loop(events: list, loop: bytes, loops: int) -> list[list[str]]:
+    """The EndOfTurn transcripts of a stream of ``loop`` repeated ``loops`` times, by the loop
+    their audio window starts in."""
+    loop_s = len(loop) / 2 / 16000
+    per_loop: list[list[str]] = [[] for _ in range(loops)]
+    for end in finals(events):
+        per_loop[min(loops - 1, int(end.audio_window_start // loop_s))].append(end.transcript)
+    return per_loop
+
+
 async def run_stream(stream: EngineStream, audio: bytes, *, chunk: int = 2560, between: Any = None) -> list:
     """Start ``stream``, feed ``audio`` in 80 ms frames, finish, collect. ``between(stream)`` is
     awaited after each frame: by default nothing (as fast as it takes them); ``settle`` for a
