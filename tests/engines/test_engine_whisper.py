@@ -14,6 +14,7 @@ import soxr
 from relay.flux.audio import from_int16
 from relay.engines.base import TRIGGER_END_OF_STREAM, StreamOptions
 from relay.engines.offline.whisper import BUNDLED_MODEL_SHA256, WhisperEngine, bundled_model_dir, check_model_dir
+from relay.engines.offline.whisper.engine import REFERENCE_ENCODE_S, default_capacity
 from relay.exceptions import Capacity, EngineUnavailable
 from tests.support.speech import check_turn_grammar, finals, manifest, pcm, run_stream, silence, turns_manifest, wer
 
@@ -135,6 +136,32 @@ async def test_capacity_is_refused_past_max_streams_and_freed_on_finish(engine):
     assert engine.active == 0
     again = engine.open_stream(StreamOptions())
     await again.abort()
+
+
+def test_the_default_cap_scales_with_the_speed_of_the_box():
+    assert default_capacity(2, REFERENCE_ENCODE_S) == 2  # the box it was measured on
+    assert default_capacity(2, REFERENCE_ENCODE_S / 3) == 6  # three times as fast
+    assert default_capacity(4, REFERENCE_ENCODE_S / 2.5) == 10
+    assert default_capacity(2, REFERENCE_ENCODE_S * 3) == 2  # never below one stream per worker
+    assert default_capacity(2, REFERENCE_ENCODE_S / 100) == 16  # nor above eight per worker
+
+
+@slow
+async def test_without_max_streams_the_cap_is_measured_when_the_model_loads(engine):
+    assert engine.encode_seconds is None and engine.max_streams == 3  # set by the operator: not measured
+    measured = WhisperEngine("whisper-cap-test", {"workers": 2})
+    try:
+        await measured.wait_loaded()
+        assert measured.encode_seconds is not None and 0 < measured.encode_seconds < 5
+        assert measured.max_streams == default_capacity(2, measured.encode_seconds) >= 2
+        streams = [measured.open_stream(StreamOptions()) for _ in range(measured.max_streams)]
+        with pytest.raises(Capacity, match=f"maximum of {measured.max_streams} streams"):
+            measured.open_stream(StreamOptions())
+        await asyncio.gather(*(s.start() for s in streams))
+        await asyncio.gather(*(s.abort() for s in streams))
+        assert measured.active == 0
+    finally:
+        measured.close()
 
 
 def test_model_directory_checks(tmp_path):

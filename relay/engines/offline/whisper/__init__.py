@@ -35,7 +35,8 @@ How a turn is made:
 
 The model is loaded once per process (in a background thread, so the event loop never waits on
 it) and shared by every stream; decodes run in a :class:`~relay.engines.offline.pool.WorkerPool`
-sized by ``workers``. New streams get ``Capacity`` past ``max_streams`` or when decodes queue.
+sized by ``workers``. New streams get ``Capacity`` past ``max_streams`` (by default measured from
+the box's speed when the model loads: :func:`.engine.default_capacity`) or when decodes queue.
 
 The parts:
 

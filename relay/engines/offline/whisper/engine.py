@@ -22,6 +22,24 @@ from .vad import SileroVad
 
 log = get_logger("relay.engines.offline.whisper")
 
+#: The default cap on streams comes from the box's speed. Measured with `make bench-engines` on a
+#: 2-core box (two workers; docs/engines.md, "Workers and capacity"): 2 real-time speakers kept
+#: EndOfTurn p95 under 1 s (0.91 s), 3 did not (1.10 s), 8 got 3.5 s. On that box
+#: :meth:`WhisperModelRunner.encode_seconds` took REFERENCE_ENCODE_S. A box that encodes k times as
+#: fast gets k times the streams per worker, never fewer than one per worker nor more than
+#: MAX_STREAMS_PER_WORKER.
+REFERENCE_STREAMS_PER_WORKER = 1.0
+REFERENCE_ENCODE_S = 0.090
+MAX_STREAMS_PER_WORKER = 8
+
+
+def default_capacity(workers: int, encode_seconds: float) -> int:
+    """Streams one process serves by default: the reference box's figure scaled by this box's speed."""
+    workers = max(1, workers)
+    speed = REFERENCE_ENCODE_S / encode_seconds if encode_seconds > 0 else 1.0
+    streams = int(REFERENCE_STREAMS_PER_WORKER * workers * speed + 1e-9)
+    return min(MAX_STREAMS_PER_WORKER * workers, max(workers, streams))
+
 
 class WhisperEngine(OfflineEngine):
     """Options: model_dir, model_sha256, cache_dir, compute_type, workers, cpu_threads, max_streams,
@@ -36,9 +54,11 @@ class WhisperEngine(OfflineEngine):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: faster-whisper never downloads
         opts = self.options
         self.workers = int(opts.get("workers") or os.cpu_count() or 1)
-        # Four real-time streams per worker: measured on 2 cores, 8 streams kept EndOfTurn p95 at 1 s
-        # with the accuracy of one stream (docs/engines.md, "Workers and capacity").
-        self.max_streams = int(opts.get("max_streams") or 4 * self.workers)
+        # Set by the operator, or measured when the model loads (default_capacity); until then, the
+        # reference box's figure.
+        self.capacity_measured = not opts.get("max_streams")
+        self.max_streams = int(opts.get("max_streams") or default_capacity(self.workers, REFERENCE_ENCODE_S))
+        self.encode_seconds: float | None = None
         self.update_interval_s = float(opts.get("update_interval_ms", 600)) / 1000
         self.first_update_s = float(opts.get("first_update_ms", 250)) / 1000
         self.speculate_s = float(opts.get("speculate_ms", 64)) / 1000
@@ -75,8 +95,19 @@ class WhisperEngine(OfflineEngine):
                 beam_size=int(opts.get("beam_size", 5)),
             )
             self.vad = SileroVad()
+            if self.capacity_measured:
+                self.encode_seconds = self.runner.encode_seconds()
+                self.max_streams = default_capacity(self.workers, self.encode_seconds)
             self.load_seconds = time.monotonic() - started
-            log.info("whisper_loaded", alias=self.alias, path=str(path), seconds=round(self.load_seconds, 2), workers=self.workers)
+            log.info(
+                "whisper_loaded",
+                alias=self.alias,
+                path=str(path),
+                seconds=round(self.load_seconds, 2),
+                workers=self.workers,
+                max_streams=self.max_streams,
+                encode_ms=None if self.encode_seconds is None else round(self.encode_seconds * 1000, 1),
+            )
             self._loaded.set_result(True)
         except EngineUnavailable as exc:
             log.error("whisper_unavailable", alias=self.alias, reason=exc.description)

@@ -258,6 +258,20 @@ class WhisperModelRunner:
         window[:, :n] = features[:, :n]
         return self.model.encode(window)
 
+    def encode_seconds(self, runs: int = 3) -> float:
+        """The box's speed: the fastest of ``runs`` encodes of an 8 s window (an Update's), in seconds.
+
+        The window is silence, so the figure does not depend on what was said; the fastest run is
+        the one least disturbed by other work on the box.
+        """
+        window = np.full((self.n_mels, MIN_WINDOW_FRAMES), SILENCE_MEL, dtype=np.float32)
+        best = float("inf")
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.model.encode(window)
+            best = min(best, time.perf_counter() - started)
+        return best
+
     def detect_audio(self, audio: np.ndarray, candidates: frozenset[str] | None = None, prior: str | None = None) -> str:
         """The language of ``audio`` on its own encoding (as :meth:`detect`), in the shortest window."""
         features = self.model.feature_extractor(audio)
