@@ -26,19 +26,22 @@ log = get_logger("relay.engines.offline.whisper")
 #: 2-core box (two workers; docs/engines.md, "Workers and capacity"): 2 real-time speakers kept
 #: EndOfTurn p95 under 1 s (0.91 s), 3 did not (1.10 s), 8 got 3.5 s. On that box
 #: :meth:`WhisperModelRunner.encode_seconds` took REFERENCE_ENCODE_S. A box that encodes k times as
-#: fast gets k times the streams per worker, never fewer than one per worker nor more than
-#: MAX_STREAMS_PER_WORKER.
-REFERENCE_STREAMS_PER_WORKER = 1.0
+#: fast gets k times the streams per decoding core (a worker on a core of its own), never fewer
+#: than one per core nor more than MAX_STREAMS_PER_CORE.
+REFERENCE_STREAMS_PER_CORE = 1.0
 REFERENCE_ENCODE_S = 0.090
-MAX_STREAMS_PER_WORKER = 8
+MAX_STREAMS_PER_CORE = 8
 
 
-def default_capacity(workers: int, encode_seconds: float) -> int:
-    """Streams one process serves by default: the reference box's figure scaled by this box's speed."""
-    workers = max(1, workers)
+def default_capacity(cores: int, encode_seconds: float) -> int:
+    """Streams one process serves by default: the reference box's figure scaled by this box's speed.
+
+    ``cores``: the workers that decode at once on cores of their own (workers, at most the CPU count).
+    """
+    cores = max(1, cores)
     speed = REFERENCE_ENCODE_S / encode_seconds if encode_seconds > 0 else 1.0
-    streams = int(REFERENCE_STREAMS_PER_WORKER * workers * speed + 1e-9)
-    return min(MAX_STREAMS_PER_WORKER * workers, max(workers, streams))
+    streams = int(REFERENCE_STREAMS_PER_CORE * cores * speed + 1e-9)
+    return min(MAX_STREAMS_PER_CORE * cores, max(cores, streams))
 
 
 class WhisperEngine(OfflineEngine):
@@ -57,7 +60,8 @@ class WhisperEngine(OfflineEngine):
         # Set by the operator, or measured when the model loads (default_capacity); until then, the
         # reference box's figure.
         self.capacity_measured = not opts.get("max_streams")
-        self.max_streams = int(opts.get("max_streams") or default_capacity(self.workers, REFERENCE_ENCODE_S))
+        self.cores = min(self.workers, os.cpu_count() or self.workers)
+        self.max_streams = int(opts.get("max_streams") or default_capacity(self.cores, REFERENCE_ENCODE_S))
         self.encode_seconds: float | None = None
         self.update_interval_s = float(opts.get("update_interval_ms", 600)) / 1000
         self.first_update_s = float(opts.get("first_update_ms", 250)) / 1000
@@ -97,7 +101,7 @@ class WhisperEngine(OfflineEngine):
             self.vad = SileroVad()
             if self.capacity_measured:
                 self.encode_seconds = self.runner.encode_seconds()
-                self.max_streams = default_capacity(self.workers, self.encode_seconds)
+                self.max_streams = default_capacity(self.cores, self.encode_seconds)
             self.load_seconds = time.monotonic() - started
             log.info(
                 "whisper_loaded",
