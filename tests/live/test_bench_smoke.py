@@ -85,3 +85,15 @@ def test_bench_engines_quick_writes_the_report(tmp_path):
     report = (tmp_path / "engines.md").read_text()
     assert "| streams | served / refused |" in report and "Determinism:" in report and "Short turns" in report
     assert (tmp_path / "engines.png").stat().st_size > 1000
+
+
+def test_decode_cost_prints_the_speed_and_the_conversations_turns():
+    """`python -m bench.decode_cost` (the runner and the engine interface; no relay) runs end to end."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.decode_cost", "--parts", "speed,turns", "--repeat", "1"],
+        cwd=ROOT, check=True, timeout=600, capture_output=True, text=True,
+    ).stdout
+    speed = out.split("five times: ")[1].splitlines()[0]
+    assert len([ms for ms in speed.split(", ") if float(ms.removesuffix(" ms")) > 0]) == 5, out
+    rows = [line for line in out.splitlines() if line.startswith("| conv_")]
+    assert {row.split(" | ")[0] for row in rows} == {"| conv_a.wav", "| conv_b.wav"} and len(rows) >= 10, out

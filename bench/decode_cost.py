@@ -1,0 +1,192 @@
+"""Where a whisper final's time goes, and what the turn machine makes of the turn-taking set,
+through the runner and the engine interface alone (no relay): the figures behind docs/engines.md,
+"Workers and capacity" and the second machine's measurements.
+
+Parts (``--parts``, default all), each printed as a markdown table:
+
+* ``stages``: one beam-5 final per sentence with a pause inside it (tests/fixtures/speech/turns,
+  the audio up to the pause, with 0.4 s of lead as a turn gets), timed stage by stage: features,
+  encode (a turn under 3 s is encoded in a 20 s window), beam-5 and greedy generation,
+  alignment, the completion pass, and ``runner.decode`` whole;
+* ``speed``: what the engine measures at load to set its default cap
+  (``WhisperModelRunner.encode_seconds``, the fastest of three 8 s encodes), five times over;
+* ``threads``: a 20 s encode with ``cpu_threads`` 1 and 2 (two workers each), alone and two at once;
+* ``completion``: the completion probability of every cut of the set: each pause inside a
+  sentence (where the turn must go on) and each turn's end (where it may close);
+* ``turns``: both conversations streamed through one whisper stream at full speed: every
+  EndOfTurn's audio window, confidence and transcript, beside where each turn's speech ends.
+
+    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+RATE = 16000
+LEAD_S = 0.4  # audio before a turn's first word that its decode gets (stream.ANCHOR_LEAD_S)
+TAIL_S = 0.05  # and after its last (stream.ANCHOR_TAIL_S)
+
+
+def samples(name: str) -> np.ndarray:
+    from tests.support.speech import pcm
+
+    return np.frombuffer(pcm("turns/" + name), dtype="<i2").astype(np.float32) / 32768
+
+
+def cut(audio: np.ndarray, start: float, end: float) -> np.ndarray:
+    return audio[max(0, int((start - LEAD_S) * RATE)) : int((end + TAIL_S) * RATE)]
+
+
+def first_halves() -> list[tuple[str, np.ndarray]]:
+    from tests.support.speech import turns_manifest
+
+    return [(c["file"], cut(samples(c["file"]), c["speech_start"], c["pauses"][0]["start"]))
+            for c in turns_manifest()["clips"] if c["kind"] == "pause"]
+
+
+def timed(fn, *args, repeat: int, **kwargs):
+    best, value = float("inf"), None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        value = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - started)
+    return best, value
+
+
+def stages(runner, repeat: int) -> None:
+    from relay.engines.offline.whisper import runner as R
+
+    tok = runner.tokenizer
+    prompt = runner.model.get_prompt(tok, [], without_timestamps=True)
+    rows: dict[str, list[float]] = {}
+    for name, audio in first_halves():
+        seconds = audio.size / RATE
+        t, features = timed(runner.model.feature_extractor, audio, repeat=repeat)
+        rows.setdefault("features", []).append(t)
+        n = features.shape[-1]
+        frames = min(R.MAX_FRAMES, max(R.SHORT_WINDOW_FRAMES if seconds < R.SHORT_TURN_S else R.MIN_WINDOW_FRAMES,
+                                       -(-(n + R.PAD_FRAMES) // 100) * 100))
+        t, encoded = timed(runner._encode, features, frames, repeat=repeat)
+        rows.setdefault(f"encode ({frames // 100} s window)", []).append(t)
+        options = dict(max_length=len(prompt) + int(10 * seconds) + 10, suppress_blank=True, suppress_tokens=runner.suppress)
+        t, result = timed(runner.model.model.generate, encoded, [prompt], beam_size=runner.beam_size, repeat=repeat, **options)
+        rows.setdefault(f"generate, beam {runner.beam_size}", []).append(t)
+        t, _ = timed(runner.model.model.generate, encoded, [prompt], beam_size=1, repeat=repeat, **options)
+        rows.setdefault("generate, greedy (an Update's)", []).append(t)
+        tokens = [x for x in result[0].sequences_ids[0] if x < tok.eot]
+        t, _ = timed(runner.model.find_alignment, tok, [tokens], encoded, min(n, frames), repeat=repeat)
+        rows.setdefault("alignment", []).append(t)
+        t, _ = timed(runner.completion, tok, tokens, tok.decode(tokens).strip(), repeat=repeat)
+        rows.setdefault("completion pass", []).append(t)
+        t, _ = timed(runner.decode, audio, True, None, repeat=repeat)
+        rows.setdefault("runner.decode (the final, whole)", []).append(t)
+        print(f"  {name}: {seconds:.2f} s of audio", file=sys.stderr, flush=True)
+    print(f"\nA final of the first half of each sentence with a pause ({len(next(iter(rows.values())))} turns, "
+          f"best of {repeat} per turn):\n")
+    print("| stage | median | max |")
+    print("|---|---|---|")
+    for stage, times in rows.items():
+        print(f"| {stage} | {1000 * statistics.median(times):.0f} ms | {1000 * max(times):.0f} ms |")
+
+
+def threads(path: str, repeat: int) -> None:
+    from faster_whisper import WhisperModel
+
+    window = np.random.default_rng(0).normal(0, 0.1, (80, 2000)).astype(np.float32)
+    print("\nA 20 s encode (two workers), best of the repeats:\n")
+    print("| threads per decode | one alone | two at once (wall time for the pair) |")
+    print("|---|---|---|")
+    for count in (1, 2):
+        model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=count, num_workers=2, local_files_only=True)
+        model.encode(window)
+        alone, _ = timed(model.encode, window, repeat=repeat)
+
+        def pair() -> None:
+            workers = [threading.Thread(target=model.encode, args=(window,)) for _ in range(2)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+
+        both, _ = timed(pair, repeat=repeat)
+        print(f"| {count} | {1000 * alone:.0f} ms | {1000 * both:.0f} ms |")
+        del model
+
+
+def completion(runner) -> None:
+    from tests.support.speech import turns_manifest
+
+    m = turns_manifest()
+    turns = [(c["file"], c) for c in m["clips"]] + [(c["file"], t) for c in m["conversations"] for t in c["turns"]]
+    rows = []
+    for name, turn in turns:
+        audio = samples(name)
+        for i, segment in enumerate(turn["segments"]):
+            decoded = runner.decode(cut(audio, turn["speech_start"], segment["end"]), True, None)
+            rows.append(("turn's end" if i == len(turn["segments"]) - 1 else "pause inside", decoded.complete or 0.0, decoded.text))
+    print("\nCompletion probability at every cut of the turn-taking set (a pause inside a sentence must not end the turn):\n")
+    for kind in ("pause inside", "turn's end"):
+        values = sorted(p for k, p, _ in rows if k == kind)
+        print(f"- {kind}: {len(values)} cuts, {values[0]:.2f} to {values[-1]:.2f}, median {statistics.median(values):.2f}")
+    print("\n| cut | completion | final |\n|---|---|---|")
+    for kind, p, text in sorted(rows, key=lambda r: (r[0], r[1])):
+        print(f"| {kind} | {p:.3f} | {text} |")
+
+
+async def turns(engine) -> None:
+    from relay.engines.base import StreamOptions
+    from tests.support.speech import finals, pcm, run_stream, silence, turns_manifest
+
+    print("\nThe conversations through one whisper stream at full speed:\n")
+    print("| recording | EndOfTurn audio window | confidence | transcript |\n|---|---|---|---|")
+    ends = {}
+    for conversation in turns_manifest()["conversations"]:
+        name = conversation["file"]
+        events = await run_stream(engine.open_stream(StreamOptions()), pcm("turns/" + name) + silence(1.5))
+        for end in finals(events):
+            print(f"| {name} | {end.audio_window_start:.2f}-{end.audio_window_end:.2f} s | {end.end_of_turn_confidence:.2f} | {end.transcript} |")
+        ends[name] = ", ".join(f"{t['speech_end']:.2f}" for t in conversation["turns"])
+    for name, when in ends.items():
+        print(f"\n{name}: the turns' speech ends at {when} s")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="speed,stages,threads,completion,turns")
+    parser.add_argument("--repeat", type=int, default=3, help="timings: best of this many runs")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "transcription_site.settings")
+    import django
+
+    django.setup()
+    from relay.engines.offline.whisper import WhisperEngine, bundled_model_dir
+
+    engine = WhisperEngine("bench-decode-cost", {"max_streams": 2, "max_queue_wait_s": 600})
+    engine.wait_loaded_sync(120)
+    try:
+        if "speed" in parts:
+            measured = [1000 * engine.runner.encode_seconds() for _ in range(5)]
+            print("The cap's speed measurement (encode_seconds), five times: " + ", ".join(f"{m:.1f} ms" for m in measured))
+        if "stages" in parts:
+            stages(engine.runner, args.repeat)
+        if "completion" in parts:
+            completion(engine.runner)
+        if "turns" in parts:
+            await turns(engine)
+    finally:
+        engine.close()
+    if "threads" in parts:
+        threads(str(bundled_model_dir()), args.repeat)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
