@@ -62,7 +62,7 @@ def timed(fn, *args, repeat: int, **kwargs):
 
 
 def stages(runner, repeat: int) -> None:
-    from relay.engines.offline.whisper import runner as R
+    from relay.engines.offline.whisper.runner import window_frames
 
     tok = runner.tokenizer
     prompt = runner.model.get_prompt(tok, [], without_timestamps=True)
@@ -72,8 +72,7 @@ def stages(runner, repeat: int) -> None:
         t, features = timed(runner.model.feature_extractor, audio, repeat=repeat)
         rows.setdefault("features", []).append(t)
         n = features.shape[-1]
-        frames = min(R.MAX_FRAMES, max(R.SHORT_WINDOW_FRAMES if seconds < R.SHORT_TURN_S else R.MIN_WINDOW_FRAMES,
-                                       -(-(n + R.PAD_FRAMES) // 100) * 100))
+        frames = window_frames(n, True, seconds)
         t, encoded = timed(runner._encode, features, frames, repeat=repeat)
         rows.setdefault(f"encode ({frames // 100} s window)", []).append(t)
         options = dict(max_length=len(prompt) + int(10 * seconds) + 10, suppress_blank=True, suppress_tokens=runner.suppress)

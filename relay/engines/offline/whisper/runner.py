@@ -67,6 +67,13 @@ class Decoded:
     loud: float | None = None
 
 
+def window_frames(frames: int, final: bool, seconds: float) -> int:
+    """The encoder window (mel frames) for ``frames`` of audio features: the audio plus padding, in
+    whole seconds, at least 8 s (20 s for the final of a turn under SHORT_TURN_S), at most 30 s."""
+    shortest = SHORT_WINDOW_FRAMES if final and seconds < SHORT_TURN_S else MIN_WINDOW_FRAMES
+    return min(MAX_FRAMES, max(shortest, -(-(frames + PAD_FRAMES) // 100) * 100))
+
+
 def compression_ratio(text: str) -> float:
     data = text.encode()
     return len(data) / max(1, len(zlib.compress(data)))
@@ -167,8 +174,7 @@ class WhisperModelRunner:
         seconds = audio.size / RATE
         features = self.model.feature_extractor(audio)
         n = features.shape[-1]
-        shortest = SHORT_WINDOW_FRAMES if final and seconds < SHORT_TURN_S else MIN_WINDOW_FRAMES
-        frames = min(MAX_FRAMES, max(shortest, -(-(n + PAD_FRAMES) // 100) * 100))
+        frames = window_frames(n, final, seconds)
         tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior)
         tokenizer = self.tokenizer_for(language)
         text = tokenizer.decode(tokens).strip()
@@ -275,7 +281,7 @@ class WhisperModelRunner:
     def detect_audio(self, audio: np.ndarray, candidates: frozenset[str] | None = None, prior: str | None = None) -> str:
         """The language of ``audio`` on its own encoding (as :meth:`detect`), in the shortest window."""
         features = self.model.feature_extractor(audio)
-        frames = min(MAX_FRAMES, max(MIN_WINDOW_FRAMES, -(-(features.shape[-1] + PAD_FRAMES) // 100) * 100))
+        frames = window_frames(features.shape[-1], False, audio.size / RATE)
         return self.detect(self._encode(features, frames), candidates, prior)
 
     def _generate(
