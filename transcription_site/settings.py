@@ -190,7 +190,10 @@ RELAY_ENGINES: dict[str, dict] = {
             "compute_type": os.environ.get("RELAY_WHISPER_COMPUTE_TYPE", "int8"),
             "workers": env_int("RELAY_WHISPER_WORKERS", 0),  # 0 = one decode thread per CPU core
             "cpu_threads": env_int("RELAY_WHISPER_CPU_THREADS", 1),
-            "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = four per worker
+            # 1: a final that finds the other workers idle is encoded on all their cores too
+            # (off by default: through the relay it did not end turns sooner; docs/engines.md).
+            "wide_encode": env_int("RELAY_WHISPER_WIDE_ENCODE", 0),
+            "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = from the box's speed, measured at load
             "beam_size": env_int("RELAY_WHISPER_BEAM_SIZE", 5),
             # End of turn from what was said (docs/engines.md): silence after words that read
             # finished / unfinished, at eot_threshold 0.7.

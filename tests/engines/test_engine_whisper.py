@@ -262,3 +262,94 @@ def test_worker_pool_runs_a_turns_first_update_before_later_ones():
     finally:
         gate.set()
         pool.shutdown()
+
+
+def test_worker_pool_tells_a_job_whether_it_runs_alone():
+    import threading
+    import time
+
+    from relay.engines.offline.pool import PRIORITY_FINAL, PRIORITY_UPDATE, WorkerPool
+
+    pool = WorkerPool(2, "test-alone")
+    gate, started = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        gate.wait(10)
+
+    try:
+        assert pool.submit(PRIORITY_FINAL, pool.alone).result(10) is True
+        blocker = pool.submit(PRIORITY_UPDATE, block)
+        assert started.wait(10)
+        assert pool.submit(PRIORITY_FINAL, pool.alone).result(10) is False  # the other worker is busy
+        gate.set()
+        blocker.result(10)
+        deadline = time.monotonic() + 10
+        while pool.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.submit(PRIORITY_FINAL, pool.alone).result(10) is True
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+@slow
+def test_a_final_on_spare_cores_is_encoded_wide_and_comes_out_the_same(engine):
+    """A final that finds the other workers idle is encoded on two threads by the model's second
+    copy, and its completion pass runs beside the alignment: the result is the same to the bit."""
+    import ctranslate2
+
+    from relay.engines.offline.whisper.runner import MIN_WINDOW_FRAMES, SILENCE_MEL, WhisperModelRunner
+
+    assert engine.runner.spare == engine.pool.alone
+    runner = WhisperModelRunner(bundled_model_dir(), compute_type="int8", cpu_threads=1, workers=2, beam_size=5, wide_threads=2)
+    # The copy is kept exactly when it encodes as the one-thread model does (checked here again).
+    window = np.random.default_rng(1).normal(SILENCE_MEL, 1.0, (1, runner.n_mels, MIN_WINDOW_FRAMES)).astype(np.float32)
+    wide = ctranslate2.models.Whisper(str(bundled_model_dir()), device="cpu", compute_type="int8", intra_threads=2, inter_threads=1)
+    same = np.array_equal(np.asarray(runner.model.encode(window[0])), np.asarray(wide.encode(ctranslate2.StorageView.from_array(window))))
+    assert (runner.wide is not None) == same
+    assert runner.wide is not None, "two-thread encodes differ from one-thread ones on this box: wide encodes stay off"
+    clips = turns_manifest()["clips"]
+    short = next(c for c in clips if c["kind"] == "short")
+    paused = next(c for c in clips if c["kind"] == "pause")
+    for count, (clip, end) in enumerate(((short, short["speech_end"]), (paused, paused["pauses"][0]["start"]))):
+        audio = _floats(pcm("turns/" + clip["file"]))[: int((end + 0.05) * 16000)]
+        runner.spare = lambda: False
+        narrow = runner.decode(audio, True, None)
+        assert runner.wide_encodes == count
+        runner.spare = lambda: True
+        spread = runner.decode(audio, True, None)
+        assert runner.wide_encodes == count + 1
+        assert spread.text and spread == narrow  # text, words and their times, confidence, completion
+    runner.decode(_floats(pcm("turns/" + short["file"])), False, None)  # an Update never goes wide
+    assert runner.wide_encodes == 2
+
+
+def _floats(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
+
+
+@slow
+def test_wide_encodes_stay_off_when_they_would_change_the_numbers(monkeypatch):
+    import ctranslate2
+
+    from relay.engines.offline.whisper.runner import WhisperModelRunner
+
+    real = ctranslate2.models.Whisper
+
+    class Skewed:
+        """The two-thread copy, summing a hair otherwise."""
+
+        def __init__(self, model):
+            self.model = model
+
+        def encode(self, features, **kwargs):
+            return ctranslate2.StorageView.from_array(np.asarray(self.model.encode(features, **kwargs)) + 1e-6)
+
+    def whisper(*args, **kwargs):
+        model = real(*args, **kwargs)
+        return Skewed(model) if kwargs.get("intra_threads") == 2 else model
+
+    monkeypatch.setattr(ctranslate2.models, "Whisper", whisper)
+    runner = WhisperModelRunner(bundled_model_dir(), compute_type="int8", cpu_threads=1, workers=2, beam_size=5, wide_threads=2)
+    assert runner.wide is None

@@ -117,6 +117,11 @@ class WorkerPool:
                 if ran and priority in self._job_seconds:
                     self._job_seconds[priority].observe(elapsed)
 
+    def alone(self) -> bool:
+        """Called from a job: no other job runs or waits, so the other workers' cores are spare."""
+        with self._cond:
+            return self.busy <= 1 and not self._heap
+
     def idle(self) -> bool:
         """A worker is free and nothing is waiting."""
         with self._cond:

@@ -33,6 +33,11 @@ How a turn is made:
   silence; without the padding Whisper falls into repetition loops, so the length of every
   decode is also capped.
 
+* **Spare cores**: a final that finds every other decode worker idle runs its completion pass
+  beside its word alignment; with ``wide_encode`` (off by default) it is also encoded on all the
+  decoding cores by a second copy of the model, kept only if it encodes bit for bit as the
+  one-thread model does, so a final never depends on how busy the box was.
+
 The model is loaded once per process (in a background thread, so the event loop never waits on
 it) and shared by every stream; decodes run in a :class:`~relay.engines.offline.pool.WorkerPool`
 sized by ``workers``. New streams get ``Capacity`` past ``max_streams`` (by default measured from

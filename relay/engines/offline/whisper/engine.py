@@ -33,6 +33,10 @@ REFERENCE_ENCODE_S = 0.090
 MAX_STREAMS_PER_CORE = 8
 
 
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() not in ("0", "false", "no", "off", "")
+
+
 def default_capacity(cores: int, encode_seconds: float) -> int:
     """Streams one process serves by default: the reference box's figure scaled by this box's speed.
 
@@ -45,8 +49,8 @@ def default_capacity(cores: int, encode_seconds: float) -> int:
 
 
 class WhisperEngine(OfflineEngine):
-    """Options: model_dir, model_sha256, cache_dir, compute_type, workers, cpu_threads, max_streams,
-    beam_size, eot_complete_ms, eot_incomplete_ms, update_interval_ms, first_update_ms, speculate_ms,
+    """Options: model_dir, model_sha256, cache_dir, compute_type, workers, cpu_threads, wide_encode,
+    max_streams, beam_size, eot_complete_ms, eot_incomplete_ms, update_interval_ms, first_update_ms, speculate_ms,
     max_turn_s."""
 
     name = "whisper"
@@ -97,7 +101,10 @@ class WhisperEngine(OfflineEngine):
                 cpu_threads=int(opts.get("cpu_threads", 1)),
                 workers=self.workers,
                 beam_size=int(opts.get("beam_size", 5)),
+                # Opt-in: a final that finds the other workers idle is encoded on all the decoding cores.
+                wide_threads=self.cores if _flag(opts.get("wide_encode", False)) else 0,
             )
+            self.runner.spare = self.pool.alone
             self.vad = SileroVad()
             if self.capacity_measured:
                 self.encode_seconds = self.runner.encode_seconds()
@@ -111,6 +118,7 @@ class WhisperEngine(OfflineEngine):
                 workers=self.workers,
                 max_streams=self.max_streams,
                 encode_ms=None if self.encode_seconds is None else round(self.encode_seconds * 1000, 1),
+                wide_encode=0 if self.runner.wide is None else self.cores,
             )
             self._loaded.set_result(True)
         except EngineUnavailable as exc:

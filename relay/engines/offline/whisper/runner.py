@@ -7,11 +7,21 @@ can be retried in the native 30 s window and a repeated tail trimmed.
 Language: a decode is in a given language (English for ``flux-general-en``, with exactly the
 prompt it always had) or, given ``language=None``, in the language Whisper detects from the very
 encoder output the decode uses, so detection adds one decoder step (~16 ms), not an encode.
+
+Spare cores: a final that finds every other decode worker idle (``spare()``) is encoded on every
+core by a second copy of the model (``wide_threads``; the engine's ``wide_encode``), and its
+completion pass runs beside its word alignment. CTranslate2's thread count is fixed per model, and its decoder steps are slower
+on two threads (beam search 106 -> 151 ms here) while its encoder is faster (20 s window: 327 ->
+206 ms), so only the encode goes wide. The copy is kept only when it encodes bit for bit as the
+one-thread model does (checked at load), so a final never depends on how busy the box was.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,7 +108,17 @@ def looping(text: str) -> bool:
 class WhisperModelRunner:
     """The loaded model plus the decode routine; shared by every stream, thread-safe."""
 
-    def __init__(self, path: Path, *, compute_type: str, cpu_threads: int, workers: int, beam_size: int, language: str = "en") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        compute_type: str,
+        cpu_threads: int,
+        workers: int,
+        beam_size: int,
+        language: str = "en",
+        wide_threads: int = 0,
+    ) -> None:
         from faster_whisper import WhisperModel
         from faster_whisper.tokenizer import _LANGUAGE_CODES, Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -121,6 +141,27 @@ class WhisperModelRunner:
         # For completion(): the encoding of silence and the sentence-ending tokens, made once.
         self._silent_encoding = self.model.encode(np.full((self.n_mels, MIN_WINDOW_FRAMES), SILENCE_MEL, dtype=np.float32))
         self._terminals = [i for i in range(self.tokenizer.eot) if self.tokenizer.decode([i]).strip() in TERMINAL_TOKENS]
+        #: Whether every other decode worker is idle; the engine sets it to its pool's ``alone``.
+        self.spare: Callable[[], bool] = lambda: False
+        #: The model again on ``wide_threads`` threads, for the encode of a final on a spare core
+        #: (None: not asked for, or its encodings differ from the one-thread model's).
+        self.wide = self._load_wide(path, compute_type, wide_threads) if wide_threads > cpu_threads else None
+        self.wide_threads = wide_threads if self.wide is not None else 0
+        self._wide_lock = threading.Lock()
+        # Runs a final's completion pass beside its alignment, on the model's other replica.
+        self._side = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="whisper-side") if workers > 1 else None
+        self.wide_encodes = 0  # finals encoded wide (bench, tests)
+
+    def _load_wide(self, path: Path, compute_type: str, threads: int) -> Any:
+        """The model on ``threads`` threads, kept only if it encodes exactly as ``self.model`` does."""
+        import ctranslate2
+
+        wide = ctranslate2.models.Whisper(str(path), device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1)
+        window = np.random.default_rng(0).normal(SILENCE_MEL, 1.0, (1, self.n_mels, MIN_WINDOW_FRAMES)).astype(np.float32)
+        narrow = np.asarray(self.model.encode(window[0]))
+        if not np.array_equal(narrow, np.asarray(wide.encode(ctranslate2.StorageView.from_array(window)))):
+            return None  # its sums come out otherwise: finals would depend on the load
+        return wide
 
     def tokenizer_for(self, language: str) -> "Tokenizer":
         tokenizer = self._tokenizers.get(language)
@@ -175,13 +216,14 @@ class WhisperModelRunner:
         features = self.model.feature_extractor(audio)
         n = features.shape[-1]
         frames = window_frames(n, final, seconds)
-        tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior)
+        wide = final and self.wide is not None and self.spare()
+        tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior, wide)
         tokenizer = self.tokenizer_for(language)
         text = tokenizer.decode(tokens).strip()
         if looping(text) and frames < MAX_FRAMES:
             # A repetition loop: decode once more in Whisper's native 30 s window.
             frames = MAX_FRAMES
-            tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, None, None)
+            tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, None, None, wide)
             text = tokenizer.decode(tokens).strip()
         tokens, text = self._trim_repeats(tokenizer, tokens, text)
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if result.scores else -10.0
@@ -190,6 +232,8 @@ class WhisperModelRunner:
         confidence = float(np.exp(min(0.0, avg_logprob)))
         if not final:
             return Decoded(text, [Word(w, confidence) for w in text.split()], confidence, seconds, language)
+        # The completion pass needs only the words: beside the alignment when a worker is spare.
+        side = self._side.submit(self.completion, tokenizer, tokens, text) if self._side is not None and self.spare() else None
         alignment = self.model.find_alignment(tokenizer, [tokens], encoded, min(n, frames))[0]
         merge_punctuations(alignment, PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS)
         words = [
@@ -197,7 +241,8 @@ class WhisperModelRunner:
             for w in alignment
             if w["word"].strip()
         ]
-        return Decoded(text, words, confidence, seconds, language, self.completion(tokenizer, tokens, text))
+        complete = side.result() if side is not None else self.completion(tokenizer, tokens, text)
+        return Decoded(text, words, confidence, seconds, language, complete)
 
     def completion(self, tokenizer: "Tokenizer", tokens: list[int], text: str) -> float:
         """How likely ``text`` is a finished utterance (0..1): the end-of-turn signal from what was said.
@@ -253,7 +298,7 @@ class WhisperModelRunner:
             text = tokenizer.decode(tokens).strip()
         return tokens, text
 
-    def _encode(self, features: np.ndarray, frames: int) -> Any:
+    def _encode(self, features: np.ndarray, frames: int, wide: bool = False) -> Any:
         # The padding is silence: the floor the feature extractor clamps to, 8 orders below the
         # loudest bin, as when Whisper pads the audio itself. A zero in normalised log-mel is
         # not silence but a steady hum 4 orders above that floor, and it cost the first word of
@@ -262,6 +307,14 @@ class WhisperModelRunner:
         floor = max(float(features[:, :n].max()) - 2.0, SILENCE_MEL) if n else SILENCE_MEL
         window = np.full((self.n_mels, frames), floor, dtype=np.float32)
         window[:, :n] = features[:, :n]
+        if wide and self.wide is not None and self._wide_lock.acquire(blocking=False):
+            try:
+                import ctranslate2
+
+                self.wide_encodes += 1
+                return self.wide.encode(ctranslate2.StorageView.from_array(window[None]))
+            finally:
+                self._wide_lock.release()
         return self.model.encode(window)
 
     def encode_seconds(self, runs: int = 3) -> float:
@@ -294,8 +347,9 @@ class WhisperModelRunner:
         language: str | None,
         candidates: frozenset[str] | None,
         prior: str | None,
+        wide: bool = False,
     ):
-        encoded = self._encode(features, frames)
+        encoded = self._encode(features, frames, wide)
         if language is None:
             language = self.detect(encoded, candidates, prior)
         tokenizer = self.tokenizer_for(language)
