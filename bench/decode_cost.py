@@ -14,9 +14,13 @@ Parts (``--parts``, default all), each printed as a markdown table:
 * ``completion``: the completion probability of every cut of the set: each pause inside a
   sentence (where the turn must go on) and each turn's end (where it may close);
 * ``turns``: both conversations streamed through one whisper stream at full speed: every
-  EndOfTurn's audio window, confidence and transcript, beside where each turn's speech ends.
+  EndOfTurn's audio window, confidence and transcript, beside where each turn's speech ends;
+* ``spare``: what a final gains from the other worker's idle core (a wide encode on every core,
+  the completion pass beside the alignment): the conversations and the pause and short clips
+  streamed in real time through one stream, with the spare cores used and not, alternating
+  (``--rounds`` each): end of speech -> EndOfTurn and the finals' decode time.
 
-    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns] [--repeat 3]
+    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare] [--repeat 3] [--rounds 2] [--no-clips]
 """
 from __future__ import annotations
 
@@ -85,8 +89,15 @@ def stages(runner, repeat: int) -> None:
         rows.setdefault("alignment", []).append(t)
         t, _ = timed(runner.completion, tok, tokens, tok.decode(tokens).strip(), repeat=repeat)
         rows.setdefault("completion pass", []).append(t)
+        spare = runner.spare
+        runner.spare = lambda: False
         t, _ = timed(runner.decode, audio, True, None, repeat=repeat)
         rows.setdefault("runner.decode (the final, whole)", []).append(t)
+        if runner.wide is not None:
+            runner.spare = lambda: True
+            t, _ = timed(runner.decode, audio, True, None, repeat=repeat)
+            rows.setdefault(f"runner.decode on spare cores (encode on {runner.wide_threads} threads, completion beside alignment)", []).append(t)
+        runner.spare = spare
         print(f"  {name}: {seconds:.2f} s of audio", file=sys.stderr, flush=True)
     print(f"\nA final of the first half of each sentence with a pause ({len(next(iter(rows.values())))} turns, "
           f"best of {repeat} per turn):\n")
@@ -157,10 +168,82 @@ async def turns(engine) -> None:
         print(f"\n{name}: the turns' speech ends at {when} s")
 
 
+def real_time_session(clips: bool = True) -> tuple[bytes, list[float]]:
+    """The conversations, then (``clips``) the pause and short clips, 1.5 s apart: the audio and
+    where each turn's speech ends (seconds into it)."""
+    from tests.support.speech import pcm, silence, turns_manifest
+
+    m = turns_manifest()
+    audio, ends = b"", []
+    for name, turns in [(c["file"], c["turns"]) for c in m["conversations"]] + [(c["file"], [c]) for c in m["clips"] if clips]:
+        at = len(audio) / 2 / RATE
+        ends += [at + t["speech_end"] for t in turns]
+        audio += pcm("turns/" + name) + silence(1.5)
+    return audio, ends
+
+
+async def stream_in_real_time(engine, audio: bytes, ends: list[float]) -> tuple[list[float], list[float]]:
+    """(end of speech -> the EndOfTurn whose audio window holds it, per turn; the finals' decode
+    seconds). A turn's speech end counts from when the 80 ms frame holding it was sent."""
+    from relay.engines.base import StreamOptions
+
+    stream = engine.open_stream(StreamOptions())
+    await stream.start()
+    arrivals: list[tuple[float, object]] = []
+
+    async def collect() -> None:
+        async for item in stream.events():
+            if getattr(item, "event", None) == "EndOfTurn":
+                arrivals.append((time.monotonic(), item))
+
+    engine.runner.timings[True].clear()
+    pump = asyncio.get_running_loop().create_task(collect())
+    chunk = int(0.08 * RATE) * 2
+    start = time.monotonic()
+    for i in range(0, len(audio), chunk):
+        stream.feed(audio[i : i + chunk])
+        await asyncio.sleep(max(0.0, start + (i + chunk) / 2 / RATE - time.monotonic()))
+    await stream.finish()
+    await pump
+    latencies = []
+    for end in ends:
+        sent = start + (int(end / 0.08) + 1) * 0.08
+        match = [t for t, e in arrivals if e.audio_window_start <= end <= e.audio_window_end + 0.2]
+        if match:
+            latencies.append(match[0] - sent)
+    return latencies, list(engine.runner.timings[True])
+
+
+async def spare_cores(engine, rounds: int, clips: bool = True) -> None:
+    audio, ends = real_time_session(clips)
+    print(f"\nSpare cores, one real-time stream ({len(audio) / 2 / RATE:.0f} s: the conversations, the pause and short clips; "
+          f"{len(ends)} turns), used and not in turn, {rounds} rounds each:\n")
+    print("| round | spare cores | EndOfTurn p50 / mean / p95 | final decode p50 / mean | finals encoded wide |")
+    print("|---|---|---|---|---|")
+    used = engine.runner.spare
+    totals: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(1, rounds + 1):
+        for on in (False, True):
+            engine.runner.spare = used if on else (lambda: False)
+            wide = engine.runner.wide_encodes
+            latencies, decodes = await stream_in_real_time(engine, audio, ends)
+            totals[on] += latencies
+            print(f"| {round_} | {'used' if on else 'not used'} | {statistics.median(latencies):.3f} / {statistics.mean(latencies):.3f} / "
+                  f"{np.percentile(latencies, 95):.3f} s | {statistics.median(decodes):.3f} / {statistics.mean(decodes):.3f} s | "
+                  f"{engine.runner.wide_encodes - wide} of {len(decodes)} |", flush=True)
+    engine.runner.spare = used
+    for on in (False, True):
+        v = totals[on]
+        print(f"\nAll rounds, spare cores {'used' if on else 'not used'}: EndOfTurn p50 {statistics.median(v):.3f} s, "
+              f"mean {statistics.mean(v):.3f} s, p95 {np.percentile(v, 95):.3f} s ({len(v)} turns)")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="speed,stages,threads,completion,turns")
+    parser.add_argument("--parts", default="speed,stages,threads,completion,turns,spare")
     parser.add_argument("--repeat", type=int, default=3, help="timings: best of this many runs")
+    parser.add_argument("--rounds", type=int, default=2, help="spare: real-time runs with and without the spare cores")
+    parser.add_argument("--no-clips", action="store_true", help="spare: stream the conversations only (a shorter run)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "transcription_site.settings")
@@ -169,7 +252,7 @@ async def main() -> None:
     django.setup()
     from relay.engines.offline.whisper import WhisperEngine, bundled_model_dir
 
-    engine = WhisperEngine("bench-decode-cost", {"max_streams": 2, "max_queue_wait_s": 600})
+    engine = WhisperEngine("bench-decode-cost", {"max_streams": 2, "max_queue_wait_s": 600, "wide_encode": 1})
     engine.wait_loaded_sync(120)
     try:
         if "speed" in parts:
@@ -181,6 +264,8 @@ async def main() -> None:
             completion(engine.runner)
         if "turns" in parts:
             await turns(engine)
+        if "spare" in parts:
+            await spare_cores(engine, args.rounds, not args.no_clips)
     finally:
         engine.close()
     if "threads" in parts:

@@ -97,3 +97,16 @@ def test_decode_cost_prints_the_speed_and_the_conversations_turns():
     assert len([ms for ms in speed.split(", ") if float(ms.removesuffix(" ms")) > 0]) == 5, out
     rows = [line for line in out.splitlines() if line.startswith("| conv_")]
     assert {row.split(" | ")[0] for row in rows} == {"| conv_a.wav", "| conv_b.wav"} and len(rows) >= 10, out
+
+
+def test_decode_cost_compares_a_real_time_stream_with_and_without_the_spare_cores():
+    """`python -m bench.decode_cost --parts spare`, shortened to the conversations and one round."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.decode_cost", "--parts", "spare", "--rounds", "1", "--no-clips"],
+        cwd=ROOT, check=True, timeout=600, capture_output=True, text=True,
+    ).stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 1 | ")]
+    assert [row[1] for row in rows] == ["not used", "used"], out
+    assert rows[0][4].startswith("0 of ") and not rows[1][4].startswith("0 of "), out  # finals encoded wide
+    for spare in ("not used", "used"):
+        assert f"spare cores {spare}: EndOfTurn p50 " in out and "(12 turns)" in out, out
