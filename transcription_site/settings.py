@@ -192,7 +192,7 @@ RELAY_ENGINES: dict[str, dict] = {
             "cpu_threads": env_int("RELAY_WHISPER_CPU_THREADS", 1),
             # 1: a final that finds the other workers idle is encoded on all their cores too
             # (off by default: through the relay it did not end turns sooner; docs/engines.md).
-            "wide_encode": env_int("RELAY_WHISPER_WIDE_ENCODE", 0),
+            "wide_encode": env_bool("RELAY_WHISPER_WIDE_ENCODE", False),
             "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = from the box's speed, measured at load
             "beam_size": env_int("RELAY_WHISPER_BEAM_SIZE", 5),
             # End of turn from what was said (docs/engines.md): silence after words that read

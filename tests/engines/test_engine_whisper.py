@@ -296,19 +296,14 @@ def test_worker_pool_tells_a_job_whether_it_runs_alone():
 @slow
 def test_a_final_on_spare_cores_is_encoded_wide_and_comes_out_the_same(engine):
     """A final that finds the other workers idle is encoded on two threads by the model's second
-    copy, and its completion pass runs beside the alignment: the result is the same to the bit."""
-    import ctranslate2
-
-    from relay.engines.offline.whisper.runner import MIN_WINDOW_FRAMES, SILENCE_MEL, WhisperModelRunner
+    copy, and its completion pass runs beside the alignment: the result is the same to the bit.
+    (A copy that encodes otherwise is refused: the next test.)"""
+    from relay.engines.offline.whisper.runner import WhisperModelRunner
 
     assert engine.runner.spare == engine.pool.alone
+    assert engine.runner.wide is None and engine.runner.wide_threads == 0  # opt-in: off unless asked for
     runner = WhisperModelRunner(bundled_model_dir(), compute_type="int8", cpu_threads=1, workers=2, beam_size=5, wide_threads=2)
-    # The copy is kept exactly when it encodes as the one-thread model does (checked here again).
-    window = np.random.default_rng(1).normal(SILENCE_MEL, 1.0, (1, runner.n_mels, MIN_WINDOW_FRAMES)).astype(np.float32)
-    wide = ctranslate2.models.Whisper(str(bundled_model_dir()), device="cpu", compute_type="int8", intra_threads=2, inter_threads=1)
-    same = np.array_equal(np.asarray(runner.model.encode(window[0])), np.asarray(wide.encode(ctranslate2.StorageView.from_array(window))))
-    assert (runner.wide is not None) == same
-    assert runner.wide is not None, "two-thread encodes differ from one-thread ones on this box: wide encodes stay off"
+    assert runner.wide is not None and runner.wide_threads == 2, "two-thread encodes differ from one-thread ones on this box"
     clips = turns_manifest()["clips"]
     short = next(c for c in clips if c["kind"] == "short")
     paused = next(c for c in clips if c["kind"] == "pause")

@@ -33,10 +33,6 @@ REFERENCE_ENCODE_S = 0.090
 MAX_STREAMS_PER_CORE = 8
 
 
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() not in ("0", "false", "no", "off", "")
-
-
 def default_capacity(cores: int, encode_seconds: float) -> int:
     """Streams one process serves by default: the reference box's figure scaled by this box's speed.
 
@@ -102,7 +98,7 @@ class WhisperEngine(OfflineEngine):
                 workers=self.workers,
                 beam_size=int(opts.get("beam_size", 5)),
                 # Opt-in: a final that finds the other workers idle is encoded on all the decoding cores.
-                wide_threads=self.cores if _flag(opts.get("wide_encode", False)) else 0,
+                wide_threads=self.cores if opts.get("wide_encode") else 0,
             )
             self.runner.spare = self.pool.alone
             self.vad = SileroVad()
@@ -118,7 +114,7 @@ class WhisperEngine(OfflineEngine):
                 workers=self.workers,
                 max_streams=self.max_streams,
                 encode_ms=None if self.encode_seconds is None else round(self.encode_seconds * 1000, 1),
-                wide_encode=0 if self.runner.wide is None else self.cores,
+                wide_encode=self.runner.wide_threads,
             )
             self._loaded.set_result(True)
         except EngineUnavailable as exc:

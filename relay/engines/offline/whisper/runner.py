@@ -161,6 +161,7 @@ class WhisperModelRunner:
         narrow = np.asarray(self.model.encode(window[0]))
         if not np.array_equal(narrow, np.asarray(wide.encode(ctranslate2.StorageView.from_array(window)))):
             return None  # its sums come out otherwise: finals would depend on the load
+        self._storage = ctranslate2.StorageView.from_array
         return wide
 
     def tokenizer_for(self, language: str) -> "Tokenizer":
@@ -309,10 +310,8 @@ class WhisperModelRunner:
         window[:, :n] = features[:, :n]
         if wide and self.wide is not None and self._wide_lock.acquire(blocking=False):
             try:
-                import ctranslate2
-
                 self.wide_encodes += 1
-                return self.wide.encode(ctranslate2.StorageView.from_array(window[None]))
+                return self.wide.encode(self._storage(window[None]))
             finally:
                 self._wide_lock.release()
         return self.model.encode(window)
