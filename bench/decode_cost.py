@@ -10,15 +10,16 @@ Parts (``--parts``, default all), each printed as a markdown table:
   alignment, the completion pass, and ``runner.decode`` whole;
 * ``speed``: what the engine measures at load to set its default cap
   (``WhisperModelRunner.encode_seconds``, the fastest of three 8 s encodes), five times over;
-* ``threads``: a 20 s encode with ``cpu_threads`` 1 and 2 (two workers each), alone and two at once;
+* ``threads``: a 20 s encode with ``cpu_threads`` 1 and 2 (two workers each), alone and two at
+  once, and a beam-5 search on it (a short turn's final) alone;
 * ``completion``: the completion probability of every cut of the set: each pause inside a
   sentence (where the turn must go on) and each turn's end (where it may close);
 * ``turns``: both conversations streamed through one whisper stream at full speed: every
   EndOfTurn's audio window, confidence and transcript, beside where each turn's speech ends;
-* ``spare``: what a final gains from the other worker's idle core (a wide encode on every core,
-  the completion pass beside the alignment): the conversations and the pause and short clips
-  streamed in real time through one stream, with the spare cores used and not, alternating
-  (``--rounds`` each): end of speech -> EndOfTurn and the finals' decode time.
+* ``spare``: what a final gains from the other worker's idle core: the conversations and the
+  pause and short clips streamed in real time through one stream with the spare cores not used,
+  with the completion pass beside the alignment (the default), and with the wide encode too,
+  in turn (``--rounds`` each): end of speech -> EndOfTurn and the finals' decode time.
 
     .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare] [--repeat 3] [--rounds 2] [--no-clips]
 """
@@ -109,15 +110,26 @@ def stages(runner, repeat: int) -> None:
 
 def threads(path: str, repeat: int) -> None:
     from faster_whisper import WhisperModel
+    from faster_whisper.tokenizer import Tokenizer
+
+    from relay.engines.offline.whisper.runner import SILENCE_MEL
 
     window = np.random.default_rng(0).normal(0, 0.1, (80, 2000)).astype(np.float32)
-    print("\nA 20 s encode (two workers), best of the repeats:\n")
-    print("| threads per decode | one alone | two at once (wall time for the pair) |")
-    print("|---|---|---|")
+    name, audio = first_halves()[0]
+    print(f"\nA 20 s encode (two workers), and a beam-5 search on the encoding of {name}'s first half, best of the repeats:\n")
+    print("| threads per decode | encode, one alone | encode, two at once (wall time for the pair) | beam 5, alone |")
+    print("|---|---|---|---|")
     for count in (1, 2):
         model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=count, num_workers=2, local_files_only=True)
         model.encode(window)
         alone, _ = timed(model.encode, window, repeat=repeat)
+        features = model.feature_extractor(audio)
+        turn = np.full((80, 2000), SILENCE_MEL, dtype=np.float32)
+        turn[:, : features.shape[-1]] = features[:, :2000]
+        encoded = model.encode(turn)
+        prompt = model.get_prompt(Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language="en"), [],
+                                  without_timestamps=True)
+        beam, _ = timed(model.model.generate, encoded, [prompt], beam_size=5, max_length=len(prompt) + 40, repeat=repeat)
 
         def pair() -> None:
             workers = [threading.Thread(target=model.encode, args=(window,)) for _ in range(2)]
@@ -127,7 +139,7 @@ def threads(path: str, repeat: int) -> None:
                 w.join()
 
         both, _ = timed(pair, repeat=repeat)
-        print(f"| {count} | {1000 * alone:.0f} ms | {1000 * both:.0f} ms |")
+        print(f"| {count} | {1000 * alone:.0f} ms | {1000 * both:.0f} ms | {1000 * beam:.0f} ms |")
         del model
 
 
@@ -214,27 +226,33 @@ async def stream_in_real_time(engine, audio: bytes, ends: list[float]) -> tuple[
     return latencies, list(engine.runner.timings[True])
 
 
+SPARE_ARMS = ("not used", "completion beside alignment", "and wide encode")
+
+
 async def spare_cores(engine, rounds: int, clips: bool = True) -> None:
     audio, ends = real_time_session(clips)
-    print(f"\nSpare cores, one real-time stream ({len(audio) / 2 / RATE:.0f} s: the conversations, the pause and short clips; "
-          f"{len(ends)} turns), used and not in turn, {rounds} rounds each:\n")
+    print(f"\nSpare cores, one real-time stream ({len(audio) / 2 / RATE:.0f} s: the conversations"
+          f"{', the pause and short clips' if clips else ''}; {len(ends)} turns), each use in turn, {rounds} rounds:\n")
     print("| round | spare cores | EndOfTurn p50 / mean / p95 | final decode p50 / mean | finals encoded wide |")
     print("|---|---|---|---|---|")
-    used = engine.runner.spare
-    totals: dict[bool, list[float]] = {True: [], False: []}
-    for round_ in range(1, rounds + 1):
-        for on in (False, True):
-            engine.runner.spare = used if on else (lambda: False)
-            wide = engine.runner.wide_encodes
-            latencies, decodes = await stream_in_real_time(engine, audio, ends)
-            totals[on] += latencies
-            print(f"| {round_} | {'used' if on else 'not used'} | {statistics.median(latencies):.3f} / {statistics.mean(latencies):.3f} / "
-                  f"{np.percentile(latencies, 95):.3f} s | {statistics.median(decodes):.3f} / {statistics.mean(decodes):.3f} s | "
-                  f"{engine.runner.wide_encodes - wide} of {len(decodes)} |", flush=True)
-    engine.runner.spare = used
-    for on in (False, True):
-        v = totals[on]
-        print(f"\nAll rounds, spare cores {'used' if on else 'not used'}: EndOfTurn p50 {statistics.median(v):.3f} s, "
+    runner = engine.runner
+    used, wide_model = runner.spare, runner.wide
+    totals: dict[str, list[float]] = {arm: [] for arm in SPARE_ARMS}
+    try:
+        for round_ in range(1, rounds + 1):
+            for arm in SPARE_ARMS:
+                runner.spare = (lambda: False) if arm == "not used" else used
+                runner.wide = wide_model if arm == "and wide encode" else None
+                wide = runner.wide_encodes
+                latencies, decodes = await stream_in_real_time(engine, audio, ends)
+                totals[arm] += latencies
+                print(f"| {round_} | {arm} | {statistics.median(latencies):.3f} / {statistics.mean(latencies):.3f} / "
+                      f"{np.percentile(latencies, 95):.3f} s | {statistics.median(decodes):.3f} / {statistics.mean(decodes):.3f} s | "
+                      f"{runner.wide_encodes - wide} of {len(decodes)} |", flush=True)
+    finally:
+        runner.spare, runner.wide = used, wide_model
+    for arm, v in totals.items():
+        print(f"\nAll rounds, spare cores {arm}: EndOfTurn p50 {statistics.median(v):.3f} s, "
               f"mean {statistics.mean(v):.3f} s, p95 {np.percentile(v, 95):.3f} s ({len(v)} turns)")
 
 

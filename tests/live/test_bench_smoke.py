@@ -106,7 +106,7 @@ def test_decode_cost_compares_a_real_time_stream_with_and_without_the_spare_core
         cwd=ROOT, check=True, timeout=600, capture_output=True, text=True,
     ).stdout
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 1 | ")]
-    assert [row[1] for row in rows] == ["not used", "used"], out
-    assert rows[0][4].startswith("0 of ") and not rows[1][4].startswith("0 of "), out  # finals encoded wide
-    for spare in ("not used", "used"):
-        assert f"spare cores {spare}: EndOfTurn p50 " in out and "(12 turns)" in out, out
+    assert [row[1] for row in rows] == ["not used", "completion beside alignment", "and wide encode"], out
+    assert [row[4].startswith("0 of ") for row in rows] == [True, True, False], out  # finals encoded wide
+    for arm in ("not used", "completion beside alignment", "and wide encode"):
+        assert f"spare cores {arm}: EndOfTurn p50 " in out and "(12 turns)" in out, out

@@ -10,9 +10,10 @@ encoder output the decode uses, so detection adds one decoder step (~16 ms), not
 
 Spare cores: a final that finds every other decode worker idle (``spare()``) is encoded on every
 core by a second copy of the model (``wide_threads``; the engine's ``wide_encode``), and its
-completion pass runs beside its word alignment. CTranslate2's thread count is fixed per model, and its decoder steps are slower
-on two threads (beam search 106 -> 151 ms here) while its encoder is faster (20 s window: 327 ->
-206 ms), so only the encode goes wide. The copy is kept only when it encodes bit for bit as the
+completion pass runs beside its word alignment. CTranslate2's thread count is fixed per model,
+and its decoder steps are slower on two threads (a short turn's beam search: 131 -> 159 ms here)
+while its encoder is faster (20 s window: 324 -> 203 ms; ``python -m bench.decode_cost --parts
+threads``), so only the encode goes wide. The copy is kept only when it encodes bit for bit as the
 one-thread model does (checked at load), so a final never depends on how busy the box was.
 """
 from __future__ import annotations
