@@ -76,6 +76,9 @@ class Decoded:
     #: 10 ms ends, and the mean square that counted as loud; None when the span was not found.
     speech_end: int | None = None
     loud: float | None = None
+    #: flux-general-multi: the language was detected on LANGUAGE_LOCK_S of the turn's speech (set
+    #: by stream.decode_span), so it is the turn's from now on.
+    settled: bool = False
 
 
 def window_frames(frames: int, final: bool, seconds: float) -> int:
