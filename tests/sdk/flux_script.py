@@ -6,6 +6,7 @@ base URL); the key is whatever the caller passes (a made-up ``dg-...`` key in th
 
     flux_script.py BASE_URL KEY [--mode sync|async] [--audio A.wav B.wav | --tones]
                    [--resume] [--expect-refusal] [--speed 2]
+    flux_script.py BASE_URL KEY [--mode sync|async] --clip C.wav [--speed 1]
 
 One connection streams clip A (then silence) and waits for its EndOfTurn, sends Configure and waits
 for the answer, sends KeepAlive, streams clip B and sends ForceEndTurn once a turn is open (waits for
@@ -13,7 +14,8 @@ the ``manual`` EndOfTurn), then CloseStream and reads until the server closes. W
 second connection adds ``?session=<Connected.session_id>`` (through the SDK's
 ``request_options["additional_query_parameters"]``) and collects the replayed turns (a relay
 feature: Deepgram has no sessions). ``--expect-refusal`` only connects and records how the SDK
-surfaces a refusal. Prints one JSON summary on stdout; tests/live/test_sdk_compat.py asserts on it.
+surfaces a refusal. ``--clip`` only streams one clip and closes (the browser tests compare the
+demo page's transcript with the SDK's). Prints one JSON summary on stdout; tests/live/test_sdk_compat.py asserts on it.
 
 ``--mode sync`` uses ``DeepgramClient`` with event handlers and ``start_listening()`` on a thread
 (Deepgram's documented sync pattern); ``--mode async`` uses ``AsyncDeepgramClient`` and iterates
@@ -185,6 +187,16 @@ def stream_steps(rec: Record, a: bytes, b: bytes, pace: float):
     yield ("wait", lambda: rec.closed, 60, "the server's close after CloseStream")
 
 
+def clip_steps(rec: Record, audio: bytes, pace: float):
+    """Only speech: the clip in 80 ms chunks, then CloseStream, and read until the server closes."""
+    yield ("wait", lambda: rec.of("Connected"), 15, "Connected")
+    for i in range(0, len(audio), CHUNK):
+        yield ("media", audio[i : i + CHUNK])
+        yield ("sleep", pace)
+    yield ("close_stream",)
+    yield ("wait", lambda: rec.closed, 90, "the server's close after CloseStream")
+
+
 def resume_steps(rec: Record, expect_turns: int):
     yield ("wait", lambda: rec.of("Connected"), 15, "Connected")
     yield ("wait", lambda: len(rec.ends()) >= expect_turns, 30, f"{expect_turns} replayed EndOfTurns")
@@ -329,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("key", help="the API key the SDK sends as 'Authorization: Token <key>'")
     parser.add_argument("--mode", choices=["sync", "async"], default="sync")
     parser.add_argument("--audio", nargs=2, metavar=("A_WAV", "B_WAV"), help="16 kHz mono 16-bit clips")
+    parser.add_argument("--clip", metavar="WAV", help="only stream this clip (then 1.5 s of silence) and close")
     parser.add_argument("--tones", action="store_true", help="tone bursts instead of speech (the fake engine)")
     parser.add_argument("--resume", action="store_true", help="reconnect with ?session= and collect the replay")
     parser.add_argument("--expect-refusal", action="store_true", help="only connect and record the refusal")
@@ -353,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             rec = Record("refusal")
             records.append(rec)
             run(args, rec, refusal_steps(rec, pace))
+        elif args.clip:
+            rec = Record("clip")
+            records.append(rec)
+            run(args, rec, clip_steps(rec, read_wav(args.clip) + silence(1.5), pace))
         else:
             if args.tones:
                 a = tone(0.75) + silence(0.8)
