@@ -128,16 +128,16 @@ def speech_span(pcm: np.ndarray, final: bool, speech_at: int = 0, context: int =
     starts, ends = _stretches(loud)
     k = min(int(np.searchsorted(ends, speech_at)), ends.size - 1)  # the stretch going on at speech_at, or the next
     onset = int(starts[k])
-    lead = int(ANCHOR_LEAD_S * RATE)
-    # Nothing loud before: the whole lead, as digital silence where the stream had not begun yet
-    # (a negative start), so the first turn of a stream decodes the same wherever it started.
-    floor = int(ends[k - 1]) + LOUD_SAMPLES if k > 0 else onset - lead
     # The previous turn ended on a pause, so its speech is in the context and this turn's starts
     # after it. When no quiet stretch tells them apart (noise as loud as speech), decode the
     # turn's own audio as the VAD cut it rather than risk the last turn's words.
     if onset < context - LOUD_SAMPLES:
         return Span(context, context, pcm.size)
-    start = max(floor, onset - lead)
+    # With nothing loud before, the whole lead: digital silence where the stream had not begun
+    # yet (a negative start), so the first turn of a stream decodes the same wherever it started.
+    start = onset - int(ANCHOR_LEAD_S * RATE)
+    if k > 0:
+        start = max(start, int(ends[k - 1]) + LOUD_SAMPLES)
     speech_end = int(loud[-1]) + LOUD_SAMPLES
     return Span(start, onset, speech_end + int(ANCHOR_TAIL_S * RATE) if final else pcm.size, speech_end, threshold)
 
@@ -151,19 +151,17 @@ def decode_span(decode: Any, pcm: np.ndarray, context: int, speech_at: int, fina
     detected on the first LANGUAGE_LOCK_S of the speech itself (from its onset, without the
     lead) once there is that much, so an Update that settles it and a final that comes before any
     such Update find the same language, however much audio each happened to have. Whisper base's
-    guess on a 3 s window moves with the silence before the speech: espeak-ng German read as German
-    from its onset, Latin after 50 ms of digital silence, Thai after 100 ms or more.
+    guess on a 3 s window moves with the silence before the speech: the tests' espeak-ng German,
+    from its onset, is German; with 300 ms of digital silence before it, Thai.
 
     A first turn whose speech starts less than ANCHOR_LEAD_S into the stream gets the rest of its
     lead as digital silence (:func:`speech_span` returns a negative start), so it decodes the same
     however long the stream ran before it spoke.
     """
     start, onset, end, speech_end, loud = speech_span(pcm, final, speech_at, context)
-    piece = pcm[max(0, start):end]
-    if start < 0:  # the stream began inside the lead: digital silence before it
-        piece = np.concatenate((np.zeros(-start, dtype=pcm.dtype), piece))
-    if end > pcm.size:  # a final read before ANCHOR_TAIL_S of the pause came: the rest as digital silence
-        piece = np.concatenate((piece, np.zeros(end - pcm.size, dtype=pcm.dtype)))
+    # Digital silence where the span passes the audio: before it, the stream began inside the
+    # lead; after it, a final was read before ANCHOR_TAIL_S of the pause came.
+    piece = np.pad(pcm[max(0, start) : end], (max(0, -start), max(0, end - pcm.size)))
     speech = piece[onset - start :]  # the lead is left out: silence before the speech sways Whisper's guess
     settled = detect is not None and language == (None,) and speech.size >= LANGUAGE_LOCK_S * RATE
     if settled:
