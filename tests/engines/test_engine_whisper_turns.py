@@ -153,7 +153,7 @@ async def test_a_first_turn_decodes_the_same_however_soon_the_stream_spoke(engin
     # The demo page's capture starts a few ms sooner or later from run to run: the same sentence
     # came with 240 to 260 ms of silence before it, and Whisper base heard "seven apples", "every
     # apple" or "Evan Apples" (issue #16). A stream younger than the decode's lead now gets the
-    # rest of the lead as digital silence. Before, these four gave three different finals.
+    # rest of the lead as digital silence. Before, these four gave four different finals.
     with wave.open(str(MARKET)) as w:
         clip = w.readframes(w.getnframes())  # 250 ms of digital silence, then the sentence
     audios = [clip[2 * cut :] + silence(1.5) for cut in (0, 640, 3520)] + [silence(0.01) + clip + silence(1.5)]
