@@ -231,12 +231,14 @@ SPARE_ARMS = ("not used", "completion beside alignment", "and wide encode")
 
 async def spare_cores(engine, rounds: int, clips: bool = True) -> None:
     audio, ends = real_time_session(clips)
+    runner = engine.runner
+    used, wide_model = runner.spare, runner.wide
+    print("\nWide encode: " + (f"on {runner.wide_threads} threads" if wide_model is not None else
+                               "refused on this box (the copy's encodings differ from the one-thread model's), so its arm encodes narrow"))
     print(f"\nSpare cores, one real-time stream ({len(audio) / 2 / RATE:.0f} s: the conversations"
           f"{', the pause and short clips' if clips else ''}; {len(ends)} turns), each use in turn, {rounds} rounds:\n")
     print("| round | spare cores | EndOfTurn p50 / mean / p95 | final decode p50 / mean | finals encoded wide |")
     print("|---|---|---|---|---|")
-    runner = engine.runner
-    used, wide_model = runner.spare, runner.wide
     totals: dict[str, list[float]] = {arm: [] for arm in SPARE_ARMS}
     try:
         for round_ in range(1, rounds + 1):
