@@ -9,7 +9,7 @@ PORT ?= 8000
 # oversized frames with its own Error/close code.
 DAPHNE_FLAGS ?= --websocket-max-message-size 4194304 --websocket-max-frame-size 4194304 --application-close-timeout 15
 
-.PHONY: run serve-prod check-port test install install-dev migrate bench bench-engines soak clean
+.PHONY: run serve-prod check-port test install install-dev migrate bench bench-engines bench-turn-model soak clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,13 @@ soak: install-dev
 # bench/results/engines.json, .md and .png (about 12 minutes). BENCH_ENGINES_ARGS=--quick for a smoke run.
 bench-engines: install-dev
 	$(PY) -m bench.engines $(BENCH_ENGINES_ARGS)
+
+# Smart Turn v3.2 (a turn-detection model whose weights ship in pipecat-ai's wheel) against the
+# whisper engine's completion probability (docs/engines.md). Only the model file is needed, so
+# pipecat-ai is installed without its dependencies. Writes bench/results/turn-model.md and .json.
+bench-turn-model: install-dev
+	$(PIP) install -q --no-deps pipecat-ai==1.14.0
+	$(PY) -m bench.turn_model
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache
