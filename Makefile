@@ -17,8 +17,9 @@ $(VENV)/.installed: requirements.txt
 	$(PIP) install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-turn-model.txt
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps -r requirements-turn-model.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -78,12 +79,11 @@ soak: install-dev
 bench-engines: install-dev
 	$(PY) -m bench.engines $(BENCH_ENGINES_ARGS)
 
-# Smart Turn v3.2 (a turn-detection model whose weights ship in pipecat-ai's wheel) against the
-# whisper engine's completion probability (docs/engines.md). Only the model file is needed, so
-# pipecat-ai is installed without its dependencies. Writes bench/results/turn-model.md and .json.
+# Smart Turn v3.2 (a turn-detection model whose weights ship in pipecat-ai's wheel,
+# requirements-turn-model.txt) against the whisper engine's completion probability
+# (docs/engines.md). Writes bench/results/turn-model.md and .json.
 bench-turn-model: install-dev
-	$(PIP) install -q --no-deps pipecat-ai==1.14.0
-	$(PY) -m bench.turn_model
+	$(PY) -m bench.turn_model $(BENCH_TURN_MODEL_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

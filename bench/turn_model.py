@@ -5,15 +5,16 @@ Issue #16 allows a small turn-detection model for the end of turn if its weights
 package the project can install, and asks for it to be measured against the heuristic. The one
 found that qualifies is Smart Turn v3.2 (``smart-turn-v3.2-cpu.onnx``, 8.7 MB, BSD-2-Clause), which
 pipecat-ai ships inside its wheel. Its dependencies (openai, numba, aiohttp, ...) are not needed
-for the file, so it is installed without them (``make bench-turn-model`` runs
-``pip install --no-deps pipecat-ai==1.14.0`` into the venv); nothing is downloaded at run time.
+for the file, so ``make install-dev`` installs it without them (requirements-turn-model.txt);
+nothing is downloaded at run time.
 Smart Turn hears the audio (prosody and words) and answers P(turn finished).
 
 LiveKit's on-device detector (livekit-local-inference) also bundles its weights, but its model
 licence allows use only with the LiveKit Agents framework, so it is not measured here.
 
 The labelled points are the turn-taking session of ``make bench-engines`` (bench/engines.py,
-stream 1): each pause inside a sentence is *unfinished*, each turn's end *finished*. At each point:
+stream 1; ``--quick``: its short version, one conversation and two sentences): each pause inside a
+sentence is *unfinished*, each turn's end *finished*. At each point:
 
 * ``heuristic``: the completion probability the engine's speculative final computes
   (``WhisperModelRunner.decode(final=True).complete``), decoded from 400 ms before the turn's
@@ -66,7 +67,7 @@ def model_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.exists():
-        sys.exit(f"Smart Turn's weights are not installed: .venv/bin/pip install --no-deps {PIPECAT} (or make bench-turn-model)")
+        sys.exit(f"Smart Turn's weights are not installed: .venv/bin/pip install --no-deps -r requirements-turn-model.txt ({PIPECAT})")
     return path
 
 
@@ -106,6 +107,7 @@ def auc(finished: list[float], unfinished: list[float]) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "turn-model"))
+    parser.add_argument("--quick", action="store_true", help="the short session: one conversation and two sentences (a smoke run)")
     args = parser.parse_args(argv)
     smart = SmartTurn(model_path())
     progress("loading the whisper engine")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     engine = WhisperEngine("bench-turn-model", {"max_queue_wait_s": 600})
     engine.wait_loaded_sync(300)
-    audio, turns = session(pieces(False), 0, 1)
+    audio, turns = session(pieces(args.quick), 0, 1)
     pcm = np.frombuffer(audio, "<i2").astype(np.float32) / 32768
     rows = points(turns)
     short, long = engine.eot_complete_s, engine.eot_incomplete_s
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             summary[key]["finished_waiting_over_0.5_s"] = sum(v <= 0.5 for v in fin)
     report = {
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": f"Smart Turn v3.2 ({MODEL_FILE} from {PIPECAT})",
+        "model": f"Smart Turn v3.2 ({MODEL_FILE} from {PIPECAT})", "quick": args.quick,
         "points": rows, "summary": summary,
     }
     out = Path(args.out)
@@ -158,7 +160,7 @@ def markdown(report: dict[str, Any]) -> str:
     n_fin = len(rows) - n_unf
     lines = [
         "# A turn-detection model against the whisper engine's completion probability", "",
-        f"{report['generated']}, `python -m bench.turn_model`; {report['model']}. Points: the turn-taking session of "
+        f"{report['generated']}, `python -m bench.turn_model{' --quick' if report['quick'] else ''}`; {report['model']}. Points: the turn-taking session of "
         f"`make bench-engines` (stream 1): {n_unf} pauses inside a sentence (*unfinished*), {n_fin} turn ends (*finished*).", "",
         "| scorer | AUC (finished above unfinished) | median finished / unfinished | unfinished ended early | finished held |",
         "|---|---|---|---|---|",

@@ -114,3 +114,19 @@ def test_decode_cost_compares_a_real_time_stream_with_and_without_the_spare_core
     assert [row[4].startswith("0 of ") for row in rows] == [True, True, not kept], out
     for arm in ("not used", "completion beside alignment", "and wide encode"):
         assert f"spare cores {arm}: EndOfTurn p50 " in out and "(12 turns)" in out, out
+
+
+def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):
+    """`make bench-turn-model` on the short session: Smart Turn (its weights from pipecat-ai's wheel,
+    installed by `make install-dev`) and the engine's completion probability, at every labelled
+    point (structure, not the scores)."""
+    subprocess.run([sys.executable, "-m", "bench.turn_model", "--quick", "--out", str(tmp_path / "turn-model")], cwd=ROOT, check=True, timeout=900)
+    result = json.loads((tmp_path / "turn-model.json").read_text())
+    labels = [p["label"] for p in result["points"]]
+    assert labels.count("unfinished") == 3 and labels.count("finished") >= 5  # the conversation's pause and the two sentences'
+    for point in result["points"]:
+        assert 0.0 <= point["smart_64ms"] <= 1.0 and 0.0 <= point["smart_200ms"] <= 1.0 and 0.0 <= point["heuristic"] <= 1.0
+        assert point["words"], point  # every point decoded to words
+    assert set(result["summary"]) == {"heuristic", "smart_64ms", "smart_200ms"}
+    assert all(0.0 <= s["auc"] <= 1.0 for s in result["summary"].values())
+    assert "| scorer | AUC" in (tmp_path / "turn-model.md").read_text()
