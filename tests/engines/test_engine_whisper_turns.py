@@ -9,6 +9,7 @@ is measured by `make bench-engines`.
 from __future__ import annotations
 
 import asyncio
+import threading
 import wave
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from relay.engines.base import StreamOptions
 from relay.engines.offline.whisper import WhisperEngine
+from relay.engines.offline.whisper.stream import WhisperStream
 from tests.support.live import ROOT
 from tests.support.speech import check_turn_grammar, finals, finals_per_loop, pcm, run_stream, settle, silence, turns_manifest, wer
 
@@ -101,6 +103,66 @@ async def test_a_pause_inside_a_sentence_does_not_end_the_turn(engine):
     # still splits reads as a finished sentence ("Let me check my calendar." then 1 s of silence).
     assert len(split) <= 2, split
     assert wer([c["text"] for c in clips], [" ".join(e.transcript for e in finals(r)) for r in results]) <= 0.15
+
+
+@slow
+async def test_a_short_pause_between_words_does_not_hold_the_stream_for_its_final(engine, monkeypatch):
+    """A speculative final starts 64 ms into every pause, and the turn machine waits for it from
+    96 ms. When the audio that came meanwhile already has the speech back sooner than the shortest
+    hangover (here 200 ms of silence inside a sentence), no result could end the turn there, so the
+    stream goes on without it: while that final is still decoding (held here), nothing is held.
+    The turn's final is the same as when every decode is waited for."""
+    clip = _clips("pause")[0]  # "I went to the store" [700 ms] "and bought some milk."
+    rate, pause = 16000, clip["pauses"][0]
+    samples = np.frombuffer(pcm(f"turns/{clip['file']}"), dtype="<i2")
+    cut = int((pause["start"] + 0.2) * rate)
+    audio = np.concatenate((samples[:cut], samples[int(pause["end"] * rate) :])).tobytes() + silence(2.0)
+    with monkeypatch.context() as waiting:  # the reference: every speculative final waited for, as before
+        waiting.setattr(WhisperStream, "_moot", lambda self: False)
+        waited = _turns(await run_stream(engine.open_stream(StreamOptions()), audio))
+
+    gate, started = threading.Event(), []
+    decode = engine.runner.decode
+
+    def gated(pcm_: np.ndarray, final: bool, *args, **kwargs):
+        if final:
+            started.append(pcm_.size)
+            assert gate.wait(120)
+        return decode(pcm_, final, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "decode", gated)
+    stream = engine.open_stream(StreamOptions())
+    await stream.start()
+    events: list = []
+
+    async def collect() -> None:
+        async for item in stream.events():
+            events.append(item)
+
+    pump = asyncio.get_running_loop().create_task(collect())
+    try:
+        # Up to 150 ms into the pause: its speculative final starts (and is held at the gate).
+        first = 2 * int((pause["start"] + 0.15) * rate)
+        for i in range(0, first, 2560):
+            stream.feed(audio[i : min(i + 2560, first)])
+        async with asyncio.timeout(60):
+            while not started:
+                await asyncio.sleep(0.01)
+        # Then the speech comes back, and 600 ms of it are heard while that final still decodes.
+        upto = 2 * (cut + int(0.6 * rate))
+        for i in range(first, upto, 2560):
+            stream.feed(audio[i : min(i + 2560, upto)])
+        await settle(stream)
+        holding = stream._held is not None
+        assert not holding, "the turn machine still waits for a final no result of which could end the turn"
+    finally:
+        gate.set()
+    for i in range(upto, len(audio), 2560):
+        stream.feed(audio[i : i + 2560])
+    await stream.finish()
+    await pump
+    check_turn_grammar(events)
+    assert _turns(events) == waited and len(waited) == 1, (waited, _turns(events))
 
 
 @slow

@@ -334,6 +334,9 @@ class WhisperStream(OfflineStream):
         self.hangover: float | None = None  # silence that ends this pause's turn, once the spec is read
         self.finished = 0.0  # how finished the spec's text reads (0..1)
         self.speech_end: int | None = None  # sample of turn_audio where the spec's speech ends (see _pause)
+        #: The running speculative final's speech end and loudness, found at its launch from the same
+        #: samples its decode gets (speech_span), so known before its result (see _moot).
+        self.spec_span: tuple[int, float] | None = None
         self.loud: float | None = None  # the mean square the turn's last speculative final counted as loud
         self.respec_from: int | None = None  # a spec's speech_end, when the speech went on past it (_may_speculate)
         self.turn_language: str | None = self.pinned  # flux-general-multi: settled for this turn
@@ -402,14 +405,19 @@ class WhisperStream(OfflineStream):
 
     def _launch(self, final: bool, priority: int = PRIORITY_UPDATE) -> asyncio.Future:
         priority = PRIORITY_FINAL if final else priority
+        turn_pcm = self._turn_pcm()
+        if final:
+            pcm, context, speech_at = turn_pcm
+            span = speech_span(pcm, True, speech_at, context)
+            self.spec_span = None if span.speech_end is None or span.loud is None else (span.speech_end - context, span.loud)
         if not self.multilingual:
-            return asyncio.ensure_future(self.engine.pool.run(priority, decode_span, self.engine.runner.decode, *self._turn_pcm(), final,
+            return asyncio.ensure_future(self.engine.pool.run(priority, decode_span, self.engine.runner.decode, *turn_pcm, final,
                                                               self._hotwords()))
         # turn_language None: the language is detected (see decode_span).
         runner = self.engine.runner
         decode = functools.partial(runner.decode, candidates=self.candidates, prior=self.last_language)
         detect = functools.partial(runner.detect_audio, candidates=self.candidates, prior=self.last_language)
-        return asyncio.ensure_future(self.engine.pool.run(priority, functools.partial(decode_span, detect=detect), decode, *self._turn_pcm(),
+        return asyncio.ensure_future(self.engine.pool.run(priority, functools.partial(decode_span, detect=detect), decode, *turn_pcm,
                                                           final, self._hotwords(), self.turn_language))
 
     # -- audio ----------------------------------------------------------------------------------
@@ -435,12 +443,15 @@ class WhisperStream(OfflineStream):
         await self.resume()
 
     async def resume(self) -> None:
-        """Read a speculative final the turn machine waits for, if ready, and go on with the held windows."""
-        while self._held is not None and (self.spec is None or self.spec.done()):
+        """Read a speculative final the turn machine waits for, if ready (or go on without it when
+        it is moot), and go on with the held windows."""
+        while self._held is not None and (self.spec is None or self.spec.done() or self._moot()):
             held, self._held = self._held, None
-            if self.spec is not None:
+            if self.spec is not None and self.spec.done():
                 self._read_spec()
                 await self._decide()
+            elif self.spec is not None:
+                self._read_moot()
             while held:
                 if self._held is not None:  # the next pause waits for its own final
                     self._held.extend(held)
@@ -534,6 +545,41 @@ class WhisperStream(OfflineStream):
         if decoded is not None and decoded.speech_end is not None and decoded.speech_end <= self.turn_samples:
             self.speech_end, self.loud = decoded.speech_end, decoded.loud
 
+    def _moot(self) -> bool:
+        """Whether the held windows already show speech coming back before this pause could end
+        the turn, whatever the speculative final says. Then its result would only be dropped when
+        the speech resumes, so the turn machine does not wait for it (:meth:`_read_moot`): a short
+        pause between words no longer stalls the stream for a whole decode.
+
+        From the audio alone, as every decision here: the pause is counted in samples from the
+        speech end the final's decode will find (``spec_span``, the same function of the same
+        samples), against the shortest limit any result could set (the finished hangover, the
+        client's ``eot_timeout_ms``, the EagerEndOfTurn share of the hangover); and in VAD
+        silence against the limit a failed decode would leave (the unfinished hangover)."""
+        if self._held is None or self.spec_span is None or self.spec_span[0] > self.turn_samples:
+            return False
+        complete, timeout, ratio = self.engine.eot_complete_s * self._scale(), self._timeout(), self._eager_ratio()
+        bound = min([complete] + ([timeout] if timeout is not None else []) + ([complete * ratio] if ratio is not None else [])) * RATE
+        failed = self.engine.eot_incomplete_s * self._scale() if timeout is None else min(timeout, self.engine.eot_incomplete_s * self._scale())
+        samples, silence = self.turn_samples, self.silence
+        for window, prob, _ in self._held:
+            samples += window.size
+            if samples - self.spec_span[0] >= bound:
+                return False
+            if prob >= SPEECH_ON:  # the VAD hears speech again (a pause's threshold: silence > 0 here)
+                return True
+            silence += WINDOW_S
+            if silence >= failed:
+                return False
+        return False
+
+    def _read_moot(self) -> None:
+        """Go on without a moot speculative final's result (:meth:`_moot`): no hangover ends this
+        pause before the speech comes back, where the result is dropped as any would be."""
+        assert self.spec_span is not None
+        self.hangover, self.finished = float("inf"), 0.0
+        self.speech_end, self.loud = self.spec_span
+
     async def _resumed_after_the_end(self, window: np.ndarray, prob: float) -> bool:
         """The VAD hears speech again in a measured pause: True when it starts (its loud stretch,
         or this window when nothing is loud) a pause long enough to end the turn after its speech
@@ -588,6 +634,7 @@ class WhisperStream(OfflineStream):
         if self.spec is not None and not self.spec.done():
             self.spec.cancel()  # still queued: never runs; running: its result is ignored
         self.spec = None
+        self.spec_span = None
         self.hangover = None
         self.finished = 0.0
         self.speech_end = None
