@@ -190,7 +190,7 @@ def score(result: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]
         if sum(1 for o in overlaps if o > 0.15) > 1:
             merged += 1
         assigned[best].append((t, m))
-    eot, first_update, eot_conf, early, paused = [], [], [], 0, 0
+    eot, first_update, eot_conf, early, paused, per_turn = [], [], [], 0, 0, []
     by_kind: dict[str, list[float]] = {}
     for i, ref in enumerate(turns):
         got = assigned[i]
@@ -198,9 +198,12 @@ def score(result: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]
             paused += 1
             early += len(got) > 1
         if not got:
+            per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": None, "finals": []})
             continue
         t_end, last = got[-1]
         latency = t_end - ref["speech_end"]
+        per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": round(latency, 3),
+                         "confidence": last.get("end_of_turn_confidence"), "finals": [m["transcript"] for _, m in got]})
         eot.append(latency)
         by_kind.setdefault(ref["kind"], []).append(latency)
         eot_conf.append(last.get("end_of_turn_confidence"))
@@ -214,7 +217,7 @@ def score(result: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]
         "eot": eot, "first_update": first_update, "eot_by_kind": by_kind, "eot_confidence": eot_conf,
         "turns": len(turns), "turns_ended": sum(1 for g in assigned.values() if g), "paused_turns": paused, "early_closes": early,
         "spurious": spurious, "merged": merged, "reference": ref_text, "hypothesis": hyp,
-        "finals": [m["transcript"] for _, m in ends], "turn_hyps": [" ".join(m["transcript"] for _, m in assigned[i]) for i in range(len(turns))],
+        "per_turn": per_turn, "finals": [m["transcript"] for _, m in ends], "turn_hyps": [" ".join(m["transcript"] for _, m in assigned[i]) for i in range(len(turns))],
         "wer": wer([ref_text], [hyp]) if hyp or ref_text else 0.0,
     }
 
@@ -378,10 +381,15 @@ async def streams_level(server: Server, url: str, n: int, parts: list[dict[str, 
         "load_average_1m": [load0, machine_load()["load1"]],
         "audio_seconds": round(total, 1),
         "examples": [{"reference": s["reference"], "hypothesis": s["hypothesis"]} for s in scores[:1]],
+        # The first stream's turns in order: EndOfTurn latency, confidence and finals, to read the tail by.
+        "first_stream_turns": scores[0]["per_turn"] if scores else [],
     }
     progress(f"{n} streams: " + ", ".join(f"{k}={row[k]}" for k in ("served", "refused", "eot_p50", "eot_p95", "first_update_p50", "wer", "early_close_rate", "cpu_per_stream", "peak_rss_mb")))
     return row
 
+
+#: How many of the first stream's slowest turns the report lists.
+SLOWEST = 5
 
 VAD_WINDOW = 512  # samples: the whisper engine's 32 ms Silero window
 
@@ -547,6 +555,13 @@ def streams_markdown(r: dict[str, Any]) -> list[str]:
                                        f"{row['merged_turns']} spanning two turns" for row in r["streams"])]
     lines += ["", "WER by split (per turn, EndOfTurns matched to turns by audio window): "
               + "; ".join(f"{row['streams']} streams: " + ", ".join(f"{k} {percent(v)}" for k, v in row["wer_by_split"].items()) for row in r["streams"]), ""]
+    first = r["streams"][0] if r["streams"] else None
+    slow = sorted((t for t in (first or {}).get("first_stream_turns", []) if t["latency"] is not None), key=lambda t: -t["latency"])[:SLOWEST]
+    if slow:
+        lines += [f"The {len(slow)} slowest EndOfTurns of the first stream at {first['streams']} streams (the tail of the p95):", "",
+                  "| turn | kind | EndOfTurn after the speech | confidence | finals |", "|---|---|---|---|---|"]
+        lines += [f"| {t['text']} | {t['kind']} | {fmt(t['latency'])} | {t['confidence']} | {' / '.join(t['finals'])} |" for t in slow]
+        lines.append("")
     return lines
 
 
