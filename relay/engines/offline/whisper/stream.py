@@ -403,12 +403,26 @@ class WhisperStream(OfflineStream):
         context = sum(w.size for w in self.context)
         return pcm, context, context + self.speech_at
 
-    def _launch(self, final: bool, priority: int = PRIORITY_UPDATE) -> asyncio.Future:
-        priority = PRIORITY_FINAL if final else priority
+    def _speculate(self) -> asyncio.Future | None:
+        """Start the speculative final once the audio holds all of the span it decodes (to
+        ANCHOR_TAIL_S past the last loud 10 ms), so that its samples are the recording's, never
+        digital silence standing in for a tail that had not come yet: which it had depended on
+        where the VAD windows fell. None: not yet. A loud stretch that goes on at the audio's end
+        (noise the VAD calls silence) waits for nothing past ANCHOR_TAIL_S more of VAD silence."""
         turn_pcm = self._turn_pcm()
+        pcm, context, speech_at = turn_pcm
+        span = speech_span(pcm, True, speech_at, context)
+        if span.end > pcm.size and self.silence < self.engine.speculate_s + ANCHOR_TAIL_S:
+            return None
+        return self._launch(True, turn_pcm=turn_pcm, span=span)
+
+    def _launch(self, final: bool, priority: int = PRIORITY_UPDATE, *, turn_pcm: tuple[np.ndarray, int, int] | None = None,
+                span: Span | None = None) -> asyncio.Future:
+        priority = PRIORITY_FINAL if final else priority
+        turn_pcm = turn_pcm or self._turn_pcm()
         if final:
             pcm, context, speech_at = turn_pcm
-            span = speech_span(pcm, True, speech_at, context)
+            span = span or speech_span(pcm, True, speech_at, context)
             self.spec_span = None if span.speech_end is None or span.loud is None else (span.speech_end - context, span.loud)
         if not self.multilingual:
             return asyncio.ensure_future(self.engine.pool.run(priority, decode_span, self.engine.runner.decode, *turn_pcm, final,
@@ -523,8 +537,9 @@ class WhisperStream(OfflineStream):
                     self.eager_sent = False
                     self._out(self._turn_event("TurnResumed", self.last_decoded))
         if self.silence >= self.engine.speculate_s and self.spec is None and self._may_speculate():
-            self.respec_from = None
-            self.spec = self._launch(final=True)
+            self.spec = self._speculate()
+            if self.spec is not None:
+                self.respec_from = None
         if self.spec is not None and self.hangover is None and self.silence >= self._decide_at():
             if not self.spec.done():
                 # The turn machine waits for it; the audio after it is held meanwhile (resampled
