@@ -190,9 +190,10 @@ RELAY_ENGINES: dict[str, dict] = {
             "compute_type": os.environ.get("RELAY_WHISPER_COMPUTE_TYPE", "int8"),
             "workers": env_int("RELAY_WHISPER_WORKERS", 0),  # 0 = one decode thread per CPU core
             "cpu_threads": env_int("RELAY_WHISPER_CPU_THREADS", 1),
-            # 1: a final that finds the other workers idle is encoded on all their cores too
-            # (off by default: through the relay it did not end turns sooner; docs/engines.md).
-            "wide_encode": env_bool("RELAY_WHISPER_WIDE_ENCODE", False),
+            # A final that finds the other workers idle is encoded on all their cores too, by a
+            # second copy of the model (about 200 MB); 0 with several relay processes on one box
+            # (docs/engines.md, "Spare cores").
+            "wide_encode": env_bool("RELAY_WHISPER_WIDE_ENCODE", True),
             "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = from the box's speed, measured at load
             "beam_size": env_int("RELAY_WHISPER_BEAM_SIZE", 5),
             # End of turn from what was said (docs/engines.md): silence after words that read
@@ -200,7 +201,7 @@ RELAY_ENGINES: dict[str, dict] = {
             "eot_complete_ms": env_int("RELAY_WHISPER_EOT_COMPLETE_MS", 300),
             "eot_incomplete_ms": env_int("RELAY_WHISPER_EOT_INCOMPLETE_MS", 1000),
             "update_interval_ms": env_int("RELAY_WHISPER_UPDATE_INTERVAL_MS", 600),
-            "speculate_ms": env_int("RELAY_WHISPER_SPECULATE_MS", 64),
+            "speculate_ms": env_int("RELAY_WHISPER_SPECULATE_MS", 32),
         },
     },
     "sphinx": {

@@ -301,7 +301,8 @@ def test_a_final_on_spare_cores_is_encoded_wide_and_comes_out_the_same(engine):
     from relay.engines.offline.whisper.runner import WhisperModelRunner
 
     assert engine.runner.spare == engine.pool.alone
-    assert engine.runner.wide is None and engine.runner.wide_threads == 0  # opt-in: off unless asked for
+    if engine.cores > 1:  # on by default wherever there is a second core
+        assert engine.runner.wide is not None and engine.runner.wide_threads == engine.cores, "two-thread encodes differ from one-thread ones on this box"
     runner = WhisperModelRunner(bundled_model_dir(), compute_type="int8", cpu_threads=1, workers=2, beam_size=5, wide_threads=2)
     assert runner.wide is not None and runner.wide_threads == 2, "two-thread encodes differ from one-thread ones on this box"
     clips = turns_manifest()["clips"]

@@ -34,8 +34,8 @@ How a turn is made:
   decode is also capped.
 
 * **Spare cores**: a final that finds every other decode worker idle runs its completion pass
-  beside its word alignment; with ``wide_encode`` (off by default) it is also encoded on all the
-  decoding cores by a second copy of the model, kept only if it encodes bit for bit as the
+  beside its word alignment and is encoded on all the decoding cores (``wide_encode``, on by
+  default) by a second copy of the model, kept only if it encodes bit for bit as the
   one-thread model does, so a final never depends on how busy the box was.
 
 The model is loaded once per process (in a background thread, so the event loop never waits on

@@ -65,7 +65,7 @@ class WhisperEngine(OfflineEngine):
         self.encode_seconds: float | None = None
         self.update_interval_s = float(opts.get("update_interval_ms", 600)) / 1000
         self.first_update_s = float(opts.get("first_update_ms", 250)) / 1000
-        self.speculate_s = float(opts.get("speculate_ms", 64)) / 1000
+        self.speculate_s = float(opts.get("speculate_ms", 32)) / 1000
         # Silence that ends a turn whose words read as finished / unfinished (at eot_threshold 0.7).
         self.eot_complete_s = float(opts.get("eot_complete_ms", 300)) / 1000
         self.eot_incomplete_s = max(self.eot_complete_s, float(opts.get("eot_incomplete_ms", 1000)) / 1000)
@@ -97,8 +97,9 @@ class WhisperEngine(OfflineEngine):
                 cpu_threads=int(opts.get("cpu_threads", 1)),
                 workers=self.workers,
                 beam_size=int(opts.get("beam_size", 5)),
-                # Opt-in: a final that finds the other workers idle is encoded on all the decoding cores.
-                wide_threads=self.cores if opts.get("wide_encode") else 0,
+                # A final that finds the other workers idle is encoded on all the decoding cores (on
+                # unless turned off, and only by a copy that encodes as the one-thread model does).
+                wide_threads=self.cores if opts.get("wide_encode", True) else 0,
             )
             self.runner.spare = self.pool.alone
             self.vad = SileroVad()
