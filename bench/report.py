@@ -275,6 +275,29 @@ def targets(res: dict[str, Any]) -> list[list[str]]:
     return [t for t in out if t]
 
 
+def databases_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The databases section: per load and repetition, the bare server's CPU per frame and each
+    database's, its ratio to that bare row and ForceEndTurn -> EndOfTurn p99 (issue 18's targets:
+    2x and 50 ms)."""
+    lines = ["| streams | rep | bare µs/frame | PostgreSQL µs/frame (x bare, server cores) | EoT p99 | SQLite µs/frame (x bare, server cores) "
+             "| EoT p99 | errors, refused, lost |", "|---|---|---|---|---|---|---|---|"]
+    for streams, rep in sorted({(r["streams"], r["rep"]) for r in rows}):
+        got = {r["which"]: r for r in rows if r["streams"] == streams and r["rep"] == rep}
+        bare = got.get("bare")
+        cells = []
+        for db in ("postgresql", "sqlite"):
+            r = got.get(db)
+            if r is None:
+                cells += ["–", "–"]
+                continue
+            x = _ratio(r["cpu_per_frame_us"], bare["cpu_per_frame_us"]) if bare else None
+            cells += [f"{_v(r['cpu_per_frame_us'])} ({_v(x)}x, {r['server_cores']})" + (" **not keeping up**" if saturated(r) else ""),
+                      f"{_v(r['fet_rtt']['p99'])} ms"]
+        faults = ", ".join(f"{r['error_count']}/{r['refused']}/{lost(r)}" for r in got.values())
+        lines.append(f"| {streams} | {rep} | {_v(bare['cpu_per_frame_us']) if bare else '–'} | " + " | ".join(cells) + f" | {faults} |")
+    return lines
+
+
 def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None) -> list[str]:
     lines = [
         "| target | frame | streams (+tabs) | turn every | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs "
@@ -476,6 +499,8 @@ def write(res: dict[str, Any], out: Path) -> None:
         L += ["## Before and now", "", "| measure | before | now | unit |", "|---|---|---|---|"]
         L += [f"| {what} | {_v(b)} | {_v(a)} | {unit} |" for what, unit, b, a in pairs]
         L.append("")
+    if res.get("databases"):
+        L += ["## A turn a second per stream, PostgreSQL and SQLite", "", *databases_table(res["databases"]), ""]
     if sweep:
         L += ["## Streams sweep", "", *stream_table(sweep, sweep), ""]
     if res.get("variants"):

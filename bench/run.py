@@ -38,7 +38,7 @@ from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, pr
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 BEFORE_REV = "8ce78b5"  # the last commit before the speed work this run compares against
-SECTIONS = ("checks", "sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx", "profile")
+SECTIONS = ("checks", "sweep", "variants", "databases", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx", "profile")
 
 
 def say(text: str) -> None:
@@ -445,6 +445,32 @@ class Bench:
                     rows.append(row)
                     say(fmt_row(row) + ("  (audio only)" if turn_s > 60 else ""))
         self.result["variants"] = rows
+
+    def section_databases(self) -> None:
+        """Issue 18's turn-write load on both databases: one daphne process, the fake engine, 80 ms
+        frames and a ForceEndTurn every second per stream; the bare server, the relay on PostgreSQL
+        and the relay on SQLite (the default) in turn, each on a fresh server, at 150 and then 300
+        streams, twice over, so the three share the machine's state of the moment."""
+        from tests.support.services import postgres_database
+
+        sqlite = getattr(self.args, "sqlite", False)
+        urls = {
+            "postgresql": self.stack.enter_context(postgres_database()) if sqlite else self.db_url,
+            "sqlite": self.db_url if sqlite else self.stack.enter_context(sqlite_database()),
+        }
+        counts, reps, window = ([10], 1, 2.0) if self.quick else ([self.n(150), self.n(300)], 2, self.w(6.0))
+        rows = []
+        for count in counts:
+            for rep in range(1, reps + 1):
+                plan = [("bare", self.bare())] + [(db, self.relay(f"relay now ({db})", env={"DATABASE_URL": url})) for db, url in urls.items()]
+                for which, dep in plan:
+                    with dep:
+                        self.warm(dep)
+                        row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=1.0)
+                    row.update(rep=rep, which=which, turn_s=1.0)
+                    rows.append(row)
+                    say(f"    rep {rep} {which:<10} " + fmt_row(row))
+        self.result["databases"] = rows
 
     def section_memory(self) -> None:
         """Idle memory per connection on a fresh server: RSS with N streams connected and idle."""

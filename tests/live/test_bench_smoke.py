@@ -19,8 +19,10 @@ def test_bench_quick_writes_the_report(tmp_path):
 
     subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=900)
     result = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("sweep", "variants", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx"):
+    for section in ("sweep", "variants", "databases", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx"):
         assert result[section], section
+    assert {(r["which"], r["target"]) for r in result["databases"]} == {
+        ("bare", BARE), ("postgresql", "relay now (postgresql)"), ("sqlite", "relay now (sqlite)")}
     assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
     sweep = {row["target"] for row in result["sweep"]}
     assert {BASE, NOW, DEP_NOW} <= sweep and any(t.startswith("deployed before") for t in sweep)
@@ -30,7 +32,7 @@ def test_bench_quick_writes_the_report(tmp_path):
     capacity, past = result["nginx"]  # behind nginx: all in, then more than the processes admit
     assert past["refused"] > 0 and past["streams"] + past["refused"] == past["asked"]
     assert capacity["nginx_resets"] == past["nginx_resets"] == 0  # refusals end with close frames and FIN
-    for row in result["sweep"] + result["variants"] + result["fanout"] + result["tabs"] + result["nginx"]:
+    for row in result["sweep"] + result["variants"] + result["databases"] + result["fanout"] + result["tabs"] + result["nginx"]:
         assert row["streams"] > 0 and row["fps"] > 0, row["target"]
         assert row["dropped_updates"] == 0, row["target"]  # a speaker gets every Update of a finished turn (a count, not a time)
         assert row["listener_missing_eot"] == 0, row["target"]  # every listening tab got every EndOfTurn
@@ -43,7 +45,7 @@ def test_bench_quick_writes_the_report(tmp_path):
     shed = result["shedding"][0]
     assert shed["refused"] == shed["asked"] - 5 and shed["streams"] == 5  # over the cap: CAPACITY, not an error
     report = (tmp_path / "latest.md").read_text()
-    for heading in ("## Targets", "## Before and now", "## Streams sweep", "## Connection bursts", "## Past capacity"):
+    for heading in ("## Targets", "## Before and now", "## A turn a second per stream, PostgreSQL and SQLite", "## Streams sweep", "## Connection bursts", "## Past capacity"):
         assert heading in report, heading
     for chart in ("sweep.png", "variants.png", "fanout.png", "before_now.png"):
         assert (tmp_path / chart).stat().st_size > 1000, chart
