@@ -293,7 +293,7 @@ def databases_table(rows: list[dict[str, Any]]) -> list[str]:
             x = _ratio(r["cpu_per_frame_us"], bare["cpu_per_frame_us"]) if bare else None
             cells += [f"{_v(r['cpu_per_frame_us'])} ({_v(x)}x, {r['server_cores']})" + (" **not keeping up**" if saturated(r) else ""),
                       f"{_v(r['fet_rtt']['p99'])} ms"]
-        faults = ", ".join(f"{r['error_count']}/{r['refused']}/{lost(r)}" for r in got.values())
+        faults = ", ".join(f"{which} {r['error_count']}/{r['refused']}/{lost(r)}" for which, r in got.items())
         lines.append(f"| {streams} | {rep} | {_v(bare['cpu_per_frame_us']) if bare else '–'} | " + " | ".join(cells) + f" | {faults} |")
     return lines
 

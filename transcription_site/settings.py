@@ -191,7 +191,7 @@ RELAY_ENGINES: dict[str, dict] = {
             "workers": env_int("RELAY_WHISPER_WORKERS", 0),  # 0 = one decode thread per CPU core
             "cpu_threads": env_int("RELAY_WHISPER_CPU_THREADS", 1),
             # A final that finds the other workers idle is encoded on all their cores too, by a
-            # second copy of the model (about 200 MB); 0 with several relay processes on one box
+            # second copy of the model (about 170 MB); 0 with several relay processes on one box
             # (docs/engines.md, "Spare cores").
             "wide_encode": env_bool("RELAY_WHISPER_WIDE_ENCODE", True),
             "max_streams": env_int("RELAY_WHISPER_MAX_STREAMS", 0),  # 0 = from the box's speed, measured at load
