@@ -257,7 +257,7 @@ RELAY_LISTENER_UPDATE_SECONDS = env_float("RELAY_LISTENER_UPDATE_SECONDS", 0.5)
 RELAY_CONNECTS_PER_MINUTE = env_int("RELAY_CONNECTS_PER_MINUTE", 600)  # per client address, per process
 RELAY_CONFIGURES_PER_MINUTE = env_int("RELAY_CONFIGURES_PER_MINUTE", 60)  # per connection
 RELAY_DB_RETRY_SECONDS = env_float("RELAY_DB_RETRY_SECONDS", 30.0)  # keep retrying a turn write this long
-RELAY_TURN_WRITES = os.environ.get("RELAY_TURN_WRITES", "loop")  # PostgreSQL: loop, thread or orm (relay/store/loop_db.py)
+RELAY_TURN_WRITES = os.environ.get("RELAY_TURN_WRITES", "loop")  # loop, thread or orm (relay/store/loop_db.py, relay/store/sqlite_writes.py)
 if RELAY_TURN_WRITES not in ("thread", "loop", "orm"):
     raise ImproperlyConfigured(f"RELAY_TURN_WRITES must be loop, thread or orm, not {RELAY_TURN_WRITES!r}.")
 RELAY_REQUIRE_AUTH = env_bool("RELAY_REQUIRE_AUTH", False)

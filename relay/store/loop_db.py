@@ -24,7 +24,7 @@ one-by-one retry and :func:`relay.store.retry.with_db_retry` treat them as befor
 that failed is dropped and the next write opens a new one. No statement is prepared on the
 server, so PgBouncer in transaction mode is fine.
 
-SQLite allows one writer at a time and its calls stay on the ORM's single thread.
+SQLite has its own way off the ORM, on one connection per process: ``relay.store.sqlite_writes``.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from django.utils import timezone
 
 from relay.live import admission as load
 from relay.store import access
-from relay.store import loop_db
+from relay.store import loop_db, sqlite_writes
 from relay.store.batching import Batcher
 from relay.store.db import db_async
 from relay.store.turns import EVENT_FIELDS, allocated_indexes, turn_fields
@@ -412,10 +413,21 @@ def session_end(*, session_id: str, reason: str = "Ended by an operator") -> boo
 # arriving together share one transaction. Errors one item can cause are retried one by one.
 _ITEM_ERRORS = (IntegrityError, DataError)
 _new_connections = Batcher("connection_open", db_async(connections_open_new), split_on=_ITEM_ERRORS)
-# On PostgreSQL the turn writes run on the event loop's own connections (relay.store.loop_db), off
-# the pool threads that would hold the GIL against the audio path; on SQLite on the ORM's one thread.
-_turn_indexes = Batcher("turn_index", loop_db.writer("turn_index") if loop_db.available() else db_async(turn_indexes_allocate), split_on=_ITEM_ERRORS)
-_finished_turns = Batcher("turn_record", loop_db.writer("turn_record") if loop_db.available() else db_async(turns_record), split_on=_ITEM_ERRORS)
+
+
+def _turn_writer(name: str, orm: Callable[[list[Any]], list[Any]]) -> Callable[[list[Any]], Awaitable[list[Any]]]:
+    """Where the turn writes go: off the ORM, whose Python would hold the GIL against the audio path.
+    PostgreSQL: the event loop's own connections (relay.store.loop_db); SQLite: a connection and
+    thread of their own (relay.store.sqlite_writes); ``RELAY_TURN_WRITES=orm``: the ORM."""
+    if loop_db.available():
+        return loop_db.writer(name)
+    if sqlite_writes.available():
+        return sqlite_writes.writer(name, orm=db_async(orm))
+    return db_async(orm)
+
+
+_turn_indexes = Batcher("turn_index", _turn_writer("turn_index", turn_indexes_allocate), split_on=_ITEM_ERRORS)
+_finished_turns = Batcher("turn_record", _turn_writer("turn_record", turns_record), split_on=_ITEM_ERRORS)
 _aconnection_open_existing = db_async(connection_open)
 
 
