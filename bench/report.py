@@ -277,15 +277,16 @@ def targets(res: dict[str, Any]) -> list[list[str]]:
 
 def databases_table(rows: list[dict[str, Any]]) -> list[str]:
     """The databases section: per load and repetition, the bare server's CPU per frame and each
-    database's, its ratio to that bare row and ForceEndTurn -> EndOfTurn p99 (issue 18's targets:
+    database's (SQLite also with its turns written through the ORM, the path before its own
+    writer), its ratio to that bare row and ForceEndTurn -> EndOfTurn p99 (issue 18's targets:
     2x and 50 ms)."""
     lines = ["| streams | rep | bare µs/frame | PostgreSQL µs/frame (x bare, server cores) | EoT p99 | SQLite µs/frame (x bare, server cores) "
-             "| EoT p99 | errors, refused, lost |", "|---|---|---|---|---|---|---|---|"]
+             "| EoT p99 | SQLite, ORM writes µs/frame (x bare, server cores) | EoT p99 | errors, refused, lost |", "|---|---|---|---|---|---|---|---|---|---|"]
     for streams, rep in sorted({(r["streams"], r["rep"]) for r in rows}):
         got = {r["which"]: r for r in rows if r["streams"] == streams and r["rep"] == rep}
         bare = got.get("bare")
         cells = []
-        for db in ("postgresql", "sqlite"):
+        for db in ("postgresql", "sqlite", "sqlite-orm"):
             r = got.get(db)
             if r is None:
                 cells += ["–", "–"]

@@ -448,9 +448,11 @@ class Bench:
 
     def section_databases(self) -> None:
         """Issue 18's turn-write load on both databases: one daphne process, the fake engine, 80 ms
-        frames and a ForceEndTurn every second per stream; the bare server, the relay on PostgreSQL
-        and the relay on SQLite (the default) in turn, each on a fresh server, at 150 and then 300
-        streams, twice over, so the three share the machine's state of the moment."""
+        frames and a ForceEndTurn every second per stream; the bare server, the relay on PostgreSQL,
+        the relay on SQLite (the default) and, for comparison, on SQLite with its turns written
+        through the ORM (``RELAY_TURN_WRITES=orm``, the path before relay.store.sqlite_writes) in
+        turn, each on a fresh server, at 150 and then 300 streams, twice over, so all four share
+        the machine's state of the moment."""
         from tests.support.services import postgres_database
 
         sqlite = getattr(self.args, "sqlite", False)
@@ -463,6 +465,7 @@ class Bench:
         for count in counts:
             for rep in range(1, reps + 1):
                 plan = [("bare", self.bare())] + [(db, self.relay(f"relay now ({db})", env={"DATABASE_URL": url})) for db, url in urls.items()]
+                plan.append(("sqlite-orm", self.relay("relay now (sqlite, ORM writes)", env={"DATABASE_URL": urls["sqlite"], "RELAY_TURN_WRITES": "orm"})))
                 for which, dep in plan:
                     with dep:
                         self.warm(dep)

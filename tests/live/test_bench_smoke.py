@@ -22,7 +22,8 @@ def test_bench_quick_writes_the_report(tmp_path):
     for section in ("sweep", "variants", "databases", "memory", "handshakes", "replay", "fanout", "tabs", "shedding", "nginx"):
         assert result[section], section
     assert {(r["which"], r["target"]) for r in result["databases"]} == {
-        ("bare", BARE), ("postgresql", "relay now (postgresql)"), ("sqlite", "relay now (sqlite)")}
+        ("bare", BARE), ("postgresql", "relay now (postgresql)"), ("sqlite", "relay now (sqlite)"),
+        ("sqlite-orm", "relay now (sqlite, ORM writes)")}
     assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
     sweep = {row["target"] for row in result["sweep"]}
     assert {BASE, NOW, DEP_NOW} <= sweep and any(t.startswith("deployed before") for t in sweep)
