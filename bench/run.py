@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from bench.report import BARE, BASE, BEFORE, DEP_BEFORE, DEP_NGINX, DEP_NOW, NOW, OWNFIRST, UVICORN
-from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, proc_cpu, proc_rss
+from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, proc_cpu
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable

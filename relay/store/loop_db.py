@@ -36,33 +36,21 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from django import db as django_db
 from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
-from relay.models import Connection, RelayProcess, Session, Turn, live_cutoff
-from relay.store.turns import allocated_indexes, turn_fields
+from relay.models import Session, Turn, live_cutoff
+from relay.store.db import django_error
+from relay.store.turns import allocated_indexes, live_connections_sql, turn_fields
 
 if TYPE_CHECKING:
     from relay.store.services import FinishedTurn
-
-_ERRORS = ("DataError", "OperationalError", "IntegrityError", "InternalError", "ProgrammingError", "NotSupportedError",
-           "DatabaseError", "InterfaceError", "Error")
-
 
 def available(alias: str = "default") -> bool:
     """Whether turn writes go this way: the database is PostgreSQL (the only backend here) and
     ``RELAY_TURN_WRITES`` is ``loop`` or ``thread``, not ``orm``."""
     return connections[alias].vendor == "postgresql" and settings.RELAY_TURN_WRITES in ("loop", "thread")
-
-
-def django_error(exc: psycopg.Error) -> Exception:
-    """The Django exception a psycopg error maps to (as Django's own cursor wrapper maps it)."""
-    for name in _ERRORS:
-        if isinstance(exc, getattr(psycopg, name)):
-            return getattr(django_db, name)(*exc.args)
-    return django_db.Error(*exc.args)
 
 
 class LoopConnection:
@@ -97,7 +85,7 @@ class LoopConnection:
         except psycopg.Error as exc:
             if not isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)):
                 await self.close()
-            raise django_error(exc) from exc
+            raise django_error(exc, psycopg) from exc
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -138,7 +126,7 @@ class ThreadConnection:
             if not isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)) and self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            raise django_error(exc) from exc
+            raise django_error(exc, psycopg) from exc
 
     async def run(self, statements: list[tuple[str, list[Any]]]) -> list[list[tuple]]:
         """Execute each statement in order (each its own transaction) on the thread; the rows of each."""
@@ -175,13 +163,7 @@ class TurnStatements:
         self.index_update = (f'UPDATE {s} SET "next_turn_index" = {s}."next_turn_index" + wanted.n, "last_activity_at" = %s '
                              f'FROM unnest(%s::text[], %s::integer[]) AS wanted(sid, n) WHERE {s}."id" = wanted.sid '
                              f'RETURNING {s}."id", {s}."next_turn_index"')
-        conn, proc = _q(Connection._meta.db_table), _q(RelayProcess._meta.db_table)
-        c = lambda name: _q(Connection._meta.get_field(name).column)  # noqa: E731
-        p = lambda name: _q(RelayProcess._meta.get_field(name).column)  # noqa: E731
-        # Connection.objects.live(): open, and its process heartbeated recently and has not stopped.
-        self.live = (f"SELECT {conn}.{c('session')}, {conn}.{c('id')} FROM {conn} JOIN {proc} ON {proc}.{p('id')} = {conn}.{c('process')} "
-                     f"WHERE {conn}.{c('session')} = ANY(%s::text[]) AND {conn}.{c('closed_at')} IS NULL "
-                     f"AND {proc}.{p('heartbeat_at')} >= %s AND {proc}.{p('stopped_at')} IS NULL")
+        self.live = live_connections_sql(_q, "{} = ANY(%s::text[])", "%s")
 
     def turn_rows(self, turns: list[FinishedTurn], now: datetime) -> list[str]:
         """The statement's parameter: the turns as a JSON array of rows, keyed by column."""

@@ -38,36 +38,24 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from django import db as django_db
 from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
-from relay.models import Connection, RelayProcess, Session, Turn, live_cutoff
+from relay.models import Session, Turn, live_cutoff
 from relay.ops.logs import get_logger
-from relay.store.turns import allocated_indexes, turn_fields
+from relay.store.db import django_error
+from relay.store.turns import allocated_indexes, live_connections_sql, turn_fields
 
 if TYPE_CHECKING:
     from relay.store.services import FinishedTurn
 
 log = get_logger("relay.store")
 
-_ERRORS = ("DataError", "OperationalError", "IntegrityError", "InternalError", "ProgrammingError", "NotSupportedError",
-           "DatabaseError", "InterfaceError", "Error")
-
-
 def available(alias: str = "default") -> bool:
     """Whether turn writes on ``alias`` can go this way: SQLite, and ``RELAY_TURN_WRITES`` is not
     ``orm``. (Whether the database is in memory is checked per batch: the test runner renames it.)"""
     return connections[alias].vendor == "sqlite" and settings.RELAY_TURN_WRITES in ("loop", "thread")
-
-
-def django_error(exc: sqlite3.Error) -> Exception:
-    """The Django exception a sqlite3 error maps to (as Django's own cursor wrapper maps it)."""
-    for name in _ERRORS:
-        if isinstance(exc, getattr(sqlite3, name)):
-            return getattr(django_db, name)(*exc.args)
-    return django_db.Error(*exc.args)
 
 
 class _SqliteConnection:
@@ -148,7 +136,7 @@ class SqliteThread:
         try:
             return self.conn.execute(statements, list(done or []))
         except sqlite3.Error as exc:
-            raise django_error(exc) from exc
+            raise django_error(exc, sqlite3) from exc
 
     async def run(self, statements: list[tuple[str, tuple[Any, ...]]], done: list[list[tuple]] | None = None) -> list[list[tuple]]:
         """Execute each statement in order (each its own transaction) on the thread; the rows of
@@ -207,7 +195,7 @@ class SqliteLoop:
             return self.conn.execute(statements, done)
         except sqlite3.Error as exc:
             if not _busy(exc):
-                raise django_error(exc) from exc
+                raise django_error(exc, sqlite3) from exc
         self.handed_over += 1
         return await self.thread.run(statements, done)
 
@@ -244,13 +232,7 @@ class TurnStatements:
         self.index_update = (f'UPDATE {s} SET "next_turn_index" = {s}."next_turn_index" + wanted.n, "last_activity_at" = ? '
                              f"FROM (SELECT json_extract(value, '$[0]') AS sid, json_extract(value, '$[1]') AS n FROM json_each(?)) AS wanted "
                              f'WHERE {s}."id" = wanted.sid RETURNING "id", "next_turn_index"')
-        conn, proc = _q(Connection._meta.db_table), _q(RelayProcess._meta.db_table)
-        c = lambda name: _q(Connection._meta.get_field(name).column)  # noqa: E731
-        p = lambda name: _q(RelayProcess._meta.get_field(name).column)  # noqa: E731
-        # Connection.objects.live(): open, and its process heartbeated recently and has not stopped.
-        self.live = (f"SELECT {conn}.{c('session')}, {conn}.{c('id')} FROM {conn} JOIN {proc} ON {proc}.{p('id')} = {conn}.{c('process')} "
-                     f"WHERE {conn}.{c('session')} IN (SELECT value FROM json_each(?)) AND {conn}.{c('closed_at')} IS NULL "
-                     f"AND {proc}.{p('heartbeat_at')} >= ? AND {proc}.{p('stopped_at')} IS NULL")
+        self.live = live_connections_sql(_q, "{} IN (SELECT value FROM json_each(?))", "?")
 
     def when(self, value: Any) -> str:
         return self.ops.adapt_datetimefield_value(value)

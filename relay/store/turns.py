@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from relay.engines.base import TurnEvent, Word
-from relay.models import Session
+from relay.models import Connection, RelayProcess, Session
 
 #: ``Turn`` fields that come from the engine's event; each is named as on ``TurnEvent``.
 EVENT_FIELDS = (
@@ -74,3 +74,15 @@ def allocated_indexes(first: dict[str, int], session_ids: list[str]) -> list[int
             results.append(index)
             first[session_id] = index + 1
     return results
+
+
+def live_connections_sql(quote_name: Any, sessions: str, cutoff: str) -> str:
+    """``Connection.objects.live()`` of a batch of sessions as one SQL statement for the turn
+    writers that bypass the ORM: (session, connection id) of each open connection whose process
+    heartbeated at or after the ``cutoff`` placeholder and has not stopped. ``sessions`` is the
+    condition on the session column, with ``{}`` where that column goes."""
+    conn, proc = quote_name(Connection._meta.db_table), quote_name(RelayProcess._meta.db_table)
+    c = lambda name: f"{conn}.{quote_name(Connection._meta.get_field(name).column)}"  # noqa: E731
+    p = lambda name: f"{proc}.{quote_name(RelayProcess._meta.get_field(name).column)}"  # noqa: E731
+    return (f"SELECT {c('session')}, {c('id')} FROM {conn} JOIN {proc} ON {p('id')} = {c('process')} "
+            f"WHERE {sessions.format(c('session'))} AND {c('closed_at')} IS NULL AND {p('heartbeat_at')} >= {cutoff} AND {p('stopped_at')} IS NULL")

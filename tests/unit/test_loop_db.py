@@ -9,18 +9,16 @@ Runs on a fresh PostgreSQL database of its own, added as a second database alias
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 
 import dj_database_url
 import pytest
 from django.db import IntegrityError, OperationalError, connections
-from django.utils import timezone
 
-from relay.engines.base import TurnEvent, Word
-from relay.models import Connection, RelayProcess, Session, Turn
+from relay.models import Session, Turn
 from relay.store import loop_db
 from relay.store.services import FinishedTurn
 from tests.support.services import postgres_database
+from tests.support.turn_writes import batch_with_a_retry, database_alias, event, sessions_with_peers
 
 pytestmark = [pytest.mark.postgres]
 ALIAS = "loop_pg"
@@ -28,24 +26,8 @@ ALIAS = "loop_pg"
 
 @pytest.fixture(scope="module")
 def pg(django_db_blocker):
-    with postgres_database() as url, django_db_blocker.unblock():
-        connections.settings[ALIAS] = connections.configure_settings({"default": {}, ALIAS: dj_database_url.parse(url)})[ALIAS]
-        try:
-            yield ALIAS
-        finally:
-            connections[ALIAS].close()
-            del connections[ALIAS]
-            del connections.settings[ALIAS]
-
-
-def event(words: str) -> TurnEvent:
-    ws = [Word(w, 0.9, i * 0.25, (i + 1) * 0.25) for i, w in enumerate(words.split())]
-    return TurnEvent(event="EndOfTurn", turn=0, transcript=words, words=ws, audio_window_start=0.0,
-                     audio_window_end=0.25 * len(ws), end_of_turn_confidence=0.9, trigger="model", languages=["en"])
-
-
-def connection(alias: str, session: Session, process: RelayProcess, **kw) -> str:
-    return str(Connection.objects.using(alias).create(id=uuid.uuid4(), session=session, process=process, engine="fake", **kw).pk)
+    with postgres_database() as url, django_db_blocker.unblock(), database_alias(ALIAS, dj_database_url.parse(url)) as alias:
+        yield alias
 
 
 def test_loop_db_is_chosen_for_postgresql_only_unless_the_orm_is_asked_for(pg, settings):
@@ -77,23 +59,10 @@ async def test_finished_turns_are_upserted_with_each_sessions_other_live_connect
 
     tag = uuid.uuid4().hex[:6]
 
-    def rows():
-        now = timezone.now()
-        live = RelayProcess.objects.using(pg).create(pk="live" + tag, pid=1, heartbeat_at=now)
-        dead = RelayProcess.objects.using(pg).create(pk="dead" + tag, pid=2, heartbeat_at=now - timedelta(hours=1))
-        s1, s2 = Session.objects.using(pg).create(pk="s1" + tag), Session.objects.using(pg).create(pk="s2" + tag)
-        return (s1.pk, s2.pk, connection(pg, s1, live), connection(pg, s1, live), connection(pg, s2, live),
-                connection(pg, s1, dead), connection(pg, s1, live, closed_at=now))
-
-    s1, s2, a, b, c, _dead_peer, _closed = await sync_to_async(rows)()
+    s1, s2, a, b, c, _dead_peer, _closed = await sync_to_async(sessions_with_peers)(pg, tag)
     record = loop_db.writer("turn_record", pg, mode)
-    others = await record([
-        FinishedTurn(s1, a, 0, event("one")),
-        FinishedTurn(s2, c, 0, event("two")),
-        FinishedTurn(s1, b, 1, event("three")),
-        FinishedTurn(s1, b, 1, event("three four")),  # a retry: written once, last wins
-    ])
-    assert others == [frozenset({b}), frozenset(), frozenset({a}), frozenset({a})]
+    turns, others = batch_with_a_retry(s1, s2, a, b, c)
+    assert await record(turns) == others
     stored = await sync_to_async(lambda: list(
         Turn.objects.using(pg).filter(session_id__in=[s1, s2]).order_by("session_id", "index")
         .values_list("session_id", "index", "transcript", "words", "languages", "trigger", "connection_id")))()

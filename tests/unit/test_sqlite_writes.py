@@ -23,12 +23,12 @@ from django.conf import settings as django_settings
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from relay.engines.base import TurnEvent, Word
 from relay.models import Connection, RelayProcess, Session, Turn
 from relay.store import sqlite_writes
 from relay.store.services import FinishedTurn
 from relay.store.turns import turn_fields
 from tests.support.services import migrate
+from tests.support.turn_writes import batch_with_a_retry, connection, database_alias, event, sessions_with_peers
 
 ALIAS = "writes_sqlite"
 
@@ -44,23 +44,8 @@ def lite(django_db_blocker, tmp_path_factory):
     with django_db_blocker.unblock():
         config = dj_database_url.parse(url)
         config["OPTIONS"] = dict(django_settings.DATABASES["default"]["OPTIONS"])  # the suite runs on SQLite: the settings' options
-        connections.settings[ALIAS] = connections.configure_settings({"default": {}, ALIAS: config})[ALIAS]
-        try:
-            yield ALIAS
-        finally:
-            connections[ALIAS].close()
-            del connections[ALIAS]
-            del connections.settings[ALIAS]
-
-
-def event(words: str) -> TurnEvent:
-    ws = [Word(w, 0.9, i * 0.25, (i + 1) * 0.25) for i, w in enumerate(words.split())]
-    return TurnEvent(event="EndOfTurn", turn=0, transcript=words, words=ws, audio_window_start=0.0,
-                     audio_window_end=0.25 * len(ws), end_of_turn_confidence=0.9, trigger="model", languages=["en"])
-
-
-def connection(alias: str, session: Session, process: RelayProcess, **kw) -> str:
-    return str(Connection.objects.using(alias).create(id=uuid.uuid4(), session=session, process=process, engine="fake", **kw).pk)
+        with database_alias(ALIAS, config) as alias:
+            yield alias
 
 
 MODES = pytest.mark.parametrize("mode", ["loop", "thread"])
@@ -90,24 +75,11 @@ async def test_turn_indexes_are_consecutive_per_session_and_a_missing_session_fa
 async def test_finished_turns_are_upserted_as_the_orm_stores_them_with_each_sessions_other_live_connections(lite, mode):
     tag = uuid.uuid4().hex[:6]
 
-    def rows():
-        now = timezone.now()
-        live = RelayProcess.objects.using(lite).create(pk="live" + tag, pid=1, heartbeat_at=now)
-        dead = RelayProcess.objects.using(lite).create(pk="dead" + tag, pid=2, heartbeat_at=now - timedelta(hours=1))
-        s1, s2 = Session.objects.using(lite).create(pk="s1" + tag), Session.objects.using(lite).create(pk="s2" + tag)
-        return (s1.pk, s2.pk, connection(lite, s1, live), connection(lite, s1, live), connection(lite, s2, live),
-                connection(lite, s1, dead), connection(lite, s1, live, closed_at=now))
-
-    s1, s2, a, b, c, _dead_peer, _closed = await sync_to_async(rows)()
+    s1, s2, a, b, c, _dead_peer, _closed = await sync_to_async(sessions_with_peers)(lite, tag)
     before = timezone.now()
     record = sqlite_writes.writer("turn_record", lite, mode=mode)
-    others = await record([
-        FinishedTurn(s1, a, 0, event("one")),
-        FinishedTurn(s2, c, 0, event("two")),
-        FinishedTurn(s1, b, 1, event("three")),
-        FinishedTurn(s1, b, 1, event("three four")),  # a retry: written once, last wins
-    ])
-    assert others == [frozenset({b}), frozenset(), frozenset({a}), frozenset({a})]
+    turns, others = batch_with_a_retry(s1, s2, a, b, c)
+    assert await record(turns) == others
     fields = ("session_id", "index", "transcript", "words", "languages", "trigger", "connection_id", "audio_window_end",
               "end_of_turn_confidence", "created_at")
     stored = await sync_to_async(lambda: list(
