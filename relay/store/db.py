@@ -4,7 +4,8 @@
 on one thread, which saturates at about 100 streams per process with a turn every few seconds
 (docs/benchmarks.md). On PostgreSQL the relay's calls are independent short transactions, so
 they run on the loop's thread pool, each thread with its own connection. SQLite allows one
-writer at a time anyway, so there they stay on the single thread.
+writer at a time anyway, so there they stay on the single thread (the turn writes, the hot
+path, have their own connection: ``relay.store.sqlite_writes``).
 """
 from __future__ import annotations
 
