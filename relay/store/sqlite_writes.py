@@ -159,13 +159,14 @@ class SqliteThread:
 
 
 class SqliteLoop:
-    """The connection on the event loop itself: no thread and no GIL handover.
+    """The connection on the event loop itself: no thread to hand the batch to and back.
 
-    A statement run from a thread gives the GIL back and must win it again around every
-    ``sqlite3_step`` (every row returned), and with the loop busy each return can wait a switch
-    interval (5 ms): at 300 streams that, not SQLite, set the EndOfTurn latency. Here a batch's
-    statements run to the end on the loop (a batch of turns is a fraction of a millisecond of
-    SQLite's work; no fsync in WAL mode with ``synchronous=NORMAL``). The loop must never wait
+    ``sqlite3`` releases the GIL around every ``sqlite3_step`` (every row returned). From a
+    thread, each step must then win the GIL back from the busy loop, which can take a switch
+    interval (5 ms): at 300 streams that, not SQLite, set the EndOfTurn latency. On the loop
+    the GIL usually comes straight back, as the relay's other threads are mostly idle. Here a
+    batch's statements run to the end on the loop (a batch of turns is a fraction of a
+    millisecond of SQLite's work; no fsync in WAL mode with ``synchronous=NORMAL``). The loop must never wait
     on a lock, so this connection does not wait for one (busy timeout 0): a statement that finds
     the write lock taken (the ORM's thread is writing) goes to the :class:`SqliteThread`, which
     waits. Nor does it checkpoint the write-ahead log, which syncs the database file: every
