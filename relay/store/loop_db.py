@@ -47,6 +47,7 @@ from relay.store.turns import allocated_indexes, live_connections_sql, turn_fiel
 if TYPE_CHECKING:
     from relay.store.services import FinishedTurn
 
+
 def available(alias: str = "default") -> bool:
     """Whether turn writes go this way: the database is PostgreSQL (the only backend here) and
     ``RELAY_TURN_WRITES`` is ``loop`` or ``thread``, not ``orm``."""

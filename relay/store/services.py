@@ -417,8 +417,9 @@ _new_connections = Batcher("connection_open", db_async(connections_open_new), sp
 
 def _turn_writer(name: str, orm: Callable[[list[Any]], list[Any]]) -> Callable[[list[Any]], Awaitable[list[Any]]]:
     """Where the turn writes go: off the ORM, whose Python would hold the GIL against the audio path.
-    PostgreSQL: the event loop's own connections (relay.store.loop_db); SQLite: a connection and
-    thread of their own (relay.store.sqlite_writes); ``RELAY_TURN_WRITES=orm``: the ORM."""
+    PostgreSQL: connections of the writers' own (relay.store.loop_db); SQLite: one connection of
+    the process's own (relay.store.sqlite_writes); on the event loop unless ``RELAY_TURN_WRITES``
+    says ``thread``, or ``orm`` for the ORM."""
     if loop_db.available():
         return loop_db.writer(name)
     if sqlite_writes.available():

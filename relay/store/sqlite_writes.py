@@ -30,9 +30,11 @@ suite's default) cannot be shared by a second connection; there the ORM path is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sqlite3
 import threading
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -128,10 +130,6 @@ class SqliteThread:
         self.conn = _SqliteConnection(alias, busy_timeout=None)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite-turns")
 
-    @property
-    def _conn(self) -> sqlite3.Connection | None:
-        return self.conn._conn
-
     def _run(self, statements: list[tuple[str, tuple[Any, ...]]], done: list[list[tuple]] | None = None) -> list[list[tuple]]:
         try:
             return self.conn.execute(statements, list(done or []))
@@ -181,10 +179,6 @@ class SqliteLoop:
         self.conn = _SqliteConnection(alias, busy_timeout=0, pragmas=("PRAGMA wal_autocheckpoint = 0",))
         self.batches = 0
         self.handed_over = 0
-
-    @property
-    def _conn(self) -> sqlite3.Connection | None:
-        return self.conn._conn
 
     async def run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple]]:
         """Execute each statement in order (each its own transaction); the rows of each."""
@@ -241,19 +235,9 @@ class TurnStatements:
     def turn_rows(self, turns: list[FinishedTurn]) -> str:
         """The upsert's parameter: the turns as a JSON array of rows, keyed by column."""
         created_at = self.when(timezone.now())
-        rows = [{"session_id": t.session_id, "index": t.index, "connection_id": _uuid_hex(t.connection_id), "created_at": created_at,
+        rows = [{"session_id": t.session_id, "index": t.index, "connection_id": uuid.UUID(t.connection_id).hex if t.connection_id else None, "created_at": created_at,
                  **turn_fields(t.event)} for t in turns]
         return json.dumps(rows, separators=(",", ":"))
-
-
-def _uuid_hex(value: str | None) -> str | None:
-    """A connection id as Django's UUIDField stores it on SQLite (32 hex digits, no dashes)."""
-    return value.replace("-", "").lower() if value else None
-
-
-def _uuid_str(value: str) -> str:
-    """A stored connection id (32 hex digits) as the relay passes it around: ``str(uuid.UUID)``."""
-    return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
 
 
 _writers: dict[tuple[str, str], SqliteLoop | SqliteThread] = {}
@@ -279,13 +263,8 @@ def writer(name: str, alias: str = "default", orm: Callable[[list[Any]], Awaitab
     """The ``write_many`` for the batcher ``name`` (``turn_index`` or ``turn_record``) on the
     connection ``mode`` (:func:`connection_for`); ``orm``, the ORM path's, is used while the
     database is in memory."""
-    built: list[TurnStatements] = []
     conn = connection_for(alias, mode)
-
-    def statements() -> TurnStatements:  # on first use: the models are loaded by then
-        if not built:
-            built.append(TurnStatements(alias))
-        return built[0]
+    statements = functools.cache(lambda: TurnStatements(alias))  # on first use: the models are loaded by then
 
     async def turn_indexes_allocate(session_ids: list[str]) -> list[int | Exception]:
         if orm is not None and connections[alias].is_in_memory_db():
@@ -305,7 +284,7 @@ def writer(name: str, alias: str = "default", orm: Callable[[list[Any]], Awaitab
         _, found = await conn.run([(s.turn_upsert, (s.turn_rows(rows),)), (s.live, (sessions, s.when(live_cutoff())))])
         live: dict[str, set[str]] = defaultdict(set)
         for session_id, pk in found:
-            live[session_id].add(_uuid_str(pk))
+            live[session_id].add(str(uuid.UUID(pk)))  # stored as Django stores it on SQLite: 32 hex digits
         return [frozenset(live[t.session_id] - {t.connection_id}) for t in turns]
 
     return {"turn_index": turn_indexes_allocate, "turn_record": turns_record}[name]

@@ -161,14 +161,14 @@ async def test_the_loop_connection_leaves_checkpoints_to_the_thread(lite):
         if os.path.getsize(wal) > 2500 * 4096:
             break
     assert os.path.getsize(wal) > 2500 * 4096
-    assert conn._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert conn.conn._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
     [[(busy, log_pages, copied)]] = conn.thread.run_sync([("PRAGMA wal_checkpoint(PASSIVE)", ())])
     assert busy == 0 and copied == log_pages > 2000  # frames of a page and a header each
     conn.CHECKPOINT_EVERY = 1
     conn.thread.conn.close()
     await conn.run([("SELECT 1", ())])
     await asyncio.get_running_loop().run_in_executor(None, lambda: conn.thread._thread.submit(lambda: None).result())
-    assert conn.thread._conn is not None  # the thread ran a checkpoint on its connection
+    assert conn.thread.conn._conn is not None  # the thread ran a checkpoint on its connection
 
 
 async def test_an_in_memory_database_goes_through_the_orm(db):
@@ -185,11 +185,11 @@ async def test_an_in_memory_database_goes_through_the_orm(db):
 def test_the_thread_reopens_when_the_database_is_renamed(lite, tmp_path):
     thread = sqlite_writes.SqliteThread(lite)
     assert thread.run_sync([("SELECT count(*) FROM relay_session", ())])[0][0][0] >= 0
-    first = thread._conn
+    first = thread.conn._conn
     name = connections[lite].settings_dict["NAME"]
     connections[lite].settings_dict["NAME"] = str(tmp_path / "other.sqlite3")
     try:
-        assert thread.run_sync([("SELECT 1", ())]) == [[(1,)]] and thread._conn is not first
+        assert thread.run_sync([("SELECT 1", ())]) == [[(1,)]] and thread.conn._conn is not first
     finally:
         connections[lite].settings_dict["NAME"] = name
 
