@@ -63,7 +63,7 @@ def profile_relay(bench: Any, out: Path) -> dict[str, Any]:
             # the window opens after connect + 2 s settle; record 8 s inside a 12 s window
             timer = threading.Timer(4.0, record, args=(pid, 8, raw, svg))
             timer.start()
-            row = stream_step(dep, sessions=bench.n(300), frame_ms=80, window=12.0)
+            row = stream_step(dep, sessions=bench.n(300), frame_ms=80, window=12.0, turn_s=getattr(bench.args, "turn_s", 4.0))
             timer.join()
         say(fmt_row(row))
         summary = summarise(raw) if raw.exists() else {}

@@ -732,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the full run's stream counts (e.g. 0.25 to try a section)")
     parser.add_argument("--window", type=float, default=0.0, help="measurement window in seconds instead of each section's own")
     parser.add_argument("--sqlite", action="store_true", help="run the relay on SQLite (its default) instead of PostgreSQL")
+    parser.add_argument("--turn-s", type=float, default=4.0, help="the profile's load: a ForceEndTurn every this many seconds per stream")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     bench = Bench(args)
