@@ -52,15 +52,30 @@ def _xcorr_fft(a: np.ndarray, b: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate((c[size - (len(b) - 1):], c[: len(a)]))
 
 
+def whole_delay(received: np.ndarray, reference: np.ndarray) -> int:
+    """Delay (whole samples) at which ``reference`` best matches inside ``received``: the peak of
+    their cross-correlation (negative: ``reference`` starts before ``received``)."""
+    corr = _xcorr_fft(received, reference, 1 << (len(received) + len(reference)).bit_length())
+    return int(np.argmax(corr)) - (len(reference) - 1)
+
+
+def first_difference(received: np.ndarray, expected: np.ndarray) -> tuple[int, int, int | None]:
+    """Align ``expected`` inside ``received`` (whole samples) and compare them sample for sample
+    where both have audio: (delay, samples compared, index in ``received`` of the first sample
+    that differs, or None when none does)."""
+    delay = whole_delay(received, expected)
+    lo, hi = max(0, delay), min(len(received), delay + len(expected))
+    differ = np.nonzero(received[lo:hi] != expected[lo - delay : hi - delay])[0]
+    return delay, max(0, hi - lo), (lo + int(differ[0])) if differ.size else None
+
+
 def best_delay(received: np.ndarray, reference: np.ndarray) -> float:
     """Delay (samples, fractional) at which ``reference`` best matches inside ``received``.
 
     Coarse by integer cross-correlation, then refined on a grid of 1/UPSAMPLE sample by
     upsampling both with soxr around the coarse peak.
     """
-    corr = _xcorr_fft(received, reference, 1 << (len(received) + len(reference)).bit_length())
-    lags = np.arange(-(len(reference) - 1), len(received))
-    coarse = int(lags[int(np.argmax(corr))])
+    coarse = whole_delay(received, reference)
     # Refine: upsample a stretch of received around the coarse match and the reference.
     up_ref = soxr.resample(reference, 1, UPSAMPLE, quality="VHQ")
     pad = 4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soxr
 
-from tests.support.fidelity import compare
+from tests.support.fidelity import compare, first_difference
 from tests.support.speech import pcm
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -53,3 +53,18 @@ def test_a_low_pass_in_the_speech_band_costs_snr(speech):
     # Cut everything above 4 kHz: fricatives go, and the figure says so.
     narrow = soxr.resample(soxr.resample(speech, 16000, 8000, quality="VHQ"), 8000, 16000, quality="VHQ")
     assert compare(narrow, speech).snr_db < 30
+
+
+def test_first_difference_aligns_then_finds_the_first_changed_sample(speech):
+    # The page's own part at 16 kHz: what the relay received against what the page's worklet was
+    # given, starting a few render blocks apart, must be equal sample for sample.
+    given = np.concatenate((np.zeros(300), speech))
+    received = given[256:].copy()
+    assert first_difference(received, given) == (-256, len(received), None)
+    received[12345] += 1 / 32768  # one sample one step off
+    assert first_difference(received, given) == (-256, len(received), 12345)
+    received[12345] = given[12345 + 256]
+    repeated = np.insert(received, 20000, received[20000 - 128 : 20000])  # one render block twice
+    assert first_difference(repeated, given)[2] is not None  # whichever side it aligns on
+    # Where the two end differently, only the samples both hold are compared.
+    assert first_difference(given[:20000], given) == (0, 20000, None)
