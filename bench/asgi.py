@@ -1,6 +1,7 @@
 """The relay's ASGI application as benchmarked: ``transcription_site.asgi:application`` itself,
 plus a ``/__bench__/stats`` HTTP endpoint (garbage-collector pauses, active streams, event-loop
-lag, paused sockets, group-commit batches) and, when asked through the environment:
+lag, paused sockets, group-commit batches, and the tails of turn-write latency and loop lateness
+since ``/__bench__/window`` marked the start of a measurement window) and, when asked through the environment:
 
 * ``BENCH_PATCHES=name,...``: candidate changes from :mod:`bench.patches`;
 * ``BENCH_TRACEMALLOC=1``: trace allocations; ``/__bench__/tracemalloc`` lists the allocation
@@ -35,6 +36,39 @@ def _gc_callback(phase: str, info: dict) -> None:
 
 
 gc.callbacks.append(_gc_callback)
+
+#: Every turn write's latency (call to commit) and every event-loop lateness the admission
+#: watch notes, in seconds, since the measurement window began (``/__bench__/window``): their
+#: tails say whether a slow EndOfTurn waited on the database or on a late loop.
+_tails: dict[str, deque] = {"write": deque(maxlen=200_000), "lag": deque(maxlen=200_000)}
+
+
+def _also_tail(name: str, note):
+    def noted(seconds: float) -> None:
+        _tails[name].append(seconds)
+        note(seconds)
+    return noted
+
+
+def _watch_tails() -> None:
+    from relay.live import admission
+
+    admission.note_write = _also_tail("write", admission.note_write)
+    admission.note_lag = _also_tail("lag", admission.note_lag)
+
+
+def tails() -> dict:
+    out = {}
+    for name, values in _tails.items():
+        ordered = sorted(values)
+        n = len(ordered)
+        out[name] = {"n": n, **({q: round(ordered[min(n - 1, int(n * f))] * 1000, 2) for q, f in (("p50", 0.5), ("p99", 0.99))}
+                                if n else {"p50": None, "p99": None}),
+                     "max": round(ordered[-1] * 1000, 2) if n else None}
+    return out
+
+
+_watch_tails()
 
 _patches = [p for p in os.environ.get("BENCH_PATCHES", "").split(",") if p]
 if _patches:
@@ -71,7 +105,7 @@ def stats() -> dict:
     out: dict = {"pid": os.getpid(), "active_streams": admission.active_streams(), "patches": _patches,
                  "loop_lag_ms": round(admission.lag_ms(), 2), "write_latency_ms": round(admission.write_latency_ms(), 2), "inbound_paused": flow.paused_count(),
                  "batches": {b.name: [b.batches, b.items] for b in (services._new_connections, services._turn_indexes, services._finished_turns)},
-                 "gc_frozen": gc.get_freeze_count(), "gc": {}}
+                 "gc_frozen": gc.get_freeze_count(), "gc": {}, "tails_ms": tails()}
     for gen, pauses in _pauses.items():
         values = sorted(pauses)
         out["gc"][gen] = {
@@ -93,6 +127,9 @@ async def application(scope, receive, send):
     if scope["type"] == "http" and scope["path"].startswith("/__bench__/"):
         if scope["path"] == "/__bench__/reset":
             reset()
+        if scope["path"] in ("/__bench__/reset", "/__bench__/window"):
+            for values in _tails.values():
+                values.clear()
         payload = tracemalloc_growth() if scope["path"] == "/__bench__/tracemalloc" else stats()
         body = json.dumps(payload).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})

@@ -299,6 +299,23 @@ def databases_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def databases_tails_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Where the databases section's slow EndOfTurns waited: each relay row's EndOfTurn tail beside
+    the tails of its turn writes (call to commit), of its event loop's lateness (the admission
+    watch's 100 ms sleeps, woken late) and of the disk's fsync (bench.servers.FsyncProbe), all
+    over the same measurement window."""
+    def tail(d: dict[str, Any] | None) -> str:
+        return f"{_v(d.get('p99'))} / {_v(d.get('max'))}" if d and d.get("n") else "–"
+
+    lines = ["| streams | rep | database | EoT p99 / max ms | audio→Update p99 ms | turn write p99 / max ms | loop late p99 / max ms "
+             "| disk fsync p99 / max ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["which"] != "bare"), key=lambda r: (r["streams"], r["rep"])):
+        server = (r.get("tails_ms") or [{}])[0] or {}
+        lines.append(f"| {r['streams']} | {r['rep']} | {r['which']} | {tail(r['fet_rtt'])} | {_v(r['upd']['p99'])} "
+                     f"| {tail(server.get('write'))} | {tail(server.get('lag'))} | {tail(r.get('disk_fsync'))} |")
+    return lines
+
+
 def stream_table(rows: list[dict[str, Any]], base_rows: list[dict[str, Any]] | None = None) -> list[str]:
     lines = [
         "| target | frame | streams (+tabs) | turn every | achieved | EoT rtt p50 / p99 ms | audio→Update p50 / p99 ms | server CPU/frame µs "
@@ -502,6 +519,10 @@ def write(res: dict[str, Any], out: Path) -> None:
         L.append("")
     if res.get("databases"):
         L += ["## A turn a second per stream, PostgreSQL and SQLite", "", *databases_table(res["databases"]), ""]
+        if any(r.get("tails_ms") or r.get("disk_fsync") for r in res["databases"]):
+            L += ["Where the slow EndOfTurns waited (same windows): the turn writes' latency from call to commit, how late "
+                  "the event loop woke from 100 ms sleeps, and the disk's fsync latency beside the databases.", "",
+                  *databases_tails_table(res["databases"]), ""]
     if sweep:
         L += ["## Streams sweep", "", *stream_table(sweep, sweep), ""]
     if res.get("variants"):

@@ -26,14 +26,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.report import BARE, BASE, BEFORE, DEP_BEFORE, DEP_NGINX, DEP_NOW, NOW, OWNFIRST, UVICORN
-from bench.servers import ROOT, MachineCPU, Server, machine_load, pids_named, proc_cpu
+from bench.servers import ROOT, FsyncProbe, MachineCPU, Server, machine_load, pids_named, proc_cpu
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
@@ -147,8 +147,9 @@ def wait_idle(dep: Deployment, limit: float = 120.0) -> float:
 
 def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float, listeners: int = 0, settle: float = 2.0,
                 clients: int = 1, stop_reading: bool = False, connect_rate: float = 400.0, turn_s: float = 4.0,
-                ramp: bool = False, extra: dict | None = None) -> dict[str, Any]:
+                ramp: bool = False, extra: dict | None = None, probe_disk: bool = False) -> dict[str, Any]:
     """One load level: connect every stream (idle memory), stream in real time, measure a window.
+    With ``probe_disk`` the disk's fsync latency is sampled during the window (FsyncProbe).
 
     With ``ramp`` the streams connect after the start, each streaming as soon as it is in, so the
     later ones meet a loaded server (admission control); ``settle`` should cover the ramp."""
@@ -171,11 +172,14 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         conns = sum(c["speakers"] + c["listeners"] for c in connected)
         cl.go()
         cl.expect("window_start")
+        for s in dep.servers:
+            s.mark_window()
         cpu0, redis0 = dep.cpu()
         machine = MachineCPU()
         t0 = time.monotonic()
         rss_w0 = dep.rss()
-        cl.expect("window_end", timeout=window + 120)
+        with FsyncProbe() if probe_disk else nullcontext() as disk:
+            cl.expect("window_end", timeout=window + 120)
         t1 = time.monotonic()
         cpu1, redis1 = dep.cpu()
         busy = machine.busy_cores()
@@ -232,6 +236,8 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         "write_latency_ms": [g.get("write_latency_ms") for g in server_stats if g],
         "inbound_paused": [g.get("inbound_paused") for g in server_stats if g],
         "batches": [g.get("batches") for g in server_stats if g],
+        "tails_ms": [g.get("tails_ms") for g in server_stats if g],
+        "disk_fsync": pct(disk.seconds) if disk else None,
         "window_s": round(wall, 2),
         "busy_after_s": drain,
     }
@@ -469,7 +475,7 @@ class Bench:
                 for which, dep in plan:
                     with dep:
                         self.warm(dep)
-                        row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=1.0)
+                        row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=1.0, probe_disk=True)
                     row.update(rep=rep, which=which, turn_s=1.0)
                     rows.append(row)
                     say(f"    rep {rep} {which:<10} " + fmt_row(row))

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -86,6 +87,38 @@ class MachineCPU:
         return (dt - di) / dt * (os.cpu_count() or 1) if dt else 0.0
 
 
+class FsyncProbe:
+    """How long the disk takes to make a small write durable, while a window runs: a thread
+    writes 4 KB and fsyncs it every ``every_s`` in a file beside the system's databases (the same
+    filesystem), timing each fsync. PostgreSQL commits wait for one; a slow one holds every
+    EndOfTurn of that group commit."""
+
+    def __init__(self, every_s: float = 0.05, where: str | None = None) -> None:
+        self.every_s = every_s
+        self.where = where or tempfile.gettempdir()
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+
+    def _run(self) -> None:
+        with tempfile.NamedTemporaryFile(dir=self.where, prefix="fsync-probe-") as f:
+            block = b"\0" * 4096
+            while not self._stop.wait(self.every_s):
+                f.write(block)
+                f.flush()
+                started = time.perf_counter()
+                os.fsync(f.fileno())
+                self.seconds.append(time.perf_counter() - started)
+
+    def __enter__(self) -> "FsyncProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 @dataclass
 class Server:
     """One server process: ``kind`` is baseline, daphne or uvicorn. ``root`` is the source tree it
@@ -141,6 +174,14 @@ class Server:
                 return r.status == 200
         except OSError:
             return False
+
+    def mark_window(self) -> None:
+        """Start the tails ``stats()`` reports (turn-write latency, loop lateness) afresh."""
+        if self.kind not in ("baseline", "bare"):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/__bench__/window", timeout=5).close()
+            except OSError:
+                pass
 
     def stats(self, reset: bool = False) -> dict:
         if self.kind in ("baseline", "bare"):

@@ -48,6 +48,9 @@ class StackDaphne:
     def rss(self) -> int:
         return proc_rss(self.pid)
 
+    def mark_window(self) -> None:
+        pass  # transcription_site.asgi as deployed: no /__bench__ endpoint
+
     def stats(self, reset: bool = False) -> dict:
         return {}  # transcription_site.asgi as deployed: no /__bench__ endpoint
 

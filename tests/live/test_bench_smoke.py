@@ -24,6 +24,11 @@ def test_bench_quick_writes_the_report(tmp_path):
     assert {(r["which"], r["target"]) for r in result["databases"]} == {
         ("bare", BARE), ("postgresql", "relay now (postgresql)"), ("sqlite", "relay now (sqlite)"),
         ("sqlite-orm", "relay now (sqlite, ORM writes)")}
+    for row in result["databases"]:  # where slow EndOfTurns waited: writes, loop, disk (counts, not times)
+        assert row["disk_fsync"]["n"] > 0, row["which"]
+        if row["which"] != "bare":
+            (tails,) = row["tails_ms"]
+            assert tails["write"]["n"] > 0 and tails["lag"]["n"] > 0, row["which"]
     assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
     sweep = {row["target"] for row in result["sweep"]}
     assert {BASE, NOW, DEP_NOW} <= sweep and any(t.startswith("deployed before") for t in sweep)
@@ -46,7 +51,7 @@ def test_bench_quick_writes_the_report(tmp_path):
     shed = result["shedding"][0]
     assert shed["refused"] == shed["asked"] - 5 and shed["streams"] == 5  # over the cap: CAPACITY, not an error
     report = (tmp_path / "latest.md").read_text()
-    for heading in ("## Targets", "## Before and now", "## A turn a second per stream, PostgreSQL and SQLite", "## Streams sweep", "## Connection bursts", "## Past capacity"):
+    for heading in ("## Targets", "## Before and now", "## A turn a second per stream, PostgreSQL and SQLite", "Where the slow EndOfTurns waited", "## Streams sweep", "## Connection bursts", "## Past capacity"):
         assert heading in report, heading
     for chart in ("sweep.png", "variants.png", "fanout.png", "before_now.png"):
         assert (tmp_path / chart).stat().st_size > 1000, chart
