@@ -39,6 +39,19 @@ async def test_calls_made_while_a_batch_is_written_go_together_in_the_next():
     assert sorted(i for b in write.batches for i in b) == list(range(50))
 
 
+async def test_calls_made_in_the_next_pass_of_the_loop_join_the_first():
+    # The batch is taken one pass of the event loop after the first call: calls that callbacks
+    # already due make meanwhile (here: tasks the first call's caller starts right after it) go
+    # in the same statement instead of the next one.
+    write = Recorder()
+    batcher = Batcher("t", write)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0)  # the first call is made and its batch is due
+    later = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 5)]
+    assert [await first] + [await call for call in later] == [0, 10, 20, 30, 40]
+    assert write.batches == [[0, 1, 2, 3, 4]]
+
+
 async def test_batches_are_capped():
     write = Recorder()
     batcher = Batcher("t", write, max_batch=20)
@@ -58,7 +71,7 @@ async def test_a_database_wide_error_fails_the_whole_batch_at_once():
     write = Recorder(fail_on=7, error=ConnectionError)
     batcher = Batcher("t", write, split_on=(ValueError,))
     first = asyncio.ensure_future(batcher.submit(0))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.001)  # its batch is being written
     results = await asyncio.gather(*(batcher.submit(i) for i in range(1, 10)), return_exceptions=True)
     assert await first == 0
     assert all(isinstance(r, ConnectionError) for r in results)
@@ -69,7 +82,7 @@ async def test_a_caller_that_gives_up_does_not_disturb_the_others():
     write = Recorder()
     batcher = Batcher("t", write)
     first = asyncio.ensure_future(batcher.submit(0))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.001)  # its batch is being written
     gone = asyncio.ensure_future(batcher.submit(1))
     rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 5)]
     await asyncio.sleep(0)
