@@ -275,18 +275,24 @@ def targets(res: dict[str, Any]) -> list[list[str]]:
     return [t for t in out if t]
 
 
+#: The databases section's relay rows, in the order their columns appear.
+DATABASE_ROWS = {"postgresql": "PostgreSQL", "sqlite": "SQLite", "sqlite-orm": "SQLite, ORM writes",
+                 "before-postgresql": "PostgreSQL, before", "before-sqlite": "SQLite, before"}
+
+
 def databases_table(rows: list[dict[str, Any]]) -> list[str]:
     """The databases section: per load and repetition, the bare server's CPU per frame and each
     database's (SQLite also with its turns written through the ORM, the path before its own
-    writer), its ratio to that bare row and ForceEndTurn -> EndOfTurn p99 (issue 18's targets:
-    2x and 50 ms)."""
-    lines = ["| streams | rep | bare µs/frame | PostgreSQL µs/frame (x bare, server cores) | EoT p99 | SQLite µs/frame (x bare, server cores) "
-             "| EoT p99 | SQLite, ORM writes µs/frame (x bare, server cores) | EoT p99 | errors, refused, lost |", "|---|---|---|---|---|---|---|---|---|---|"]
+    writer; with --before, the before commit on both databases), its ratio to that bare row and
+    ForceEndTurn -> EndOfTurn p99 (issue 18's targets: 2x and 50 ms)."""
+    present = [which for which in DATABASE_ROWS if any(r["which"] == which for r in rows)]
+    lines = ["| streams | rep | bare µs/frame | " + " | ".join(f"{DATABASE_ROWS[w]} µs/frame (x bare, server cores) | EoT p99" for w in present)
+             + " | errors, refused, lost |", "|---|---|---|" + "---|---|" * len(present) + "---|"]
     for streams, rep in sorted({(r["streams"], r["rep"]) for r in rows}):
         got = {r["which"]: r for r in rows if r["streams"] == streams and r["rep"] == rep}
         bare = got.get("bare")
         cells = []
-        for db in ("postgresql", "sqlite", "sqlite-orm"):
+        for db in present:
             r = got.get(db)
             if r is None:
                 cells += ["–", "–"]

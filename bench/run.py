@@ -458,7 +458,8 @@ class Bench:
         the relay on SQLite (the default) and, for comparison, on SQLite with its turns written
         through the ORM (``RELAY_TURN_WRITES=orm``, the path before relay.store.sqlite_writes) in
         turn, each on a fresh server, at 150 and then 300 streams, twice over, so all four share
-        the machine's state of the moment."""
+        the machine's state of the moment. With --before, the relay at that commit on both
+        databases takes its turn too (rows ``before-postgresql``, ``before-sqlite``)."""
         from tests.support.services import postgres_database
 
         sqlite = getattr(self.args, "sqlite", False)
@@ -466,19 +467,26 @@ class Bench:
             "postgresql": self.stack.enter_context(postgres_database()) if sqlite else self.db_url,
             "sqlite": self.db_url if sqlite else self.stack.enter_context(sqlite_database()),
         }
+        before = {}
+        if self.args.before:  # databases of the before tree's own schema, migrated by it
+            root = self.before_root()
+            before = {"postgresql": self.stack.enter_context(postgres_database(root=root)),
+                      "sqlite": self.stack.enter_context(sqlite_database(root=root))}
         counts, reps, window = ([10], 1, 2.0) if self.quick else ([self.n(150), self.n(300)], 2, self.w(6.0))
         rows = []
         for count in counts:
             for rep in range(1, reps + 1):
                 plan = [("bare", self.bare())] + [(db, self.relay(f"relay now ({db})", env={"DATABASE_URL": url})) for db, url in urls.items()]
                 plan.append(("sqlite-orm", self.relay("relay now (sqlite, ORM writes)", env={"DATABASE_URL": urls["sqlite"], "RELAY_TURN_WRITES": "orm"})))
+                plan += [(f"before-{db}", self.relay(f"relay before ({db})", root=self.before_root(), env={"DATABASE_URL": url}))
+                         for db, url in before.items()]
                 for which, dep in plan:
                     with dep:
                         self.warm(dep)
                         row = stream_step(dep, sessions=count, frame_ms=80, window=window, turn_s=1.0, probe_disk=True)
                     row.update(rep=rep, which=which, turn_s=1.0)
                     rows.append(row)
-                    say(f"    rep {rep} {which:<10} " + fmt_row(row))
+                    say(f"    rep {rep} {which:<17} " + fmt_row(row))
         self.result["databases"] = rows
 
     def section_memory(self) -> None:

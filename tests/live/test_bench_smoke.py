@@ -23,7 +23,8 @@ def test_bench_quick_writes_the_report(tmp_path):
         assert result[section], section
     assert {(r["which"], r["target"]) for r in result["databases"]} == {
         ("bare", BARE), ("postgresql", "relay now (postgresql)"), ("sqlite", "relay now (sqlite)"),
-        ("sqlite-orm", "relay now (sqlite, ORM writes)")}
+        ("sqlite-orm", "relay now (sqlite, ORM writes)"), ("before-postgresql", "relay before (postgresql)"),
+        ("before-sqlite", "relay before (sqlite)")}
     for row in result["databases"]:  # where slow EndOfTurns waited: writes, loop, disk (counts, not times)
         assert row["disk_fsync"]["n"] > 0, row["which"]
         if row["which"] != "bare":
