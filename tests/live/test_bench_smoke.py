@@ -27,7 +27,7 @@ def test_bench_quick_writes_the_report(tmp_path):
         ("before-sqlite", "relay before (sqlite)")}
     for row in result["databases"]:  # where slow EndOfTurns waited: writes, loop, disk (counts, not times)
         assert row["disk_fsync"]["n"] > 0, row["which"]
-        if row["which"] != "bare":
+        if row["which"] in ("postgresql", "sqlite", "sqlite-orm"):  # the before tree's server may predate the tails
             (tails,) = row["tails_ms"]
             assert tails["write"]["n"] > 0 and tails["lag"]["n"] > 0, row["which"]
     assert result["meta"]["before"]["commit"]  # the before tree was checked out and run
