@@ -38,8 +38,8 @@ def _gc_callback(phase: str, info: dict) -> None:
 gc.callbacks.append(_gc_callback)
 
 #: Every turn write's latency (call to commit) and every event-loop lateness the admission
-#: watch notes, in seconds, since the measurement window began (``/__bench__/window``): their
-#: tails say whether a slow EndOfTurn waited on the database or on a late loop.
+#: watch notes, in seconds, since the measurement window began (``/__bench__/window``); the
+#: bench reads their tails (whether a slow EndOfTurn waited on the database or on a late loop).
 _tails: dict[str, deque] = {"write": deque(maxlen=200_000), "lag": deque(maxlen=200_000)}
 
 
@@ -55,17 +55,6 @@ def _watch_tails() -> None:
 
     admission.note_write = _also_tail("write", admission.note_write)
     admission.note_lag = _also_tail("lag", admission.note_lag)
-
-
-def tails() -> dict:
-    out = {}
-    for name, values in _tails.items():
-        ordered = sorted(values)
-        n = len(ordered)
-        out[name] = {"n": n, **({q: round(ordered[min(n - 1, int(n * f))] * 1000, 2) for q, f in (("p50", 0.5), ("p99", 0.99))}
-                                if n else {"p50": None, "p99": None}),
-                     "max": round(ordered[-1] * 1000, 2) if n else None}
-    return out
 
 
 _watch_tails()
@@ -105,7 +94,7 @@ def stats() -> dict:
     out: dict = {"pid": os.getpid(), "active_streams": admission.active_streams(), "patches": _patches,
                  "loop_lag_ms": round(admission.lag_ms(), 2), "write_latency_ms": round(admission.write_latency_ms(), 2), "inbound_paused": flow.paused_count(),
                  "batches": {b.name: [b.batches, b.items] for b in (services._new_connections, services._turn_indexes, services._finished_turns)},
-                 "gc_frozen": gc.get_freeze_count(), "gc": {}, "tails_ms": tails()}
+                 "gc_frozen": gc.get_freeze_count(), "gc": {}, "tails_s": {name: list(values) for name, values in _tails.items()}}
     for gen, pauses in _pauses.items():
         values = sorted(pauses)
         out["gc"][gen] = {

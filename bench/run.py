@@ -236,7 +236,7 @@ def stream_step(dep: Deployment, *, sessions: int, frame_ms: int, window: float,
         "write_latency_ms": [g.get("write_latency_ms") for g in server_stats if g],
         "inbound_paused": [g.get("inbound_paused") for g in server_stats if g],
         "batches": [g.get("batches") for g in server_stats if g],
-        "tails_ms": [g.get("tails_ms") for g in server_stats if g],
+        "tails_ms": [{name: pct(values) for name, values in g["tails_s"].items()} for g in server_stats if g and "tails_s" in g],
         "disk_fsync": pct(disk.seconds) if disk else None,
         "window_s": round(wall, 2),
         "busy_after_s": drain,
@@ -478,7 +478,7 @@ class Bench:
             for rep in range(1, reps + 1):
                 plan = [("bare", self.bare())] + [(db, self.relay(f"relay now ({db})", env={"DATABASE_URL": url})) for db, url in urls.items()]
                 plan.append(("sqlite-orm", self.relay("relay now (sqlite, ORM writes)", env={"DATABASE_URL": urls["sqlite"], "RELAY_TURN_WRITES": "orm"})))
-                plan += [(f"before-{db}", self.relay(f"relay before ({db})", root=self.before_root(), env={"DATABASE_URL": url}))
+                plan += [(f"before-{db}", self.relay(f"relay before ({db})", root=root, env={"DATABASE_URL": url}))
                          for db, url in before.items()]
                 for which, dep in plan:
                     with dep:

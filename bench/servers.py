@@ -177,17 +177,17 @@ class Server:
 
     def mark_window(self) -> None:
         """Start the tails ``stats()`` reports (turn-write latency, loop lateness) afresh."""
-        if self.kind not in ("baseline", "bare"):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/__bench__/window", timeout=5).close()
-            except OSError:
-                pass
+        self._bench("window")
 
     def stats(self, reset: bool = False) -> dict:
+        return self._bench("reset" if reset else "stats")
+
+    def _bench(self, path: str) -> dict:
+        """bench.asgi's ``/__bench__/<path>`` answer ({} from servers without it)."""
         if self.kind in ("baseline", "bare"):
             return {}
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/__bench__/{'reset' if reset else 'stats'}", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/__bench__/{path}", timeout=5) as r:
                 return json.loads(r.read())
         except OSError:
             return {}
