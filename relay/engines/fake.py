@@ -3,9 +3,9 @@
 Speech is any 10 ms window whose RMS exceeds ``energy_threshold`` (tone bursts and silence make
 turns). The transcript names the speech blocks of the turn: one word per ``update_interval_ms``
 of speech ("one two three ..."), so a test knows exactly what to expect from the audio it sent.
-Costs one numpy dot product per 10 ms of audio. Compressed audio is decoded inline, on the
-event loop (this is a test engine; real engines decode in their worker pools), with the same
-decoders and the same INVALID_AUDIO_PACKET / INVALID_AUDIO rules.
+Costs one numpy call per frame for the energies of its 10 ms windows. Compressed audio is decoded
+inline, on the event loop (this is a test engine; real engines decode in their worker pools),
+with the same decoders and the same INVALID_AUDIO_PACKET / INVALID_AUDIO rules.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ NUMBER_WORDS = (
 ).split()
 
 
+_EMPTY = np.zeros(0, dtype=np.int16)
+
+
 def number_word(n: int) -> str:
     return NUMBER_WORDS[n % len(NUMBER_WORDS)]
 
@@ -49,7 +52,7 @@ class FakeStream(EngineStream):
         self.audio_failed = False
         self.rate = self.decoder.rate
         self.window = max(1, self.rate // 100)  # 10 ms of samples
-        self._pending = np.zeros(0, dtype=np.int16)
+        self._pending = _EMPTY
         self.samples_done = 0
         self.turn = 0
         self.in_turn = False
@@ -59,6 +62,9 @@ class FakeStream(EngineStream):
         self.silence_samples = 0  # trailing silence in the open turn
         self.words: list[Word] = []
         self.next_update_at = 0
+        threshold = float(engine.options.get("energy_threshold", 500.0))
+        self._limit = threshold * threshold * self.window  # a window's sum of squares above this is speech
+        self._interval = int(self.rate * engine.options.get("update_interval_ms", 250) / 1000)
 
     # -- helpers --------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -130,32 +136,34 @@ class FakeStream(EngineStream):
     def _windows(self, samples: np.ndarray) -> None:
         if self._pending.size:
             samples = np.concatenate((self._pending, samples))
-        n_windows = samples.size // self.window
-        threshold = float(self.engine.options.get("energy_threshold", 500.0))
-        limit = threshold * threshold * self.window
-        interval = int(self.rate * self.engine.options.get("update_interval_ms", 250) / 1000)
-        eot_ms, timeout_ms = self._silence_limits()
-        eot_samples = self.rate * eot_ms // 1000
-        timeout_samples = self.rate * timeout_ms // 1000 if timeout_ms else None
         w = self.window
-        whole = samples[: n_windows * w].astype(np.float32)
-        np.multiply(whole, whole, out=whole)
-        voiced = whole.reshape(n_windows, w).sum(axis=1) > limit
-        self._pending = samples[n_windows * w :].copy()
+        n_windows = samples.size // w
+        span = n_windows * w
+        self._pending = samples[span:].copy() if samples.size > span else _EMPTY
+        if not n_windows:
+            return
+        # Each window's energy in one call; float64 holds these sums of squares exactly, so the
+        # outcome does not depend on the order numpy adds them in.
+        x = samples[:span].reshape(n_windows, w).astype(np.float64)
+        limit = self._limit
+        voiced = [energy > limit for energy in np.einsum("ij,ij->i", x, x).tolist()]
         # The common frames in one step, with the same outcome as window by window: silence
         # outside a turn, or speech inside one that reaches no Update and resumes nothing.
-        span = n_windows * w
-        if not voiced.any():
+        if True not in voiced:
             if not self.in_turn:
                 self.samples_done += span
                 return
-        elif voiced.all() and self.in_turn and not (self.eager_sent and self.silence_samples) \
+        elif False not in voiced and self.in_turn and not (self.eager_sent and self.silence_samples) \
                 and self.speech_samples + span < self.next_update_at:
             self.samples_done += span
             self.silence_samples = 0
             self.speech_samples += span
             return
-        for speech in voiced.tolist():
+        interval = self._interval
+        eot_ms, timeout_ms = self._silence_limits()
+        eot_samples = self.rate * eot_ms // 1000
+        timeout_samples = self.rate * timeout_ms // 1000 if timeout_ms else None
+        for speech in voiced:
             self.samples_done += w
             if speech:
                 if not self.in_turn:
