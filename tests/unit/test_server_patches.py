@@ -19,7 +19,7 @@ from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import abstract
 
 from relay import server
-from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, denial_response, inbound_flow, patches, send_limit, shutdown
+from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, denial_response, inbound_flow, patches, send_limit, shutdown, unmask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,6 +78,7 @@ BROKEN = [
     (websocket_protocol.WebSocketServerProtocol, "sendHttpErrorResponse", denial_response.install, "autobahn",
      "WebSocketServerProtocol.sendHttpErrorResponse"),
     (websocket_protocol.WebSocketServerProtocol, "failHandshake", denial_response.install, "autobahn", "WebSocketServerProtocol.failHandshake"),
+    (websocket_protocol, "create_xor_masker", unmask.install, "autobahn", "autobahn.websocket.protocol.create_xor_masker"),
 ]
 
 
