@@ -16,11 +16,12 @@ __all__ = ["PatchTargetMissing", "install"]
 
 def install(settings: Any) -> None:
     """Install every patch with its limits from ``settings``; calling it again only updates them."""
-    from relay.server import autobahn_logs, clean_close, close_reason, consumer_loop, denial_response, inbound_flow, send_limit, shutdown, unmask
+    from relay.server import autobahn_logs, clean_close, close_reason, consumer_loop, denial_response, direct_write, inbound_flow, send_limit, shutdown, unmask
 
     consumer_loop.install()
     autobahn_logs.install()
     unmask.install()
+    direct_write.install()
     close_reason.install()
     denial_response.install()
     clean_close.install()

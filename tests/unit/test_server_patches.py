@@ -16,10 +16,10 @@ from channels.consumer import AsyncConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.testing import WebsocketCommunicator
 from daphne.ws_protocol import WebSocketProtocol
-from twisted.internet import abstract
+from twisted.internet import abstract, tcp
 
 from relay import server
-from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, denial_response, inbound_flow, patches, send_limit, shutdown, unmask
+from relay.server import PatchTargetMissing, autobahn_logs, close_reason, consumer_loop, denial_response, direct_write, inbound_flow, patches, send_limit, shutdown, unmask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,6 +78,8 @@ BROKEN = [
     (websocket_protocol.WebSocketServerProtocol, "sendHttpErrorResponse", denial_response.install, "autobahn",
      "WebSocketServerProtocol.sendHttpErrorResponse"),
     (websocket_protocol.WebSocketServerProtocol, "failHandshake", denial_response.install, "autobahn", "WebSocketServerProtocol.failHandshake"),
+    (tcp.Connection, "writeSomeData", direct_write.install, "Twisted", "Connection.writeSomeData"),
+    (abstract.FileDescriptor, "_writeDisconnecting", direct_write.install, "Twisted", "FileDescriptor._writeDisconnecting"),
     (websocket_protocol, "create_xor_masker", unmask.install, "autobahn", "autobahn.websocket.protocol.create_xor_masker"),
 ]
 
