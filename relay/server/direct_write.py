@@ -11,12 +11,14 @@ connections: when the connection's buffers are empty, the bytes go to ``send()``
 whatever the kernel does not take (a full socket buffer) is queued through Twisted's own
 ``write()``, in order, with its producer pause and close handling unchanged. A connection that
 is closing, half-closed, encrypted by Twisted's TLS, or of a class with its own
-``writeSomeData`` (Unix sockets passing descriptors) keeps Twisted's path.
+``writeSomeData`` (Unix sockets passing descriptors) keeps Twisted's path, and an aborted one
+sends nothing more, as before.
 
 Touches: ``twisted.internet.tcp.Connection.write`` (set on that class; the one it inherits is
 ``twisted.internet._newtls.ConnectionMixin.write``), and reads what ``FileDescriptor.write`` and
 ``doWrite`` keep their queue in (``dataBuffer``, ``offset``, ``_tempDataLen``) and the state
-flags ``TLS``, ``connected``, ``disconnecting``, ``_writeDisconnected``, ``_writeDisconnecting``.
+flags ``TLS``, ``connected``, ``disconnecting``, ``_writeDisconnected``, ``_writeDisconnecting``
+and ``_aborting``.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ PATCH = Patch(
         Target("Twisted", "twisted.internet.abstract", "FileDescriptor.disconnecting", kind="value"),
         Target("Twisted", "twisted.internet.abstract", "FileDescriptor._writeDisconnected", kind="value"),
         Target("Twisted", "twisted.internet.abstract", "FileDescriptor._writeDisconnecting", kind="value"),
+        Target("Twisted", "twisted.internet.tcp", "_AbortingMixin._aborting", kind="value"),
     ),
 )
 
@@ -63,6 +66,7 @@ def install() -> bool:
             and not self.disconnecting
             and not self._writeDisconnected
             and not self._writeDisconnecting
+            and not self._aborting
             and not self._tempDataLen
             and self.offset == len(self.dataBuffer)
             and type(self).writeSomeData is write_some

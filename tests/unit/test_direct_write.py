@@ -86,8 +86,8 @@ def test_what_the_socket_does_not_take_is_queued_and_later_writes_keep_their_ord
     assert _read_all(peer) == b"again" and reactor.writers == []
 
 
-@pytest.mark.parametrize("state", ["disconnecting", "_writeDisconnecting", "TLS"])
-def test_closing_or_encrypted_connections_keep_twisteds_queue(pair, monkeypatch, state):
+@pytest.mark.parametrize("state", ["disconnecting", "_writeDisconnecting", "_aborting", "TLS"])
+def test_closing_aborted_or_encrypted_connections_keep_twisteds_queue(pair, monkeypatch, state):
     conn, peer, reactor = pair
     if state == "TLS":
         # Twisted's TLS write hands the bytes to the TLS protocol, never to the socket directly.
