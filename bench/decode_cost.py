@@ -19,9 +19,13 @@ Parts (``--parts``, default all), each printed as a markdown table:
 * ``spare``: what a final gains from the other worker's idle core: the conversations and the
   pause and short clips streamed in real time through one stream with the spare cores not used,
   with the completion pass beside the alignment (the default), and with the wide encode too,
-  in turn (``--rounds`` each): end of speech -> EndOfTurn and the finals' decode time.
+  in turn (``--rounds`` each): end of speech -> EndOfTurn and the finals' decode time;
+* ``cost``: where one real-time stream's decoding goes (the same session as ``spare``, the
+  defaults): finals decoded against turns (a speculative final dropped because the speech came
+  back is decoded for nothing), decode seconds of finals and of Updates, and the process's CPU.
+  Not in the default set.
 
-    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare] [--repeat 3] [--rounds 2] [--no-clips]
+    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare,cost] [--repeat 3] [--rounds 2] [--no-clips]
 """
 from __future__ import annotations
 
@@ -226,6 +230,24 @@ async def stream_in_real_time(engine, audio: bytes, ends: list[float]) -> tuple[
     return latencies, list(engine.runner.timings[True])
 
 
+async def stream_cost(engine, clips: bool = True) -> None:
+    audio, ends = real_time_session(clips)
+    updates = engine.runner.timings[False]
+    updates.clear()
+    cpu, started = time.process_time(), time.monotonic()
+    latencies, finals = await stream_in_real_time(engine, audio, ends)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - started
+    seconds = len(audio) / 2 / RATE
+    print(f"\nOne real-time stream, {seconds:.0f} s of audio ({'the conversations, the pause and short clips' if clips else 'the conversations'}; "
+          f"{len(ends)} turns, {len(latencies)} EndOfTurns matched; EndOfTurn p50 {statistics.median(latencies):.3f} s, "
+          f"p95 {np.percentile(latencies, 95):.3f} s):\n")
+    print("| decodes | count | per turn | seconds in all | median | cores over the session |\n|---|---|---|---|---|---|")
+    for name, values in (("finals (speculative ones included)", finals), ("Updates", list(updates))):
+        print(f"| {name} | {len(values)} | {len(values) / len(ends):.2f} | {sum(values):.1f} | {statistics.median(values):.3f} s | "
+              f"{sum(values) / seconds:.2f} |")
+    print(f"\nThe process: {cpu:.1f} s of CPU over {wall:.1f} s, {cpu / wall:.2f} cores (decode threads, the VAD, resampling and the loop).")
+
+
 SPARE_ARMS = ("not used", "completion beside alignment", "and wide encode")
 
 
@@ -286,6 +308,8 @@ async def main() -> None:
             await turns(engine)
         if "spare" in parts:
             await spare_cores(engine, args.rounds, not args.no_clips)
+        if "cost" in parts:
+            await stream_cost(engine, not args.no_clips)
     finally:
         engine.close()
     if "threads" in parts:

@@ -125,6 +125,20 @@ def test_decode_cost_compares_a_real_time_stream_with_and_without_the_spare_core
         assert f"spare cores {arm}: EndOfTurn p50 " in out and "(12 turns)" in out, out
 
 
+def test_decode_cost_counts_a_real_time_streams_finals_and_updates():
+    """`python -m bench.decode_cost --parts cost`, shortened to the conversations."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.decode_cost", "--parts", "cost", "--no-clips"],
+        cwd=ROOT, check=True, timeout=600, capture_output=True, text=True,
+    ).stdout
+    turns = int(out.split(" turns, ")[0].rsplit("; ", 1)[1])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith(("| finals", "| Updates"))}
+    assert set(rows) == {"finals (speculative ones included)", "Updates"}, out
+    finals, updates = int(rows["finals (speculative ones included)"][1]), int(rows["Updates"][1])
+    assert turns >= 10 and finals >= turns and updates > 0, out  # every turn ends with a final
+    assert f"{turns} EndOfTurns matched" in out and "cores (decode threads" in out, out
+
+
 def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):
     """`make bench-turn-model` on the short session: Smart Turn (its weights from pipecat-ai's wheel,
     installed by `make install-dev`) and the engine's completion probability, at every labelled
