@@ -14,6 +14,7 @@ import pytest
 import websockets
 
 from tests.support.audio import tone
+from tests.support.deploy_stack import wait_until
 from tests.support.live import LiveServer, sqlite_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
@@ -65,17 +66,12 @@ def test_a_thousand_clients_that_leave_at_once_are_normal_closes(tmp_path):
         url = server.ws_url + "/v2/listen"
         db = sqlite3.connect(env["DATABASE_URL"].removeprefix("sqlite:///"))
 
-        def settled(rows: int) -> bool:
-            # The handshake is accepted before the connection's row is written, so a client can
-            # be gone before its row exists: count the rows too, not only the open ones.
-            return db.execute("select count(*), count(*) - count(closed_at) from relay_connection").fetchone() == (rows, 0)
-
         def wait_settled(rows: int) -> None:
-            for _ in range(600):  # every connection recorded and closed, every open turn stored
-                if settled(rows):
-                    return
-                asyncio.run(asyncio.sleep(0.1))
-            assert settled(rows), db.execute("select count(*), count(*) - count(closed_at) from relay_connection").fetchone()
+            # Every connection recorded and closed, every open turn stored. The handshake is
+            # accepted before the connection's row is written, so a client can be gone before its
+            # row exists: the rows are counted too, not only the open ones.
+            wait_until(lambda: db.execute("select count(*), count(*) - count(closed_at) from relay_connection").fetchone() == (rows, 0),
+                       timeout=60, what=f"{rows} connection rows, all closed")
 
         assert asyncio.run(connect_and_leave(url, CLIENTS)) == CLIENTS
         wait_settled(CLIENTS)
