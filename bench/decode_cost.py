@@ -21,9 +21,9 @@ Parts (``--parts``, default all), each printed as a markdown table:
   with the completion pass beside the alignment (the default), and with the wide encode too,
   in turn (``--rounds`` each): end of speech -> EndOfTurn and the finals' decode time;
 * ``cost``: where one real-time stream's decoding goes (the same session as ``spare``, the
-  defaults): finals decoded against turns (a speculative final dropped because the speech came
-  back is decoded for nothing), decode seconds of finals and of Updates, and the process's CPU.
-  Not in the default set.
+  defaults): finals and Updates decoded to their end, those abandoned at a stage boundary (a
+  speculative final the speech undid, an Update of a turn that ended), their decode seconds, and
+  the process's CPU; with abandoning off and on in turn (``--rounds`` each). Not in the default set.
 
     .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare,cost] [--repeat 3] [--rounds 2] [--no-clips]
 """
@@ -230,22 +230,45 @@ async def stream_in_real_time(engine, audio: bytes, ends: list[float]) -> tuple[
     return latencies, list(engine.runner.timings[True])
 
 
-async def stream_cost(engine, clips: bool = True) -> None:
+COST_ARMS = ("every decode runs to its end", "dropped decodes stop at their next stage")
+
+
+async def stream_cost(engine, rounds: int = 1, clips: bool = True) -> None:
+    """One real-time stream's decoding, in two arms taken in turn ``rounds`` times: a decode whose
+    result is no longer wanted (a speculative final the speech undid, an Update of a turn that
+    ended) runs to its end, as before, or stops at its next stage (the default)."""
     audio, ends = real_time_session(clips)
-    updates = engine.runner.timings[False]
-    updates.clear()
-    cpu, started = time.process_time(), time.monotonic()
-    latencies, finals = await stream_in_real_time(engine, audio, ends)
-    cpu, wall = time.process_time() - cpu, time.monotonic() - started
+    runner = engine.runner
+    decode = runner.decode
     seconds = len(audio) / 2 / RATE
     print(f"\nOne real-time stream, {seconds:.0f} s of audio ({'the conversations, the pause and short clips' if clips else 'the conversations'}; "
-          f"{len(ends)} turns, {len(latencies)} EndOfTurns matched; EndOfTurn p50 {statistics.median(latencies):.3f} s, "
-          f"p95 {np.percentile(latencies, 95):.3f} s):\n")
-    print("| decodes | count | per turn | seconds in all | median | cores over the session |\n|---|---|---|---|---|---|")
-    for name, values in (("finals (speculative ones included)", finals), ("Updates", list(updates))):
-        print(f"| {name} | {len(values)} | {len(values) / len(ends):.2f} | {sum(values):.1f} | {statistics.median(values):.3f} s | "
-              f"{sum(values) / seconds:.2f} |")
-    print(f"\nThe process: {cpu:.1f} s of CPU over {wall:.1f} s, {cpu / wall:.2f} cores (decode threads, the VAD, resampling and the loop).")
+          f"{len(ends)} turns), the two arms in turn, {rounds} round(s). *Finals* and *Updates* ran to their end (used or not); "
+          "*abandoned* ones stopped early. Cores: decode seconds over the session's audio seconds.\n")
+    print("| round | arm | EndOfTurn p50 / p95 | finals: count, cores | abandoned finals: count, cores | Updates: count, cores "
+          "| abandoned Updates: count, cores | process cores |\n|---|---|---|---|---|---|---|---|")
+    totals: dict[str, list[float]] = {arm: [] for arm in COST_ARMS}
+    try:
+        for round_ in range(1, rounds + 1):
+            for arm in COST_ARMS:
+                if arm == COST_ARMS[0]:
+                    runner.decode = lambda *args, abandoned=None, **kwargs: decode(*args, **kwargs)
+                else:
+                    runner.decode = decode
+                for kind in (True, False):
+                    runner.timings[kind].clear()
+                    runner.abandoned[kind].clear()
+                cpu, started = time.process_time(), time.monotonic()
+                latencies, _ = await stream_in_real_time(engine, audio, ends)
+                cpu, wall = time.process_time() - cpu, time.monotonic() - started
+                totals[arm].append(cpu / wall)
+                cells = [f"{len(v)}, {sum(v) / seconds:.3f}" for v in
+                         (runner.timings[True], runner.abandoned[True], runner.timings[False], runner.abandoned[False])]
+                print(f"| {round_} | {arm} | {statistics.median(latencies):.3f} / {np.percentile(latencies, 95):.3f} s "
+                      f"({len(latencies)} of {len(ends)} matched) | " + " | ".join(cells) + f" | {cpu / wall:.3f} |", flush=True)
+    finally:
+        runner.decode = decode
+    for arm, cores in totals.items():
+        print(f"\n{arm}: the process at {statistics.mean(cores):.3f} cores on average ({', '.join(f'{c:.3f}' for c in cores)}).")
 
 
 SPARE_ARMS = ("not used", "completion beside alignment", "and wide encode")
@@ -284,7 +307,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="speed,stages,threads,completion,turns,spare")
     parser.add_argument("--repeat", type=int, default=3, help="timings: best of this many runs")
-    parser.add_argument("--rounds", type=int, default=2, help="spare: real-time runs with and without the spare cores")
+    parser.add_argument("--rounds", type=int, default=2, help="spare, cost: real-time runs of each arm")
     parser.add_argument("--no-clips", action="store_true", help="spare: stream the conversations only (a shorter run)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -309,7 +332,7 @@ async def main() -> None:
         if "spare" in parts:
             await spare_cores(engine, args.rounds, not args.no_clips)
         if "cost" in parts:
-            await stream_cost(engine, not args.no_clips)
+            await stream_cost(engine, args.rounds, not args.no_clips)
     finally:
         engine.close()
     if "threads" in parts:

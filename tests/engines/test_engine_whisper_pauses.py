@@ -32,7 +32,7 @@ def engine():
     engine.wait_loaded_sync(120)
     runner = engine.runner
 
-    def finished(piece: np.ndarray, final: bool, hotwords: str | None, *language: str | None) -> Decoded:
+    def finished(piece: np.ndarray, final: bool, hotwords: str | None, *language: str | None, abandoned=None) -> Decoded:
         seconds = piece.size / RATE
         return Decoded("Done.", [Word("Done.", 0.9, 0.0, seconds)], 0.9, seconds, None, 1.0 if final else None)
 

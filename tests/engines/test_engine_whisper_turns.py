@@ -17,6 +17,7 @@ import pytest
 
 from relay.engines.base import StreamOptions
 from relay.engines.offline.whisper import WhisperEngine
+from relay.engines.offline.whisper.runner import Abandoned
 from relay.engines.offline.whisper.stream import WhisperStream
 from tests.support.live import ROOT
 from tests.support.speech import check_turn_grammar, finals, finals_per_loop, pcm, run_stream, settle, silence, turns_manifest, wer
@@ -163,6 +164,120 @@ async def test_a_short_pause_between_words_does_not_hold_the_stream_for_its_fina
     await pump
     check_turn_grammar(events)
     assert _turns(events) == waited and len(waited) == 1, (waited, _turns(events))
+
+
+@slow
+async def test_a_speculative_final_the_speech_undid_stops_at_its_next_stage(engine, monkeypatch):
+    """A speculative final whose pause the speech ends can only be dropped, so once the speech is
+    back the decode stops at its next stage (here before it starts: it is held at a gate until
+    then) instead of running its search, alignment and completion for nothing. The turn's final
+    is the same as when every dropped decode runs to the end."""
+    clip = _clips("pause")[0]  # "I went to the store" [700 ms] "and bought some milk."
+    rate, pause = 16000, clip["pauses"][0]
+    samples = np.frombuffer(pcm(f"turns/{clip['file']}"), dtype="<i2")
+    cut = int((pause["start"] + 0.2) * rate)
+    audio = np.concatenate((samples[:cut], samples[int(pause["end"] * rate) :])).tobytes() + silence(2.0)
+    decode = engine.runner.decode
+    with monkeypatch.context() as never:  # the reference: no decode is ever abandoned
+        never.setattr(engine.runner, "decode", lambda *args, abandoned=None, **kwargs: decode(*args, **kwargs))
+        reference = _turns(await run_stream(engine.open_stream(StreamOptions()), audio))
+
+    gate, held, outcome = threading.Event(), [], []
+
+    def gated(pcm_: np.ndarray, final: bool, *args, abandoned=None, **kwargs):
+        first = final and not held
+        if first:
+            held.append(abandoned)
+            assert gate.wait(120)
+        try:
+            result = decode(pcm_, final, *args, abandoned=abandoned, **kwargs)
+        except Abandoned:
+            if first:
+                outcome.append("abandoned")
+            raise
+        if first:
+            outcome.append("decoded")
+        return result
+
+    monkeypatch.setattr(engine.runner, "decode", gated)
+    dropped = len(engine.runner.abandoned[True])
+    stream = engine.open_stream(StreamOptions())
+    await stream.start()
+    events: list = []
+
+    async def collect() -> None:
+        async for item in stream.events():
+            events.append(item)
+
+    pump = asyncio.get_running_loop().create_task(collect())
+    try:
+        first = 2 * int((pause["start"] + 0.15) * rate)  # 150 ms into the pause: its speculative final is at the gate
+        for i in range(0, first, 2560):
+            stream.feed(audio[i : min(i + 2560, first)])
+        async with asyncio.timeout(60):
+            while not held:
+                await asyncio.sleep(0.01)
+        assert held[0] is not None and not held[0].is_set()
+        upto = 2 * (cut + int(0.6 * rate))  # the speech comes back
+        for i in range(first, upto, 2560):
+            stream.feed(audio[i : min(i + 2560, upto)])
+        await settle(stream)
+        assert held[0].is_set(), "the speech came back, and the decode of the pause's final was not told"
+    finally:
+        gate.set()
+    for i in range(upto, len(audio), 2560):
+        stream.feed(audio[i : i + 2560])
+    await stream.finish()
+    await pump
+    check_turn_grammar(events)
+    assert outcome == ["abandoned"] and len(engine.runner.abandoned[True]) == dropped + 1
+    assert _turns(events) == reference and len(reference) == 1, (reference, _turns(events))
+
+
+def test_an_abandoned_decode_runs_no_later_stage_and_one_left_alone_is_unchanged(engine, monkeypatch):
+    runner = engine.runner
+    audio = np.frombuffer(pcm("turns/" + _clips("pause")[0]["file"]), dtype="<i2").astype(np.float32) / 32768
+    plain = runner.decode(audio, True, None)
+    assert runner.decode(audio, True, None, abandoned=threading.Event()) == plain and plain.text
+
+    class Counting:
+        """The CTranslate2 model, counting its searches and alignments."""
+
+        def __init__(self, model) -> None:
+            self.model, self.calls = model, []
+
+        def generate(self, *args, **kwargs):
+            self.calls.append("generate")
+            return self.model.generate(*args, **kwargs)
+
+        def align(self, *args, **kwargs):
+            self.calls.append("align")
+            return self.model.align(*args, **kwargs)
+
+        def __getattr__(self, name: str):
+            return getattr(self.model, name)
+
+    counting = Counting(runner.model.model)
+    monkeypatch.setattr(runner.model, "model", counting)
+    runner.decode(audio, True, None)
+    assert counting.calls[:2] == ["generate", "align"], counting.calls  # what a whole final runs
+
+    for stage in ("_encode", "_trim_repeats"):  # set during the encode; during the search (read after it)
+        abandoned, calls, dropped = threading.Event(), len(counting.calls), len(runner.abandoned[True])
+        step = getattr(runner, stage)
+
+        def then_abandon(*args, step=step, abandoned=abandoned, **kwargs):
+            result = step(*args, **kwargs)
+            abandoned.set()
+            return result
+
+        with monkeypatch.context() as patched:
+            patched.setattr(runner, stage, then_abandon)
+            with pytest.raises(Abandoned):
+                runner.decode(audio, True, None, abandoned=abandoned)
+        ran = counting.calls[calls:]
+        assert ran == ([] if stage == "_encode" else ["generate"]), (stage, ran)
+        assert len(runner.abandoned[True]) == dropped + 1
 
 
 @slow

@@ -126,17 +126,22 @@ def test_decode_cost_compares_a_real_time_stream_with_and_without_the_spare_core
 
 
 def test_decode_cost_counts_a_real_time_streams_finals_and_updates():
-    """`python -m bench.decode_cost --parts cost`, shortened to the conversations."""
+    """`python -m bench.decode_cost --parts cost`, shortened to the conversations and one round of
+    each arm (dropped decodes run to their end; they stop at their next stage)."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.decode_cost", "--parts", "cost", "--no-clips"],
-        cwd=ROOT, check=True, timeout=600, capture_output=True, text=True,
+        [sys.executable, "-m", "bench.decode_cost", "--parts", "cost", "--rounds", "1", "--no-clips"],
+        cwd=ROOT, check=True, timeout=900, capture_output=True, text=True,
     ).stdout
-    turns = int(out.split(" turns, ")[0].rsplit("; ", 1)[1])
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith(("| finals", "| Updates"))}
-    assert set(rows) == {"finals (speculative ones included)", "Updates"}, out
-    finals, updates = int(rows["finals (speculative ones included)"][1]), int(rows["Updates"][1])
-    assert turns >= 10 and finals >= turns and updates > 0, out  # every turn ends with a final
-    assert f"{turns} EndOfTurns matched" in out and "cores (decode threads" in out, out
+    turns = int(out.split(" turns), ")[0].rsplit("; ", 1)[1])
+    rows = {cells[1]: cells for cells in (line.split(" | ") for line in out.splitlines() if line.startswith("| 1 | "))}
+    assert set(rows) == {"every decode runs to its end", "dropped decodes stop at their next stage"}, out
+    for arm, cells in rows.items():
+        finals, abandoned = (int(cells[k].split(",")[0]) for k in (3, 4))
+        assert turns >= 10 and finals >= turns and int(cells[5].split(",")[0]) > 0, out  # every turn ends with a final
+        assert f"({turns} of {turns} matched)" in cells[2], out
+        if arm == "every decode runs to its end":
+            assert abandoned == 0, out
+    assert "the process at " in out, out
 
 
 def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):

@@ -81,6 +81,17 @@ class Decoded:
     settled: bool = False
 
 
+class Abandoned(Exception):
+    """A decode stopped between two of its stages because its result was no longer wanted (the
+    stream set the decode's ``abandoned`` event: the speech came back, or the turn ended)."""
+
+
+def _go_on(abandoned: threading.Event | None) -> None:
+    """Between two stages of a decode: stop here if its result is no longer wanted."""
+    if abandoned is not None and abandoned.is_set():
+        raise Abandoned
+
+
 def window_frames(frames: int, final: bool, seconds: float) -> int:
     """The encoder window (mel frames) for ``frames`` of audio features: the audio plus padding, in
     whole seconds, at least 8 s (20 s for the final of a turn under SHORT_TURN_S), at most 30 s."""
@@ -141,6 +152,7 @@ class WhisperModelRunner:
         self.suppress = list(get_suppressed_tokens(self.tokenizer, [-1]))
         self.beam_size = beam_size
         self.timings: dict[bool, list[float]] = {True: [], False: []}  # final? -> decode seconds (bench)
+        self.abandoned: dict[bool, list[float]] = {True: [], False: []}  # final? -> seconds of abandoned decodes (bench)
         self.n_mels = self.model.feature_extractor.mel_filters.shape[0]
         # For completion(): the encoding of silence and the sentence-ending tokens, made once.
         self._silent_encoding = self.model.encode(np.full((self.n_mels, MIN_WINDOW_FRAMES), SILENCE_MEL, dtype=np.float32))
@@ -186,17 +198,26 @@ class WhisperModelRunner:
         *,
         candidates: frozenset[str] | None = None,
         prior: str | None = None,
+        abandoned: threading.Event | None = None,
     ) -> Decoded:
         """Decode ``audio`` in ``language``, or (``None``) in the language detected on it.
 
         Detection picks among ``candidates`` (default: every language of the model) and falls
         back to ``prior`` (the stream's last language) unless another language clearly wins.
+
+        ``abandoned``: once set, the decode raises :class:`Abandoned` at the next boundary
+        between its stages (encode, search, alignment, completion) instead of running the rest.
+        A stage already running is not interrupted, and a decode that is not abandoned runs
+        exactly the same steps, so what a final says never depends on it.
         """
         started = time.perf_counter()
+        times = self.timings[final]
         try:
-            return self._decode(audio, final, hotwords, language, candidates, prior)
+            return self._decode(audio, final, hotwords, language, candidates, prior, abandoned)
+        except Abandoned:
+            times = self.abandoned[final]
+            raise
         finally:
-            times = self.timings[final]
             times.append(time.perf_counter() - started)
             if len(times) > 10000:
                 del times[:5000]
@@ -213,22 +234,27 @@ class WhisperModelRunner:
         return language
 
     def _decode(
-        self, audio: np.ndarray, final: bool, hotwords: str | None, language: str | None, candidates: frozenset[str] | None, prior: str | None
+        self, audio: np.ndarray, final: bool, hotwords: str | None, language: str | None, candidates: frozenset[str] | None, prior: str | None,
+        abandoned: threading.Event | None = None,
     ) -> Decoded:
         from faster_whisper.transcribe import merge_punctuations
 
+        _go_on(abandoned)
         seconds = audio.size / RATE
         features = self.model.feature_extractor(audio)
         n = features.shape[-1]
         frames = window_frames(n, final, seconds)
         wide = final and self.wide is not None and self.spare()
-        tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior, wide)
+        tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, candidates, prior, wide,
+                                                           abandoned)
         tokenizer = self.tokenizer_for(language)
         text = tokenizer.decode(tokens).strip()
         if looping(text) and frames < MAX_FRAMES:
             # A repetition loop: decode once more in Whisper's native 30 s window.
+            _go_on(abandoned)
             frames = MAX_FRAMES
-            tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, None, None, wide)
+            tokens, result, encoded, language = self._generate(features, frames, final, hotwords, seconds, language, None, None, wide,
+                                                               abandoned)
             text = tokenizer.decode(tokens).strip()
         tokens, text = self._trim_repeats(tokenizer, tokens, text)
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1) if result.scores else -10.0
@@ -237,6 +263,7 @@ class WhisperModelRunner:
         confidence = float(np.exp(min(0.0, avg_logprob)))
         if not final:
             return Decoded(text, [Word(w, confidence) for w in text.split()], confidence, seconds, language)
+        _go_on(abandoned)
         # The completion pass needs only the words: beside the alignment when a worker is spare.
         side = self._side.submit(self.completion, tokenizer, tokens, text) if self._side is not None and self.spare() else None
         alignment = self.model.find_alignment(tokenizer, [tokens], encoded, min(n, frames))[0]
@@ -246,6 +273,8 @@ class WhisperModelRunner:
             for w in alignment
             if w["word"].strip()
         ]
+        if side is None:
+            _go_on(abandoned)
         complete = side.result() if side is not None else self.completion(tokenizer, tokens, text)
         return Decoded(text, words, confidence, seconds, language, complete)
 
@@ -351,8 +380,10 @@ class WhisperModelRunner:
         candidates: frozenset[str] | None,
         prior: str | None,
         wide: bool = False,
+        abandoned: threading.Event | None = None,
     ):
         encoded = self._encode(features, frames, wide)
+        _go_on(abandoned)
         if language is None:
             language = self.detect(encoded, candidates, prior)
         tokenizer = self.tokenizer_for(language)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import threading
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -195,6 +196,9 @@ class WhisperStream(OfflineStream):
         self._out_idle.set()
         self.update_task: asyncio.Task | None = None
         self.spec: asyncio.Future | None = None
+        # Set when a running decode's result is no longer wanted, so it stops at its next stage.
+        self.update_abandoned = threading.Event()
+        self.spec_abandoned = threading.Event()
         # flux-general-multi only (set in start()): the pinned language (one hint), the languages
         # detection chooses from (several hints), the last turn's language (the prior).
         self.multilingual = False
@@ -319,6 +323,7 @@ class WhisperStream(OfflineStream):
         # Queued decodes of a finished turn would only be thrown away: take them off the pool.
         if self.update_task is not None and not self.update_task.done():
             self.update_task.cancel()
+            self.update_abandoned.set()  # running: it stops before its search
         self._drop_spec()
         self.in_turn = False
         self.turn_audio: list[np.ndarray] = []
@@ -414,22 +419,24 @@ class WhisperStream(OfflineStream):
         span = speech_span(pcm, True, speech_at, context)
         if span.end > pcm.size and self.silence < self.engine.speculate_s + ANCHOR_TAIL_S:
             return None
-        return self._launch(True, turn_pcm=turn_pcm, span=span)
+        self.spec_abandoned = threading.Event()
+        return self._launch(True, turn_pcm=turn_pcm, span=span, abandoned=self.spec_abandoned)
 
     def _launch(self, final: bool, priority: int = PRIORITY_UPDATE, *, turn_pcm: tuple[np.ndarray, int, int] | None = None,
-                span: Span | None = None) -> asyncio.Future:
+                span: Span | None = None, abandoned: threading.Event | None = None) -> asyncio.Future:
+        """Queue a decode of the turn; ``abandoned``, once set, stops it at its next stage (runner.Abandoned)."""
         priority = PRIORITY_FINAL if final else priority
         turn_pcm = turn_pcm or self._turn_pcm()
         if final:
             pcm, context, speech_at = turn_pcm
             span = span or speech_span(pcm, True, speech_at, context)
             self.spec_span = None if span.speech_end is None or span.loud is None else (span.speech_end - context, span.loud)
-        if not self.multilingual:
-            return asyncio.ensure_future(self.engine.pool.run(priority, decode_span, self.engine.runner.decode, *turn_pcm, final,
-                                                              self._hotwords()))
-        # turn_language None: the language is detected (see decode_span).
         runner = self.engine.runner
-        decode = functools.partial(runner.decode, candidates=self.candidates, prior=self.last_language)
+        if not self.multilingual:
+            decode = runner.decode if abandoned is None else functools.partial(runner.decode, abandoned=abandoned)
+            return asyncio.ensure_future(self.engine.pool.run(priority, decode_span, decode, *turn_pcm, final, self._hotwords()))
+        # turn_language None: the language is detected (see decode_span).
+        decode = functools.partial(runner.decode, candidates=self.candidates, prior=self.last_language, abandoned=abandoned)
         detect = functools.partial(runner.detect_audio, candidates=self.candidates, prior=self.last_language)
         return asyncio.ensure_future(self.engine.pool.run(priority, functools.partial(decode_span, detect=detect), decode, *turn_pcm,
                                                           final, self._hotwords(), self.turn_language))
@@ -647,7 +654,8 @@ class WhisperStream(OfflineStream):
 
     def _drop_spec(self) -> None:
         if self.spec is not None and not self.spec.done():
-            self.spec.cancel()  # still queued: never runs; running: its result is ignored
+            self.spec.cancel()  # still queued: never runs; running: its result is ignored,
+            self.spec_abandoned.set()  # and it stops at its next stage (search, alignment, completion)
         self.spec = None
         self.spec_span = None
         self.hangover = None
@@ -669,7 +677,9 @@ class WhisperStream(OfflineStream):
             return
         self.updates_started = True
         self.speech_since_update = 0.0
-        self.update_task = asyncio.get_running_loop().create_task(self._update(self.turn, self._launch(False, priority)))
+        self.update_abandoned = threading.Event()
+        job = self._launch(False, priority, abandoned=self.update_abandoned)
+        self.update_task = asyncio.get_running_loop().create_task(self._update(self.turn, job))
 
     async def _update(self, turn: int, job: asyncio.Future) -> None:
         try:
@@ -703,7 +713,8 @@ class WhisperStream(OfflineStream):
         if not self.in_turn:
             return
         job = self.spec if self.spec is not None else self._launch(final=True)
-        self.spec = None  # handed over: _reset_turn must not cancel it
+        self.spec = None  # handed over: _reset_turn must not cancel it,
+        self.spec_abandoned = threading.Event()  # nor stop it
         threshold = self.options.eot_threshold or DEFAULT_EOT_THRESHOLD
         # model: at or above the threshold, the more so the more finished the words read.
         confidence = {"model": round(threshold + (1 - threshold) * self.finished, 3), "timeout": 0.5}.get(trigger, 1.0)
@@ -721,11 +732,20 @@ class WhisperStream(OfflineStream):
         self.turn += 1
         self._reset_turn()
 
+    def release(self) -> None:
+        """Closed (after flush, or aborted): a speculative final or an Update still running is no
+        longer wanted. A final handed to an EndOfTurn is not touched."""
+        self._drop_spec()
+        if self.update_task is not None and not self.update_task.done():
+            self.update_task.cancel()
+            self.update_abandoned.set()
+
     async def flush(self) -> None:
         await self.process_audio(b"", last=True)
         await self._catch_up()
         await self.end_turn_now(TRIGGER_END_OF_STREAM)
         if self.update_task is not None and not self.update_task.done():
             self.update_task.cancel()
+            self.update_abandoned.set()
         await self._out_idle.wait()
 
