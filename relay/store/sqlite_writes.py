@@ -11,7 +11,9 @@ so the Python per batch is a ``json.dumps`` and one ``execute``. ``RELAY_TURN_WR
 where it runs:
 
 * ``loop`` (the default): :class:`SqliteLoop`, on the event loop itself. It never waits for the
-  write lock: when the ORM's thread holds it, the batch goes on to the thread below.
+  write lock: when the ORM's thread holds it, the batch goes on to the thread below. After a
+  batch that kept the loop too long (a slow or stalled disk), the next batches go to the thread
+  for a while.
 * ``thread``: :class:`SqliteThread`, on a thread of its own, waiting for the lock in C.
 * ``orm``: neither; ``relay.store.services`` keeps the ORM's thread.
 
@@ -34,6 +36,7 @@ import functools
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -169,28 +172,49 @@ class SqliteLoop:
     the write lock taken (the ORM's thread is writing) goes to the :class:`SqliteThread`, which
     waits. Nor does it checkpoint the write-ahead log, which syncs the database file: every
     :attr:`CHECKPOINT_EVERY` batches it asks the thread to.
+
+    **A slow disk moves the writes off the loop.** A statement's ``write()`` calls block while the
+    disk is slow or stalled, and on the loop that holds every stream of the process, not only the
+    turns being written (``python -m bench.stall``: 300 ms stalls put the Updates' p99 at 455 ms on
+    the loop, 72 ms on the thread). So a batch that kept the loop longer than :attr:`SLOW_S` sends
+    the batches of the next :attr:`OFF_LOOP_S` to the thread, which blocks only the writes; then the
+    loop tries again. On a healthy disk no batch comes near it, and nothing changes.
     """
 
     CHECKPOINT_EVERY = 200
+    SLOW_S = 0.020  # well under the 50 ms a turn's EndOfTurn should take end to end
+    OFF_LOOP_S = 10.0
 
     def __init__(self, alias: str = "default", thread: SqliteThread | None = None) -> None:
         self.alias = alias
         self.thread = thread or SqliteThread(alias)
         self.conn = _SqliteConnection(alias, busy_timeout=0, pragmas=("PRAGMA wal_autocheckpoint = 0",))
         self.batches = 0
-        self.handed_over = 0
+        self.handed_over = 0  # batches the loop found the write lock taken for
+        self.slow = 0  # batches that kept the loop longer than SLOW_S
+        self.off_loop = 0  # batches sent to the thread after a slow one
+        self._off_loop_until = 0.0
 
     async def run(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple]]:
         """Execute each statement in order (each its own transaction); the rows of each."""
         self.batches += 1
         if self.batches % self.CHECKPOINT_EVERY == 0:
             self.thread.checkpoint()
+        if time.monotonic() < self._off_loop_until:
+            self.off_loop += 1
+            return await self.thread.run(statements)
         done: list[list[tuple]] = []
+        started = time.monotonic()
         try:
             return self.conn.execute(statements, done)
         except sqlite3.Error as exc:
             if not _busy(exc):
                 raise django_error(exc, sqlite3) from exc
+        finally:
+            if (took := time.monotonic() - started) > self.SLOW_S:
+                self.slow += 1
+                self._off_loop_until = time.monotonic() + self.OFF_LOOP_S
+                log.warning("sqlite_turn_writes_slow", ms=round(took * 1000, 1), off_loop_s=self.OFF_LOOP_S)
         self.handed_over += 1
         return await self.thread.run(statements, done)
 

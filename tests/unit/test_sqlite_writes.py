@@ -153,6 +153,7 @@ async def test_the_loop_connection_leaves_checkpoints_to_the_thread(lite):
     await sync_to_async(lambda: connections[lite].close())()
     conn = sqlite_writes.SqliteLoop(lite)
     conn.CHECKPOINT_EVERY = 10**9
+    conn.SLOW_S = float("inf")  # every batch on the loop's connection, however long this machine takes for one
     wal = connections[lite].settings_dict["NAME"] + "-wal"
     statements = sqlite_writes.TurnStatements(lite)
     rows = (statements.turn_upsert, (statements.turn_rows([FinishedTurn(session, None, i, event("a few words of a turn " * 20)) for i in range(20)]),))
@@ -169,6 +170,45 @@ async def test_the_loop_connection_leaves_checkpoints_to_the_thread(lite):
     await conn.run([("SELECT 1", ())])
     await asyncio.get_running_loop().run_in_executor(None, lambda: conn.thread._thread.submit(lambda: None).result())
     assert conn.thread.conn._conn is not None  # the thread ran a checkpoint on its connection
+
+
+async def test_a_batch_that_kept_the_loop_too_long_sends_the_next_ones_to_the_thread_for_a_while(lite, monkeypatch):
+    """A slow or stalled disk blocks a statement's write() calls, and on the event loop that holds
+    every stream. After one batch over SLOW_S on the loop, the batches of the next OFF_LOOP_S run on
+    the thread (the loop goes on meanwhile); then the loop tries again."""
+    session = "s" + uuid.uuid4().hex[:6]
+    await sync_to_async(lambda: Session.objects.using(lite).create(pk=session))()
+    await sync_to_async(lambda: connections[lite].close())()
+    conn = sqlite_writes.SqliteLoop(lite)
+    where: list[str] = []
+    slow_disk = [True]
+    execute = conn.conn.execute
+
+    def on_the_loop(statements, done):
+        where.append("loop")
+        if slow_disk[0]:
+            time.sleep(conn.SLOW_S * 2)  # the disk stalls under this batch's write()
+        return execute(statements, done)
+
+    monkeypatch.setattr(conn.conn, "execute", on_the_loop)
+    run_on_thread = conn.thread.run
+
+    async def on_the_thread(statements, done=None):
+        where.append("thread")
+        return await run_on_thread(statements, done)
+
+    monkeypatch.setattr(conn.thread, "run", on_the_thread)
+    count = [("SELECT count(*) FROM relay_session WHERE id = ?", (session,))]
+    assert await conn.run(count) == [[(1,)]]  # the slow batch itself is done, on the loop
+    assert where == ["loop"] and conn.slow == 1
+    slow_disk[0] = False
+    for _ in range(3):
+        assert await conn.run(count) == [[(1,)]]
+    assert where == ["loop", "thread", "thread", "thread"] and conn.off_loop == 3
+    conn._off_loop_until = time.monotonic()  # OFF_LOOP_S later
+    assert await conn.run(count) == [[(1,)]]
+    assert await conn.run(count) == [[(1,)]]
+    assert where[4:] == ["loop", "loop"] and conn.slow == 1  # a fast disk again: the loop keeps them
 
 
 async def test_an_in_memory_database_goes_through_the_orm(db):
