@@ -158,3 +158,43 @@ def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):
     assert set(result["summary"]) == {"heuristic", "smart_64ms", "smart_200ms"}
     assert all(0.0 <= s["auc"] <= 1.0 for s in result["summary"].values())
     assert "| scorer | AUC" in (tmp_path / "turn-model.md").read_text()
+
+
+def test_stallfs_holds_writes_while_a_stall_lasts_and_reads_go_on(tmp_path):
+    """bench/stallfs.py, the disk-stall benchmark's filesystem: a write made during a stall returns
+    only after it (and then lands); a read during the stall is served."""
+    import threading
+    import time
+
+    from bench.stall import StallMount
+
+    with StallMount(stall_ms=3000, every_s=0.2) as mount:
+        (mount.mountpoint / "old").write_bytes(b"before")
+        mount.stalls(True)
+        deadline = time.monotonic() + 10
+        while "stalling " not in mount.log.read_text():
+            assert time.monotonic() < deadline, mount.log.read_text()
+            time.sleep(0.02)
+        mount.stalls(False)  # this stall is the last one
+        wrote: list[bool] = []
+        writer = threading.Thread(target=lambda: wrote.append((mount.mountpoint / "new").write_bytes(b"during") == 6))
+        writer.start()
+        assert (mount.mountpoint / "old").read_bytes() == b"before"  # reads are not held
+        writer.join(0.5)
+        assert writer.is_alive() and not mount.stalled(), "a write returned while the disk was stalled"
+        writer.join(30)
+        assert wrote == [True] and len(mount.stalled()) == 1
+        assert (mount.under / "new").read_bytes() == b"during"
+
+
+def test_stall_bench_compares_both_turn_write_modes_with_and_without_stalls(tmp_path):
+    """`python -m bench.stall`, shortened: both RELAY_TURN_WRITES modes on SQLite on the stalling
+    filesystem, stalls off then on; every row served its streams (structure, not the figures)."""
+    subprocess.run([sys.executable, "-m", "bench.stall", "--streams", "10", "--window", "3", "--reps", "1", "--stall-ms", "200",
+                    "--every-s", "1", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=900)
+    rows = json.loads((tmp_path / "stall.json").read_text())["rows"]
+    assert [(r["stalls"], r["mode"]) for r in rows] == [(False, "loop"), (False, "thread"), (True, "loop"), (True, "thread")]
+    for row in rows:
+        assert row["streams"] == 10 and row["error_count"] == 0 and row["fet_rtt"]["n"] > 0, row
+        assert (row["stall_count"] > 0) == row["stalls"], row
+    assert (tmp_path / "stall.md").read_text().count("\n| 1 | ") == 4
