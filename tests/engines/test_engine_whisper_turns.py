@@ -106,6 +106,76 @@ async def test_a_pause_inside_a_sentence_does_not_end_the_turn(engine):
     assert wer([c["text"] for c in clips], [" ".join(e.transcript for e in finals(r)) for r in results]) <= 0.15
 
 
+def _short_pause() -> tuple[bytes, int, int]:
+    """"I went to the store" [200 ms] "and bought some milk." then 2 s of silence: the audio, the
+    sample 150 ms into the pause (its speculative final has started by then) and the sample where
+    the speech has been back for 600 ms."""
+    clip = _clips("pause")[0]  # the pause is 700 ms in the clip, cut to 200 here
+    rate, pause = 16000, clip["pauses"][0]
+    samples = np.frombuffer(pcm(f"turns/{clip['file']}"), dtype="<i2")
+    cut = int((pause["start"] + 0.2) * rate)
+    audio = np.concatenate((samples[:cut], samples[int(pause["end"] * rate) :])).tobytes() + silence(2.0)
+    return audio, 2 * int((pause["start"] + 0.15) * rate), 2 * (cut + int(0.6 * rate))
+
+
+class _HeldFinal:
+    """A stream of :func:`_short_pause` whose first final decode waits at a gate: ``start`` feeds
+    up to 150 ms into the pause and waits until that final is at the gate, ``speech_back`` feeds
+    600 ms of the speech that comes back (the final still held), ``finish`` opens the gate and
+    feeds the rest; ``events`` are the stream's."""
+
+    def __init__(self, engine, monkeypatch, audio: bytes, first: int, upto: int) -> None:
+        self.audio, self.first, self.upto = audio, first, upto
+        self.gate, self.held, self.outcome = threading.Event(), [], []
+        decode = engine.runner.decode
+
+        def gated(pcm_: np.ndarray, final: bool, *args, abandoned=None, **kwargs):
+            first_final = final and not self.held
+            if first_final:
+                self.held.append(abandoned)
+                assert self.gate.wait(120)
+            try:
+                result = decode(pcm_, final, *args, abandoned=abandoned, **kwargs)
+            except Abandoned:
+                self.outcome += ["abandoned"] if first_final else []
+                raise
+            self.outcome += ["decoded"] if first_final else []
+            return result
+
+        monkeypatch.setattr(engine.runner, "decode", gated)
+        self.stream = engine.open_stream(StreamOptions())
+        self.events: list = []
+
+    def _feed(self, upto: int, start: int) -> None:
+        for i in range(start, upto, 2560):
+            self.stream.feed(self.audio[i : min(i + 2560, upto)])
+
+    async def start(self) -> None:
+        await self.stream.start()
+
+        async def collect() -> None:
+            async for item in self.stream.events():
+                self.events.append(item)
+
+        self.pump = asyncio.get_running_loop().create_task(collect())
+        self._feed(self.first, 0)
+        async with asyncio.timeout(60):
+            while not self.held:
+                await asyncio.sleep(0.01)
+
+    async def speech_back(self) -> None:
+        self._feed(self.upto, self.first)
+        await settle(self.stream)
+
+    async def finish(self) -> list:
+        self.gate.set()
+        self._feed(len(self.audio), self.upto)
+        await self.stream.finish()
+        await self.pump
+        check_turn_grammar(self.events)
+        return _turns(self.events)
+
+
 @slow
 async def test_a_short_pause_between_words_does_not_hold_the_stream_for_its_final(engine, monkeypatch):
     """A speculative final starts 64 ms into every pause, and the turn machine waits for it from
@@ -113,57 +183,21 @@ async def test_a_short_pause_between_words_does_not_hold_the_stream_for_its_fina
     hangover (here 200 ms of silence inside a sentence), no result could end the turn there, so the
     stream goes on without it: while that final is still decoding (held here), nothing is held.
     The turn's final is the same as when every decode is waited for."""
-    clip = _clips("pause")[0]  # "I went to the store" [700 ms] "and bought some milk."
-    rate, pause = 16000, clip["pauses"][0]
-    samples = np.frombuffer(pcm(f"turns/{clip['file']}"), dtype="<i2")
-    cut = int((pause["start"] + 0.2) * rate)
-    audio = np.concatenate((samples[:cut], samples[int(pause["end"] * rate) :])).tobytes() + silence(2.0)
+    audio, first, upto = _short_pause()
     with monkeypatch.context() as waiting:  # the reference: every speculative final waited for, as before
         waiting.setattr(WhisperStream, "_moot", lambda self: False)
         waited = _turns(await run_stream(engine.open_stream(StreamOptions()), audio))
 
-    gate, started = threading.Event(), []
-    decode = engine.runner.decode
-
-    def gated(pcm_: np.ndarray, final: bool, *args, **kwargs):
-        if final:
-            started.append(pcm_.size)
-            assert gate.wait(120)
-        return decode(pcm_, final, *args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "decode", gated)
-    stream = engine.open_stream(StreamOptions())
-    await stream.start()
-    events: list = []
-
-    async def collect() -> None:
-        async for item in stream.events():
-            events.append(item)
-
-    pump = asyncio.get_running_loop().create_task(collect())
+    held = _HeldFinal(engine, monkeypatch, audio, first, upto)
     try:
-        # Up to 150 ms into the pause: its speculative final starts (and is held at the gate).
-        first = 2 * int((pause["start"] + 0.15) * rate)
-        for i in range(0, first, 2560):
-            stream.feed(audio[i : min(i + 2560, first)])
-        async with asyncio.timeout(60):
-            while not started:
-                await asyncio.sleep(0.01)
-        # Then the speech comes back, and 600 ms of it are heard while that final still decodes.
-        upto = 2 * (cut + int(0.6 * rate))
-        for i in range(first, upto, 2560):
-            stream.feed(audio[i : min(i + 2560, upto)])
-        await settle(stream)
-        holding = stream._held is not None
+        await held.start()
+        await held.speech_back()
+        holding = held.stream._held is not None
         assert not holding, "the turn machine still waits for a final no result of which could end the turn"
     finally:
-        gate.set()
-    for i in range(upto, len(audio), 2560):
-        stream.feed(audio[i : i + 2560])
-    await stream.finish()
-    await pump
-    check_turn_grammar(events)
-    assert _turns(events) == waited and len(waited) == 1, (waited, _turns(events))
+        held.gate.set()
+    turns = await held.finish()
+    assert turns == waited and len(waited) == 1, (waited, turns)
 
 
 @slow
@@ -172,66 +206,24 @@ async def test_a_speculative_final_the_speech_undid_stops_at_its_next_stage(engi
     back the decode stops at its next stage (here before it starts: it is held at a gate until
     then) instead of running its search, alignment and completion for nothing. The turn's final
     is the same as when every dropped decode runs to the end."""
-    clip = _clips("pause")[0]  # "I went to the store" [700 ms] "and bought some milk."
-    rate, pause = 16000, clip["pauses"][0]
-    samples = np.frombuffer(pcm(f"turns/{clip['file']}"), dtype="<i2")
-    cut = int((pause["start"] + 0.2) * rate)
-    audio = np.concatenate((samples[:cut], samples[int(pause["end"] * rate) :])).tobytes() + silence(2.0)
+    audio, first, upto = _short_pause()
     decode = engine.runner.decode
     with monkeypatch.context() as never:  # the reference: no decode is ever abandoned
         never.setattr(engine.runner, "decode", lambda *args, abandoned=None, **kwargs: decode(*args, **kwargs))
         reference = _turns(await run_stream(engine.open_stream(StreamOptions()), audio))
 
-    gate, held, outcome = threading.Event(), [], []
-
-    def gated(pcm_: np.ndarray, final: bool, *args, abandoned=None, **kwargs):
-        first = final and not held
-        if first:
-            held.append(abandoned)
-            assert gate.wait(120)
-        try:
-            result = decode(pcm_, final, *args, abandoned=abandoned, **kwargs)
-        except Abandoned:
-            if first:
-                outcome.append("abandoned")
-            raise
-        if first:
-            outcome.append("decoded")
-        return result
-
-    monkeypatch.setattr(engine.runner, "decode", gated)
     dropped = len(engine.runner.abandoned[True])
-    stream = engine.open_stream(StreamOptions())
-    await stream.start()
-    events: list = []
-
-    async def collect() -> None:
-        async for item in stream.events():
-            events.append(item)
-
-    pump = asyncio.get_running_loop().create_task(collect())
+    held = _HeldFinal(engine, monkeypatch, audio, first, upto)
     try:
-        first = 2 * int((pause["start"] + 0.15) * rate)  # 150 ms into the pause: its speculative final is at the gate
-        for i in range(0, first, 2560):
-            stream.feed(audio[i : min(i + 2560, first)])
-        async with asyncio.timeout(60):
-            while not held:
-                await asyncio.sleep(0.01)
-        assert held[0] is not None and not held[0].is_set()
-        upto = 2 * (cut + int(0.6 * rate))  # the speech comes back
-        for i in range(first, upto, 2560):
-            stream.feed(audio[i : min(i + 2560, upto)])
-        await settle(stream)
-        assert held[0].is_set(), "the speech came back, and the decode of the pause's final was not told"
+        await held.start()
+        assert held.held[0] is not None and not held.held[0].is_set()
+        await held.speech_back()
+        assert held.held[0].is_set(), "the speech came back, and the decode of the pause's final was not told"
     finally:
-        gate.set()
-    for i in range(upto, len(audio), 2560):
-        stream.feed(audio[i : i + 2560])
-    await stream.finish()
-    await pump
-    check_turn_grammar(events)
-    assert outcome == ["abandoned"] and len(engine.runner.abandoned[True]) == dropped + 1
-    assert _turns(events) == reference and len(reference) == 1, (reference, _turns(events))
+        held.gate.set()
+    turns = await held.finish()
+    assert held.outcome == ["abandoned"] and len(engine.runner.abandoned[True]) == dropped + 1
+    assert turns == reference and len(reference) == 1, (reference, turns)
 
 
 def test_an_abandoned_decode_runs_no_later_stage_and_one_left_alone_is_unchanged(engine, monkeypatch):
