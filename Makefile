@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # daphne's own frame limit sits above the relay's RELAY_MAX_FRAME_BYTES so the relay answers
 # oversized frames with its own Error/close code.
-DAPHNE_FLAGS ?= --websocket-max-message-size 4194304 --websocket-max-frame-size 4194304 --application-close-timeout 15
+DAPHNE_FLAGS ?= --websocket-max-message-size 4194304 --websocket-max-frame-size 4194304 --application-close-timeout 40
 
 .PHONY: run serve-prod check-port test install install-dev migrate bench bench-engines bench-turn-model soak clean
 

@@ -142,7 +142,7 @@ class Server:
         if self.kind == "daphne":
             bind = ["-e", f"tcp:port={self.port}:interface=127.0.0.1:backlog={self.backlog}"] if self.backlog else ["-b", "127.0.0.1", "-p", str(self.port)]
             return [str(BIN / "daphne"), *bind, "--websocket-max-message-size", MAX_WS, "--websocket-max-frame-size", MAX_WS,
-                    "--application-close-timeout", "15", "bench.asgi:application"]
+                    "--application-close-timeout", "40", "bench.asgi:application"]
         if self.kind == "uvicorn":
             return [str(BIN / "uvicorn"), "bench.asgi:application", "--host", "127.0.0.1", "--port", str(self.port),
                     "--lifespan", "off", "--ws", self.ws, "--ws-max-size", MAX_WS, "--no-access-log", "--log-level", "warning",

@@ -152,6 +152,15 @@ class EngineUnavailable(EngineError):
     description = "The speech engine is not available."
 
 
+class FlushIncomplete(EngineError):
+    """A closing stream's engine stopped making progress, or ran past RELAY_FLUSH_LIMIT_SECONDS,
+    before it finished the audio it was sent: the turns after the last EndOfTurn are not stored."""
+
+    code = "FLUSH_INCOMPLETE"
+    close_code = 4011
+    description = "The speech engine did not finish the audio sent before the stream closed."
+
+
 class UpstreamAuthFailed(EngineError):
     """The upstream speech service refused our credentials (401/403)."""
 

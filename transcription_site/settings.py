@@ -243,7 +243,11 @@ RELAY_MAX_SEND_BUFFER_BYTES = env_int("RELAY_MAX_SEND_BUFFER_BYTES", 4 * 1024 * 
 RELAY_MAX_BACKLOG_SECONDS = env_float("RELAY_MAX_BACKLOG_SECONDS", 30.0)
 RELAY_REPLAY_PAGE_SIZE = env_int("RELAY_REPLAY_PAGE_SIZE", 200)
 RELAY_MAX_CONNECTIONS_PER_SESSION = env_int("RELAY_MAX_CONNECTIONS_PER_SESSION", 50)
+# A closing stream's flush may go this long without an event from its engine, and no longer than
+# the limit in all (relay/live/engine_link.py); daphne's --application-close-timeout must exceed
+# the limit, or a disconnected client's flush is killed first.
 RELAY_FLUSH_TIMEOUT_SECONDS = env_float("RELAY_FLUSH_TIMEOUT_SECONDS", 8.0)
+RELAY_FLUSH_LIMIT_SECONDS = env_float("RELAY_FLUSH_LIMIT_SECONDS", 30.0)
 RELAY_HEARTBEAT_SECONDS = env_float("RELAY_HEARTBEAT_SECONDS", 15.0)
 RELAY_MAX_STREAMS_PER_PROCESS = env_int("RELAY_MAX_STREAMS_PER_PROCESS", 1000)
 # New streams are refused (CAPACITY) while, averaged over 2 s, the event loop runs this late or the

@@ -329,7 +329,10 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
             self.admitted = False
             admission.release()
         if self.engine is not None:
-            await self.engine.drain(timeout=settings.RELAY_FLUSH_TIMEOUT_SECONDS, engine_error=self.session.engine_error)
+            cut = await self.engine.drain(idle=settings.RELAY_FLUSH_TIMEOUT_SECONDS, limit=settings.RELAY_FLUSH_LIMIT_SECONDS,
+                                          engine_error=self.session.engine_error)
+            if cut is not None and self.session.engine_error is None:
+                self.session.engine_failed(cut)  # reported by final_error, unless the stream already ends with an error
 
     async def _record_close(self) -> None:
         if self.timer is not None:

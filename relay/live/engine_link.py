@@ -3,7 +3,8 @@
 The consumer hands each event to the stream core through ``deliver``; when the engine's event
 stream dies, ``failed`` gets the error to end the stream with. ``drain`` finishes the engine
 (its open turn becomes a last EndOfTurn) and waits until every event it produced is delivered,
-within a bound, whatever state the pump is in.
+whatever state the pump is in, for as long as the engine makes progress (within a limit), and
+says when it had to give up.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from typing import Any
 from django.db import DatabaseError, InterfaceError
 
 from relay.engines import EngineStream, EngineWarning, TurnEvent
-from relay.exceptions import EngineError, RelayError, StorageUnavailable
+from relay.exceptions import EngineError, FlushIncomplete, RelayError, StorageUnavailable
 
 
 class EngineLink:
-    __slots__ = ("stream", "deliver", "failed", "log", "pump")
+    __slots__ = ("stream", "deliver", "failed", "log", "pump", "delivered")
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class EngineLink:
         self.failed = failed
         self.log = log
         self.pump: asyncio.Task | None = None
+        self.delivered = 0  # events handed to the stream core: a flush's measure of progress
 
     def feed(self, pcm: bytes) -> RelayError | None:
         """Give the engine audio; the error that ends the stream, if it failed."""
@@ -63,6 +65,7 @@ class EngineLink:
         try:
             async for item in self.stream.events():
                 await self.deliver(item)
+                self.delivered += 1
         except asyncio.CancelledError:
             raise
         except RelayError as exc:
@@ -74,23 +77,58 @@ class EngineLink:
             self.log.exception("engine_failed")
             self.failed(EngineError())
 
-    async def drain(self, *, timeout: float, engine_error: RelayError | None) -> None:
-        """Finish the engine and deliver what it still produces (the open turn's EndOfTurn)."""
-        stream, pump = self.stream, self.pump
+    async def drain(self, *, idle: float, limit: float, engine_error: RelayError | None) -> RelayError | None:
+        """Finish the engine and deliver what it still produces (the open turn's EndOfTurn).
+
+        An engine that is behind (audio sent faster than real time to a busy decoder) may take a
+        while: the flush goes on while the engine makes progress, an event delivered at least
+        every ``idle`` seconds, and for ``limit`` seconds at most. None when all was delivered;
+        otherwise the engine stream is stopped and the error that says the flush was cut short
+        is returned (the stream's last turns were not transcribed)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        give_up = started + limit
+        work = loop.create_task(self._flush(engine_error))
         try:
-            async with asyncio.timeout(timeout):
-                await stream.finish()
-            async with asyncio.timeout(timeout):
-                if pump is not None and engine_error is not None and not isinstance(engine_error, StorageUnavailable):
-                    # The pump died with the engine's event stream, but what finish() produced
-                    # is queued: deliver it here.
-                    async for item in stream.events():
-                        if not isinstance(item, EngineWarning):
-                            await self.deliver(item)
-                elif pump is not None:
-                    await asyncio.shield(pump)
-        except (TimeoutError, Exception):
-            self.log.warning("flush_incomplete", exc_info=True)
-            await stream.abort()
-            if pump is not None:
-                pump.cancel()
+            while True:
+                seen = self.delivered
+                done, _ = await asyncio.wait((work,), timeout=max(0.0, min(idle, give_up - loop.time())))
+                if done:
+                    work.result()
+                    return None
+                if loop.time() >= give_up:
+                    cut: RelayError = FlushIncomplete(
+                        f"The speech engine was still finishing the audio sent before the stream closed after {limit:g} s "
+                        "(RELAY_FLUSH_LIMIT_SECONDS); the turns after the last EndOfTurn were not transcribed.")
+                    break
+                if self.delivered == seen:
+                    cut = FlushIncomplete(
+                        f"The speech engine made no progress for {idle:g} s (RELAY_FLUSH_TIMEOUT_SECONDS) while finishing "
+                        "the audio sent before the stream closed; the turns after the last EndOfTurn were not transcribed.")
+                    break
+        except RelayError as exc:
+            cut = exc
+        except Exception:
+            self.log.exception("flush_failed")
+            cut = EngineError()
+        finally:
+            if not work.done():
+                work.cancel()
+        self.log.warning("flush_incomplete", code=cut.code, events=self.delivered, seconds=f"{loop.time() - started:.1f}")
+        await self.stream.abort()
+        if self.pump is not None:
+            self.pump.cancel()
+        return cut
+
+    async def _flush(self, engine_error: RelayError | None) -> None:
+        stream, pump = self.stream, self.pump
+        await stream.finish()
+        if pump is not None and engine_error is not None and not isinstance(engine_error, StorageUnavailable):
+            # The pump died with the engine's event stream, but what finish() produced is
+            # queued: deliver it here.
+            async for item in stream.events():
+                if not isinstance(item, EngineWarning):
+                    await self.deliver(item)
+                    self.delivered += 1
+        elif pump is not None:
+            await asyncio.shield(pump)

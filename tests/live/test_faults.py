@@ -24,6 +24,7 @@ import websockets
 from tests.support.audio import silence, tone
 from tests.support.deploy_stack import (
     PROCFILE,
+    ROOT,
     Daphne,
     Nginx,
     Postgres,
@@ -165,6 +166,11 @@ def test_deploy_files_render_and_nginx_accepts_the_site(tmp_path):
     assert "tcp:port=8001:interface=127.0.0.1:backlog=1024" in argv
     for flag in ("--proxy-headers", "--application-close-timeout", "--websocket-max-message-size", "--ping-interval"):
         assert flag in argv, f"DAPHNE_FLAGS in deploy/relay.env.example lacks {flag}"
+    # daphne must not kill a disconnected client's flush before the relay's own limit ends it.
+    from django.conf import settings
+    makefile = re.search(r"--application-close-timeout (\d+)", (ROOT / "Makefile").read_text())
+    for close_timeout in (argv[argv.index("--application-close-timeout") + 1], makefile and makefile.group(1)):
+        assert close_timeout and float(close_timeout) > settings.RELAY_FLUSH_LIMIT_SECONDS
     # nginx must wait longer than daphne's ping interval, or it cuts idle streams.
     ping = int(argv[argv.index("--ping-interval") + 1])
     site = render_nginx_site(upstreams=["127.0.0.1:1", "127.0.0.1:2"], http_port=1080, https_port=1443,

@@ -36,3 +36,16 @@ def test_daphne_transcribes_the_long_clip_with_whisper(tmp_path):
     assert not [m for m in messages if m.get("type") in {"Error", "Warning"}], messages
     phone_ends = [m for m in phone if m.get("event") == "EndOfTurn"]
     assert phone_ends and wer([clip["text"]], [" ".join(e["transcript"] for e in phone_ends)]) <= 0.35
+
+
+def test_a_recording_sent_at_full_speed_gets_every_turn_before_the_close(tmp_path):
+    # At full speed the engine is many seconds behind when CloseStream arrives: its flush takes
+    # longer than RELAY_FLUSH_TIMEOUT_SECONDS (3 s here), and goes on because it keeps delivering.
+    turns = manifest()["long"]["turns"]
+    env = {**sqlite_env(tmp_path), "RELAY_ENGINE": "whisper", "RELAY_FLUSH_TIMEOUT_SECONDS": "3"}
+    with LiveServer(env, log_name="daphne-whisper-flush") as server:
+        messages = asyncio.run(stream_audio(server.ws_url + "/v2/listen?session=full-speed", pcm("long.wav")))
+    ends = [m for m in messages if m.get("event") == "EndOfTurn"]
+    assert [e["turn_index"] for e in ends] == list(range(len(turns)))
+    assert wer([t["text"] for t in turns], [e["transcript"] for e in ends]) <= 0.12
+    assert not [m for m in messages if m.get("type") == "Error"], messages

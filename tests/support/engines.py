@@ -1,10 +1,12 @@
 """Tiny engines used only by tests (the interface makes them a few lines each)."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
 from relay.engines.base import Engine, EngineStream, StreamOptions
+from relay.engines.fake import FakeEngine, FakeStream
 
 
 class BacklogStream(EngineStream):
@@ -45,6 +47,26 @@ class FailOnFinishStream(BacklogStream):
 class FailOnFinishEngine(Engine):
     name = "fail-on-finish"
     stream_class = FailOnFinishStream
+
+
+class SlowFlushStream(FakeStream):
+    """Finishes like an engine behind on its audio: ``steps`` Updates ``step_s`` apart before the
+    open turn's EndOfTurn; with ``hang``, the EndOfTurn never comes (a decoder that stopped)."""
+
+    async def finish(self) -> None:
+        options = self.engine.options
+        for _ in range(int(options.get("steps", 0))):
+            await asyncio.sleep(float(options.get("step_s", 0.1)))
+            if self.in_turn:
+                self.emit(self._event("Update", end_of_turn_confidence=0.05))
+        if options.get("hang"):
+            await asyncio.Event().wait()
+        await super().finish()
+
+
+class SlowFlushEngine(FakeEngine):
+    name = "slow-flush"
+    stream_class = SlowFlushStream
 
 
 class RecordingEngine(Engine):

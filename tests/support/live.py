@@ -57,7 +57,7 @@ class LiveServer:
             [
                 DAPHNE, "-b", "127.0.0.1", "-p", str(self.port),
                 "--websocket-max-message-size", "4194304", "--websocket-max-frame-size", "4194304",
-                "--application-close-timeout", "15",
+                "--application-close-timeout", "40",
                 "transcription_site.asgi:application",
             ],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,

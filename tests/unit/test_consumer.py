@@ -256,3 +256,66 @@ async def test_engine_error_during_close_stream_reaches_the_client(settings):
     assert code == 4011 and seen[-1]["type"] == "Error" and seen[-1]["code"] == "ENGINE_ERROR"
     conn = await sync_to_async(Connection.objects.get)(session_id="fail-finish")
     assert conn.close_code == 4011 and conn.last_error_code == "ENGINE_ERROR"
+
+
+def slow_flush(settings, *, idle: float, limit: float = 30.0, **options) -> None:
+    settings.RELAY_ENGINES = {**settings.RELAY_ENGINES, "sf": {"BACKEND": "tests.support.engines.SlowFlushEngine", "OPTIONS": options}}
+    settings.RELAY_ENGINE = "sf"
+    settings.RELAY_FLUSH_TIMEOUT_SECONDS = idle
+    settings.RELAY_FLUSH_LIMIT_SECONDS = limit
+
+
+async def test_a_flush_that_makes_progress_may_take_longer_than_the_idle_bound(settings):
+    # 8 Updates 0.1 s apart: 0.8 s in all, an event every 0.1 s; the idle bound is 0.3 s.
+    slow_flush(settings, idle=0.3, steps=8, step_s=0.1)
+    c = Client("/v2/listen?session=slow-flush")
+    await c.connect()
+    await c.send_audio(tone(0.6))
+    await c.send_json({"type": "CloseStream"})
+    code, seen = await c.expect_close()
+    assert code == 1000 and not [m for m in seen if m["type"] == "Error"]
+    end = [m for m in seen if m.get("event") == "EndOfTurn"]
+    assert len(end) == 1 and end[0]["trigger"] == "end_of_stream" and end[0]["transcript"] == "one two"
+    assert await sync_to_async(Turn.objects.filter(session_id="slow-flush", trigger="end_of_stream").count)() == 1
+
+
+async def test_a_flush_that_stops_making_progress_is_an_error_and_keeps_what_was_finished(settings):
+    slow_flush(settings, idle=0.3, steps=2, step_s=0.1, hang=True)
+    c = Client("/v2/listen?session=stuck-flush")
+    await c.connect()
+    await c.send_audio(SPEECH)
+    assert (await c.recv_turn_end())["transcript"] == "one two three four"
+    await c.send_audio(tone(0.6))
+    await c.send_json({"type": "CloseStream"})
+    code, seen = await c.expect_close()
+    assert code == 4011 and seen[-1]["type"] == "Error" and seen[-1]["code"] == "FLUSH_INCOMPLETE"
+    assert "RELAY_FLUSH_TIMEOUT_SECONDS" in seen[-1]["description"]
+    # Two Updates from the 0.6 s tone, then the two the flush made before it stopped: delivered.
+    assert [m.get("event") for m in seen].count("Update") == 4
+    turns = await sync_to_async(list)(Turn.objects.filter(session_id="stuck-flush").values_list("index", "trigger"))
+    assert turns == [(0, "model")]
+    conn = await sync_to_async(Connection.objects.get)(session_id="stuck-flush")
+    assert conn.close_code == 4011 and conn.last_error_code == "FLUSH_INCOMPLETE"
+
+
+async def test_a_flush_is_cut_at_its_limit_however_busy_the_engine(settings):
+    slow_flush(settings, idle=0.3, limit=0.6, steps=1000, step_s=0.05)
+    c = Client("/v2/listen?session=endless-flush")
+    await c.connect()
+    await c.send_audio(tone(0.6))
+    await c.send_json({"type": "CloseStream"})
+    code, seen = await c.expect_close()
+    assert code == 4011 and seen[-1]["code"] == "FLUSH_INCOMPLETE" and "RELAY_FLUSH_LIMIT_SECONDS" in seen[-1]["description"]
+    assert 5 <= [m.get("event") for m in seen].count("Update") < 1000
+
+
+async def test_a_disconnected_clients_cut_flush_is_recorded(settings):
+    slow_flush(settings, idle=0.3, hang=True)
+    c = Client("/v2/listen?session=gone-flush")
+    await c.connect()
+    await c.send_audio(tone(0.6))
+    await c.recv_until(lambda m: m.get("event") == "Update")
+    await c.disconnect(code=1006)
+    conn = await sync_to_async(Connection.objects.get)(session_id="gone-flush")
+    assert conn.closed_at is not None and conn.last_error_code == "FLUSH_INCOMPLETE" and conn.error_count == 1
+    assert not await sync_to_async(Turn.objects.filter(session_id="gone-flush").exists)()

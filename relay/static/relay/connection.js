@@ -37,8 +37,9 @@ const FATAL_ERRORS = new Set([
   "FRAME_TOO_LARGE",
   "SESSION_ENDED",
 ]);
-/** Errors that clear on a new stream (the relay drops the backlog with the old one). */
-const RETRYABLE_ERRORS = new Set(["BACKLOG_EXCEEDED", "INTERNAL_SERVER_ERROR", "ENGINE_ERROR", "CAPACITY", "SESSION_FULL", "ENGINE_UNAVAILABLE", "RATE_LIMITED", "SERVER_RESTARTING", "STORAGE_UNAVAILABLE"]);
+/** Errors that clear on a new stream (the relay drops the backlog with the old one; after
+ * FLUSH_INCOMPLETE the page re-sends the audio no EndOfTurn covered, then CloseStream again). */
+const RETRYABLE_ERRORS = new Set(["BACKLOG_EXCEEDED", "INTERNAL_SERVER_ERROR", "ENGINE_ERROR", "FLUSH_INCOMPLETE", "CAPACITY", "SESSION_FULL", "ENGINE_UNAVAILABLE", "RATE_LIMITED", "SERVER_RESTARTING", "STORAGE_UNAVAILABLE"]);
 const FATAL_CLOSE_CODES = new Set([4001, 4003, 4008, 4009, 4010]);
 
 /** Delay before reconnect attempt `attempt` (0-based): 250 ms doubling to 5 s, +-50% jitter. */
