@@ -303,12 +303,7 @@ class Bench:
     def before_root(self) -> Path:
         """A worktree of the --before commit, made on first use and removed when the run ends."""
         if self._before_root is None:
-            tmp = Path(tempfile.mkdtemp(prefix="relay-bench-before-"))
-            tree = tmp / "tree"
-            self.stack.callback(remove_worktree, tree, tmp)
-            subprocess.run(["git", "worktree", "add", "--detach", str(tree), self.args.before], cwd=ROOT, check=True,
-                           capture_output=True, text=True)
-            self._before_root = tree
+            tree = self._before_root = self.stack.enter_context(worktree(self.args.before))
             before = self.result["meta"]["before"]
             say(f"    relay before: {before['commit']} {before['subject'][:60]} (worktree {tree})")
         return self._before_root
@@ -693,6 +688,18 @@ def git_describe(rev: str) -> dict[str, Any]:
                                cwd=ROOT, capture_output=True, text=True).stdout.strip()
         info["uncommitted_changes"] = bool(dirty)
     return info
+
+
+@contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    """A checkout of ``rev`` (the relay before, for ``--before``), removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-before-"))
+    tree = tmp / "tree"
+    try:
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True, text=True)
+        yield tree
+    finally:
+        remove_worktree(tree, tmp)
 
 
 def remove_worktree(tree: Path, tmp: Path) -> None:

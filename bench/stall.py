@@ -27,27 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.run import Deployment, fmt_row, git_describe, lost, remove_worktree, say, sqlite_database, stream_step
+from bench.run import Deployment, fmt_row, git_describe, lost, say, sqlite_database, stream_step, worktree
 from bench.servers import ROOT, Server, machine_load
 
 ARMS = ("loop", "thread")
-
-
-@contextmanager
-def worktree(rev: str) -> Iterator[Path]:
-    """A checkout of ``rev`` (the relay before), removed afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-stall-before-"))
-    tree = tmp / "tree"
-    try:
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True, capture_output=True, text=True)
-        yield tree
-    finally:
-        remove_worktree(tree, tmp)
 
 
 def fuse_missing() -> str | None:
