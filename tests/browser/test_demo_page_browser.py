@@ -245,6 +245,39 @@ def test_relay_process_killed_mid_turn_the_page_sends_the_open_turn_again(static
             second.stop()
 
 
+def test_a_stop_whose_flush_the_relay_cuts_short_sends_the_open_turn_again(static_root, launch, tmp_path, tmp_path_factory):
+    # The engine never finishes the first open turn it is asked to flush: the relay gives up after
+    # RELAY_FLUSH_TIMEOUT_SECONDS with Error FLUSH_INCOMPLETE. The page, stopping, still holds
+    # that turn's audio (no EndOfTurn covered it): it reconnects, sends it again, and stops again.
+    env = {**sqlite_env(tmp_path_factory.mktemp("db-flush")), **production_env(static_root),
+           "DJANGO_SETTINGS_MODULE": "tests.support.fault_settings", "RELAY_ENGINE": "stalling-flush",
+           "RELAY_FLUSH_TIMEOUT_SECONDS": "1"}
+    with LiveServer(env, log_name="daphne-stalling-flush") as server:
+        page = new_page(launch(bursts_wav(tmp_path / "bursts.wav", 3, gap=2.0)))
+        page.goto(demo_url(server.http_url))
+        expect(page.locator("body")).to_have_attribute("data-state", "open")
+        page.locator("#mic").click()
+        expect(page.locator("#turns .turn")).to_have_count(1)
+        page.wait_for_function(
+            "() => /^one/.test(document.querySelector('#interims .turn-text')?.textContent || '')",
+            polling="raf",
+        )
+        page.locator("#mic").click()  # deliberate stop inside burst 2
+        expect(page.locator("body")).to_have_attribute("data-reconnects", "1")
+        expect(page.locator("body")).to_have_attribute("data-recording", "false")
+        expect(page.locator("#turns .turn")).to_have_count(2)
+        expect(page.locator("#mic")).to_be_enabled()
+        screenshot(page, "flush-cut-resent")
+        turns = finals(page)
+        assert turns[0]["text"] == BURST and BURST.startswith(turns[1]["text"]) and turns[1]["text"].startswith("one"), turns
+        # The cut turn's index was taken at its StartOfTurn and stays unused: a gap, as documented.
+        assert turns[0]["index"] < turns[1]["index"], turns
+        assert page_errors(page) == []
+        log = server.output()
+    assert log.count("code=FLUSH_INCOMPLETE") >= 1, log[-3000:]
+    assert re.search(rf"event=turn_finished .*turn_index={turns[1]['index']} trigger=end_of_stream", log), log[-3000:]
+
+
 def test_language_choice_sets_model_and_hint_and_is_remembered(fake_server, launch):
     browser = launch()
     page = new_page(browser)

@@ -8,4 +8,5 @@ from transcription_site.settings import RELAY_ENGINES as _ENGINES
 RELAY_ENGINES = {
     **_ENGINES,
     "faulty": {"BACKEND": "tests.support.fault_engines.FaultyEngine", "OPTIONS": dict(_ENGINES["fake"]["OPTIONS"])},
+    "stalling-flush": {"BACKEND": "tests.support.fault_engines.StallingFlushEngine", "OPTIONS": dict(_ENGINES["fake"]["OPTIONS"])},
 }
