@@ -330,7 +330,7 @@ class TranscriptionConsumer(SingleTaskLoop, AsyncWebsocketConsumer):
             admission.release()
         if self.engine is not None:
             cut = await self.engine.drain(idle=settings.RELAY_FLUSH_TIMEOUT_SECONDS, limit=settings.RELAY_FLUSH_LIMIT_SECONDS,
-                                          engine_error=self.session.engine_error)
+                                          engine_error=self.session.engine_error, deadline=registry.flush_deadline)
             if cut is not None and self.session.engine_error is None:
                 self.session.engine_failed(cut)  # reported by final_error, unless the stream already ends with an error
 

@@ -77,20 +77,23 @@ class EngineLink:
             self.log.exception("engine_failed")
             self.failed(EngineError())
 
-    async def drain(self, *, idle: float, limit: float, engine_error: RelayError | None) -> RelayError | None:
+    async def drain(self, *, idle: float, limit: float, engine_error: RelayError | None,
+                    deadline: Callable[[], float | None] = lambda: None) -> RelayError | None:
         """Finish the engine and deliver what it still produces (the open turn's EndOfTurn).
 
         An engine that is behind (audio sent faster than real time to a busy decoder) may take a
         while: the flush goes on while the engine makes progress, an event delivered at least
-        every ``idle`` seconds, and for ``limit`` seconds at most. None when all was delivered;
+        every ``idle`` seconds, and for ``limit`` seconds at most (and not past ``deadline()``,
+        the loop time a stopping process gives its streams). None when all was delivered;
         otherwise the engine stream is stopped and the error that says the flush was cut short
         is returned (the stream's last turns were not transcribed)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        give_up = started + limit
         work = loop.create_task(self._flush(engine_error))
         try:
             while True:
+                stop_by = deadline()
+                give_up = started + limit if stop_by is None else min(started + limit, stop_by)
                 seen = self.delivered
                 done, _ = await asyncio.wait((work,), timeout=max(0.0, min(idle, give_up - loop.time())))
                 if done:
@@ -98,8 +101,9 @@ class EngineLink:
                     return None
                 if loop.time() >= give_up:
                     cut: RelayError = FlushIncomplete(
-                        f"The speech engine was still finishing the audio sent before the stream closed after {limit:g} s "
-                        "(RELAY_FLUSH_LIMIT_SECONDS); the turns after the last EndOfTurn were not transcribed.")
+                        f"The speech engine was still finishing the audio sent before the stream closed after "
+                        f"{loop.time() - started:.1f} s (RELAY_FLUSH_LIMIT_SECONDS, or the server stopping); the turns "
+                        "after the last EndOfTurn were not transcribed.")
                     break
                 if self.delivered == seen:
                     cut = FlushIncomplete(

@@ -27,6 +27,16 @@ class Stream(Protocol):
 
 
 _live: "weakref.WeakSet[Stream]" = weakref.WeakSet()
+#: Loop time by which a stopping process's flushes must end, leaving the rest of
+#: RELAY_SHUTDOWN_TIMEOUT_SECONDS for storing the turns and recording the closes; None while running.
+_stop_by: float | None = None
+#: What a stop keeps for that, out of the shutdown timeout (at most half of it).
+STORE_MARGIN_S = 2.0
+
+
+def flush_deadline() -> float | None:
+    """When a flush must end because the process is stopping (loop time), or None."""
+    return _stop_by
 
 
 def register(stream: Stream) -> None:
@@ -44,12 +54,20 @@ def notify_layer(up: bool) -> None:
 
 
 async def end_all_streams(timeout: float) -> None:
-    """End every live stream with SERVER_RESTARTING (within ``timeout``) and mark the process stopped."""
+    """End every live stream with SERVER_RESTARTING (within ``timeout``) and mark the process stopped.
+
+    A flush that would outlast the stop (an engine still working through a backlog) is cut in
+    time to store what it finished and record the close before daphne cancels the streams."""
+    global _stop_by
+    _stop_by = asyncio.get_running_loop().time() + max(timeout - STORE_MARGIN_S, timeout / 2)
     streams = live_streams()
     log.info("shutdown_streams", count=len(streams))
-    if streams:
-        tasks = [asyncio.ensure_future(s.end_stream(ServerRestarting())) for s in streams]
-        await asyncio.wait(tasks, timeout=timeout)
+    try:
+        if streams:
+            tasks = [asyncio.ensure_future(s.end_stream(ServerRestarting())) for s in streams]
+            await asyncio.wait(tasks, timeout=timeout)
+    finally:
+        _stop_by = None  # daphne cancels what is left next
     try:
         await services.aprocess_stopped()
     except Exception as exc:

@@ -319,3 +319,24 @@ async def test_a_disconnected_clients_cut_flush_is_recorded(settings):
     conn = await sync_to_async(Connection.objects.get)(session_id="gone-flush")
     assert conn.closed_at is not None and conn.last_error_code == "FLUSH_INCOMPLETE" and conn.error_count == 1
     assert not await sync_to_async(Turn.objects.filter(session_id="gone-flush").exists)()
+
+
+async def test_a_stopping_process_cuts_a_long_flush_in_time_to_store_and_record_it(settings):
+    from relay.live import registry
+
+    slow_flush(settings, idle=5.0, steps=1000, step_s=0.05)  # an engine with 50 s of work left, busy all along
+    c = Client("/v2/listen?session=stop-flush")
+    await c.connect()
+    await c.send_audio(SPEECH)
+    await c.recv_turn_end()
+    await c.send_audio(tone(0.6))
+    await c.recv_until(lambda m: m.get("event") == "Update")
+    # SIGTERM's path with a 3 s shutdown timeout: the flush must end by 1.5 s (half of it, as
+    # the 2 s margin would leave less), so that the close is recorded before daphne would cancel.
+    await registry.end_all_streams(timeout=3.0)
+    conn = await sync_to_async(Connection.objects.get)(session_id="stop-flush")
+    assert conn.closed_at is not None and conn.close_code == 4012 and conn.last_error_code == "SERVER_RESTARTING"
+    code, seen = await c.expect_close()
+    assert code == 4012 and seen[-1]["code"] == "SERVER_RESTARTING"
+    assert await sync_to_async(list)(Turn.objects.filter(session_id="stop-flush").values_list("index", flat=True)) == [0]
+    assert registry.flush_deadline() is None
