@@ -179,6 +179,21 @@ def test_connection_dropped_mid_speech_reconnects_without_losing_or_repeating_wo
         assert page_errors(page) == []
 
 
+def record_into_burst_two(launch, tmp_path: Path, base: str, bursts: int) -> Page:
+    """The demo page recording ``bursts`` tone bursts 2 s apart, returned once burst 1 is a
+    finished turn and burst 2's first word is on screen (its turn open in the relay)."""
+    page = new_page(launch(bursts_wav(tmp_path / "bursts.wav", bursts, gap=2.0)))
+    page.goto(demo_url(base))
+    expect(page.locator("body")).to_have_attribute("data-state", "open")
+    page.locator("#mic").click()
+    expect(page.locator("#turns .turn")).to_have_count(1)
+    page.wait_for_function(
+        "() => /^one/.test(document.querySelector('#interims .turn-text')?.textContent || '')",
+        polling="raf",
+    )
+    return page
+
+
 def test_relay_process_killed_mid_turn_the_page_sends_the_open_turn_again(static_root, launch, tmp_path, tmp_path_factory):
     # A daphne of its own (the shared one must live): killed with SIGKILL inside a turn, then a
     # new process on the same port and the same database, as a supervisor would restart it.
@@ -187,19 +202,9 @@ def test_relay_process_killed_mid_turn_the_page_sends_the_open_turn_again(static
     second = None
     bursts = 4
     try:
-        browser = launch(bursts_wav(tmp_path / "bursts.wav", bursts, gap=2.0))
-        page = new_page(browser)
-        page.goto(demo_url(first.http_url))
-        expect(page.locator("body")).to_have_attribute("data-state", "open")
-        page.locator("#mic").click()
-        expect(page.locator("#turns .turn")).to_have_count(1)
-
         # Burst 2's first word is on screen: its audio reached the relay, whose open turn now
         # lives only in the process. Kill it.
-        page.wait_for_function(
-            "() => /^one/.test(document.querySelector('#interims .turn-text')?.textContent || '')",
-            polling="raf",
-        )
+        page = record_into_burst_two(launch, tmp_path, first.http_url, bursts)
         first.kill()
         expect(page.locator("body")).to_have_attribute("data-state", re.compile("retrying|reconnecting"))
         second = LiveServer(env, port=first.port, log_name="daphne-restarted").start()
@@ -253,15 +258,7 @@ def test_a_stop_whose_flush_the_relay_cuts_short_sends_the_open_turn_again(stati
            "DJANGO_SETTINGS_MODULE": "tests.support.fault_settings", "RELAY_ENGINE": "stalling-flush",
            "RELAY_FLUSH_TIMEOUT_SECONDS": "1"}
     with LiveServer(env, log_name="daphne-stalling-flush") as server:
-        page = new_page(launch(bursts_wav(tmp_path / "bursts.wav", 3, gap=2.0)))
-        page.goto(demo_url(server.http_url))
-        expect(page.locator("body")).to_have_attribute("data-state", "open")
-        page.locator("#mic").click()
-        expect(page.locator("#turns .turn")).to_have_count(1)
-        page.wait_for_function(
-            "() => /^one/.test(document.querySelector('#interims .turn-text')?.textContent || '')",
-            polling="raf",
-        )
+        page = record_into_burst_two(launch, tmp_path, server.http_url, 3)
         page.locator("#mic").click()  # deliberate stop inside burst 2
         expect(page.locator("body")).to_have_attribute("data-reconnects", "1")
         expect(page.locator("body")).to_have_attribute("data-recording", "false")
