@@ -206,6 +206,9 @@ class Echo(consumer_loop.SingleTaskLoop, AsyncWebsocketConsumer):
         await self.send(text_data="layer: " + event["text"])
 
 
+# Channels' websocket_disconnect closes stale database connections (aclose_old_connections): after
+# a database test in the same process, that touches the connection, so this test needs the mark.
+@pytest.mark.django_db
 async def test_single_task_loop_serves_socket_and_layer_messages(monkeypatch):
     async def channels_loop(self, scope, receive, send):
         raise AssertionError("Channels' own loop ran")
