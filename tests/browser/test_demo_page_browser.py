@@ -251,9 +251,10 @@ def test_relay_process_killed_mid_turn_the_page_sends_the_open_turn_again(static
 
 
 def test_a_stop_whose_flush_the_relay_cuts_short_sends_the_open_turn_again(static_root, launch, tmp_path, tmp_path_factory):
-    # The engine never finishes the first open turn it is asked to flush: the relay gives up after
-    # RELAY_FLUSH_TIMEOUT_SECONDS with Error FLUSH_INCOMPLETE. The page, stopping, still holds
-    # that turn's audio (no EndOfTurn covered it): it reconnects, sends it again, and stops again.
+    # The engine (stalling-flush) never finishes the first open turn it is asked to flush: the
+    # relay gives up after RELAY_FLUSH_TIMEOUT_SECONDS with Error FLUSH_INCOMPLETE. The page,
+    # stopping, still holds that turn's audio (no EndOfTurn covered it): it reconnects, sends it
+    # again, and stops again.
     env = {**sqlite_env(tmp_path_factory.mktemp("db-flush")), **production_env(static_root),
            "DJANGO_SETTINGS_MODULE": "tests.support.fault_settings", "RELAY_ENGINE": "stalling-flush",
            "RELAY_FLUSH_TIMEOUT_SECONDS": "1"}

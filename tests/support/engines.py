@@ -51,7 +51,10 @@ class FailOnFinishEngine(Engine):
 
 class SlowFlushStream(FakeStream):
     """Finishes like an engine behind on its audio: ``steps`` Updates ``step_s`` apart before the
-    open turn's EndOfTurn; with ``hang``, the EndOfTurn never comes (a decoder that stopped)."""
+    open turn's EndOfTurn; with ``hang``, the EndOfTurn never comes (a decoder that stopped);
+    with ``hang: "first"``, only in the process's first stream that closes inside a turn."""
+
+    open_turn_flushes = itertools.count()
 
     async def finish(self) -> None:
         options = self.engine.options
@@ -59,7 +62,10 @@ class SlowFlushStream(FakeStream):
             await asyncio.sleep(float(options.get("step_s", 0.1)))
             if self.in_turn:
                 self.emit(self._event("Update", end_of_turn_confidence=0.05))
-        if options.get("hang"):
+        hang = options.get("hang")
+        if hang == "first":
+            hang = self.in_turn and next(SlowFlushStream.open_turn_flushes) == 0
+        if hang:
             await asyncio.Event().wait()
         await super().finish()
 

@@ -7,7 +7,6 @@ audio: it is never fed to the engine.
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 from relay.engines.base import EngineWarning
 from relay.engines.fake import FakeEngine, FakeStream
@@ -60,21 +59,3 @@ class FaultyStream(FakeStream):
 class FaultyEngine(FakeEngine):
     name = "faulty"
     stream_class = FaultyStream
-
-
-class StallingFlushStream(FakeStream):
-    """The first stream of the process that is inside a turn when it closes never finishes that
-    turn, as a decoder that stopped answering: the relay cuts the flush (FLUSH_INCOMPLETE).
-    Every later flush is the fake engine's."""
-
-    stalled_flushes = itertools.count()
-
-    async def finish(self) -> None:
-        if self.in_turn and next(StallingFlushStream.stalled_flushes) == 0:
-            await asyncio.Event().wait()
-        await super().finish()
-
-
-class StallingFlushEngine(FakeEngine):
-    name = "stalling-flush"
-    stream_class = StallingFlushStream
