@@ -59,6 +59,10 @@ RATE = 16000
 FRAME_S = 0.08
 FRAME = int(RATE * 2 * FRAME_S)
 STAGGER_S = 0.37
+#: Quiet before each load level. The relay's admission signals average the last 2 s
+#: (relay/live/admission.py, WINDOW), so without it the tail of one phase (its last finals and
+#: flushes) could refuse the next level's streams with CAPACITY.
+SETTLE_S = 3.0
 GAP_S = 1.5  # room noise after each piece of a session
 NOISE_RMS = 16.0  # the fixtures' noise floor (about -66 dBFS)
 LONG_SILENCE_S = 4.0
@@ -464,6 +468,7 @@ async def run_all(args: argparse.Namespace, server: Server, offline: dict[str, s
         parts = pieces(args.quick)
         out["streams"] = []
         for n in args.streams:
+            await asyncio.sleep(SETTLE_S)
             out["streams"].append(await streams_level(server, url, n, parts))
             args.out.mkdir(parents=True, exist_ok=True)  # what is measured so far survives a crash
             (args.out / "engines.partial.json").write_text(json.dumps(out, indent=1) + "\n")
