@@ -23,9 +23,14 @@ Parts (``--parts``, default all), each printed as a markdown table:
 * ``cost``: where one real-time stream's decoding goes (the same session as ``spare``, the
   defaults): finals and Updates decoded to their end, those abandoned at a stage boundary (a
   speculative final the speech undid, an Update of a turn that ended), their decode seconds, and
-  the process's CPU; with abandoning off and on in turn (``--rounds`` each). Not in the default set.
+  the process's CPU; with abandoning off and on in turn (``--rounds`` each). Not in the default set;
+* ``batch``: whether decoding several streams' windows in one CTranslate2 call buys capacity: the
+  wall time of B windows (B = 1, 2, 4, 8) decoded as the engine does it (one window per call, two
+  one-thread workers at once) against B/2 per call on each worker and against one call holding
+  all B on two threads, for the 8 s and 20 s encodes and for beam-5 and greedy searches on the
+  first halves of the sentences with a pause. Not in the default set.
 
-    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare,cost] [--repeat 3] [--rounds 2] [--no-clips]
+    .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare,cost,batch] [--repeat 3] [--rounds 2] [--no-clips]
 """
 from __future__ import annotations
 
@@ -145,6 +150,64 @@ def threads(path: str, repeat: int) -> None:
         both, _ = timed(pair, repeat=repeat)
         print(f"| {count} | {1000 * alone:.0f} ms | {1000 * both:.0f} ms | {1000 * beam:.0f} ms |")
         del model
+
+
+def batch(path: str, repeat: int) -> None:
+    import concurrent.futures
+
+    import ctranslate2
+    from faster_whisper import WhisperModel
+    from faster_whisper.tokenizer import Tokenizer
+
+    from relay.engines.offline.whisper.runner import MIN_WINDOW_FRAMES, SHORT_WINDOW_FRAMES, SILENCE_MEL
+
+    # The engine's way: one window per call, as many one-thread calls at once as there are workers.
+    apart = ctranslate2.models.Whisper(path, device="cpu", compute_type="int8", intra_threads=1, inter_threads=2)
+    # One call for the whole batch, on both cores.
+    together = ctranslate2.models.Whisper(path, device="cpu", compute_type="int8", intra_threads=2, inter_threads=1)
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    features = WhisperModel(path, device="cpu", compute_type="int8", local_files_only=True)
+    tok = Tokenizer(features.hf_tokenizer, apart.is_multilingual, task="transcribe", language="en")
+    prompt = features.get_prompt(tok, [], without_timestamps=True)
+    halves = first_halves()
+    sizes = [size for size in (1, 2, 4, 8) if size <= len(halves)]
+
+    def windows(frames: int, count: int) -> np.ndarray:
+        out = np.full((count, 80, frames), SILENCE_MEL, dtype=np.float32)
+        for i, (_, audio) in enumerate(halves[:count]):
+            mel = features.feature_extractor(audio)[:, :frames]
+            out[i, :, : mel.shape[-1]] = mel
+        return out
+
+    def on_two_workers(call, items) -> None:
+        list(pool.map(call, items))
+
+    def split(x: np.ndarray, per_call: int) -> list:
+        return [ctranslate2.StorageView.from_array(x[i : i + per_call]) for i in range(0, len(x), per_call)]
+
+    def row(name: str, size: int, x: np.ndarray, call_apart, call_together) -> None:
+        alone, _ = timed(on_two_workers, call_apart, split(x, 1), repeat=repeat)
+        halves_s, _ = timed(on_two_workers, call_apart, split(x, max(1, size // 2)), repeat=repeat)
+        whole_s, _ = timed(call_together, split(x, size)[0], repeat=repeat)
+        print(f"| {name} | {size} | {1000 * alone:.0f} ms | {1000 * halves_s:.0f} ms ({halves_s / alone:.2f}x) | "
+              f"{1000 * whole_s:.0f} ms ({whole_s / alone:.2f}x) |", flush=True)
+
+    print("\nSeveral streams' decodes in one call: wall time for B windows on the 2 cores. The engine's way is one window "
+          "per call, two one-thread workers at once; batched, each worker takes half of them in one call, or one call "
+          f"takes all B on both threads; best of {repeat}:\n")
+    print("| decode | B | one window per call | B/2 per call, two workers | all B in one call, two threads |")
+    print("|---|---|---|---|---|")
+    for frames in (MIN_WINDOW_FRAMES, SHORT_WINDOW_FRAMES):
+        for size in sizes:
+            row(f"encode, {frames // 100} s window", size, windows(frames, size), apart.encode, together.encode)
+    encoded = np.array(together.encode(ctranslate2.StorageView.from_array(windows(MIN_WINDOW_FRAMES, sizes[-1])), to_cpu=True))
+    for beam in (5, 1):
+        options = dict(beam_size=beam, max_length=len(prompt) + 60, suppress_blank=True)
+        for size in sizes:
+            row(f"{'beam 5 (a final)' if beam == 5 else 'greedy (an Update)'}, 8 s window", size, encoded[:size],
+                lambda e: apart.generate(e, [prompt] * e.shape[0], **options),
+                lambda e: together.generate(e, [prompt] * e.shape[0], **options))
+    pool.shutdown()
 
 
 def completion(runner) -> None:
@@ -337,6 +400,8 @@ async def main() -> None:
         engine.close()
     if "threads" in parts:
         threads(str(bundled_model_dir()), args.repeat)
+    if "batch" in parts:
+        batch(str(bundled_model_dir()), args.repeat)
 
 
 if __name__ == "__main__":
