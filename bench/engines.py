@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -131,17 +132,17 @@ async def speak(url: str, audio: bytes, start_delay: float, *, realtime: bool = 
 
     loop = asyncio.get_running_loop()
     messages: list[tuple[float, dict]] = []
-    refused = None
+    refused = reason = None
     try:
         ws = await websockets.connect(url, max_size=None, open_timeout=60)
     except Exception as exc:  # noqa: BLE001 - an HTTP-level refusal is a refusal too
-        return {"refused": f"connect: {exc}", "messages": [], "close_code": None}
+        return {"refused": f"connect: {exc}", "reason": str(exc), "messages": [], "close_code": None}
     t0 = loop.time() + start_delay
     LIVE["open"] += 1
     async with ws:
 
         async def read() -> None:
-            nonlocal refused
+            nonlocal refused, reason
             try:
                 async for raw in ws:
                     if isinstance(raw, bytes):
@@ -149,7 +150,7 @@ async def speak(url: str, audio: bytes, start_delay: float, *, realtime: bool = 
                     msg = json.loads(raw)
                     messages.append((loop.time() - t0, msg))
                     if msg.get("type") == "Error":
-                        refused = msg.get("code")
+                        refused, reason = msg.get("code"), msg.get("description")
                         LIVE["refused"] += 1
                     elif msg.get("event") == "EndOfTurn":
                         LIVE["eot"] += 1
@@ -174,8 +175,8 @@ async def speak(url: str, audio: bytes, start_delay: float, *, realtime: bool = 
         await asyncio.wait_for(reader, 120)
     LIVE["open"] -= 1
     if refused is None and ws.close_code not in (1000, None):
-        refused = f"close {ws.close_code}"
-    return {"refused": refused, "messages": messages, "close_code": ws.close_code, "sent_s": len(audio) / (2 * RATE)}
+        refused, reason = f"close {ws.close_code}", ws.close_reason
+    return {"refused": refused, "reason": reason, "messages": messages, "close_code": ws.close_code, "sent_s": len(audio) / (2 * RATE)}
 
 
 def score(result: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]:
@@ -361,6 +362,8 @@ async def streams_level(server: Server, url: str, n: int, parts: list[dict[str, 
         "served": len(served),
         "refused": len(refused),
         "refusal_codes": sorted(set(map(str, refused))),
+        # what each refusal said: which limit refused it (the engine's cap, its queue, the process's load)
+        "refusals": dict(collections.Counter(f"{r['refused']}: {r.get('reason')}" for r in results if r["refused"])),
         "eot_p50": pct(eot, 50),
         "eot_p95": pct(eot, 95),
         "eot_p50_by_kind": {k: pct(v, 50) for k, v in sorted(by_kind.items())},
@@ -554,6 +557,8 @@ def streams_markdown(r: dict[str, Any]) -> list[str]:
     lines += ["| streams | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for row in r["streams"]:
         lines.append(f"| {row['streams']} | " + " | ".join(f"{fmt(row['eot_p50_by_kind'].get(k))} / {fmt(row['eot_p95_by_kind'].get(k))}" for k in kinds) + " |")
+    lines += ["", "Refusals: " + ("; ".join(f"{row['streams']} streams: " + ", ".join(f"{count} x {why}" for why, count in row.get("refusals", {}).items())
+                                         for row in r["streams"] if row["refused"]) or "none")]
     lines += ["", "The first stream's session is the one-stream session (same audio, same order); the others hold the same pieces "
               "in other orders, so *WER all* at N streams also differs from one stream by the order, and *first stream* by load only."]
     lines += ["", "Turns: " + "; ".join(f"{row['streams']} streams: {row['turns_ended']} of {row['turns']} ended, {row['spurious_turns']} EndOfTurns over no speech, "

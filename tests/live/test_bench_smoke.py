@@ -86,13 +86,14 @@ def test_bench_engines_quick_writes_the_report(tmp_path):
         assert row["turns_ended"] > 0 and row["eot_p50"] is not None and row["wer"] is not None
         assert row["paused_turns"] == 3 * row["served"]  # two sentences and one conversation turn with a pause inside
         assert row["peak_rss_mb"] > 0 and row["relay_cores"] > 0
+        assert sum(row["refusals"].values()) == row["refused"], row["refusals"]  # each refusal with what it said
     short = result["short_turns"]
     assert short["count"] == 2 and all(c["offline"] for c in short["clips"])
     det = result["determinism"]
     assert det["loops"] == 2 and len(det["transcripts"]) == 2 and det["full_speed"]
     assert not result["relay_log_errors"].get("count"), result["relay_log_errors"]
     report = (tmp_path / "engines.md").read_text()
-    assert "| streams | served / refused |" in report and "Determinism:" in report and "Short turns" in report
+    assert "| streams | served / refused |" in report and "Refusals: " in report and "Determinism:" in report and "Short turns" in report
     assert (tmp_path / "engines.png").stat().st_size > 1000
 
 
@@ -106,6 +107,19 @@ def test_decode_cost_prints_the_speed_and_the_conversations_turns():
     assert len([ms for ms in speed.split(", ") if float(ms.removesuffix(" ms")) > 0]) == 5, out
     rows = [line for line in out.splitlines() if line.startswith("| conv_")]
     assert {row.split(" | ")[0] for row in rows} == {"| conv_a.wav", "| conv_b.wav"} and len(rows) >= 10, out
+
+
+def test_decode_cost_times_several_streams_decodes_in_one_call():
+    """`python -m bench.decode_cost --parts batch`: every decode at every batch size, three ways."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.decode_cost", "--parts", "batch", "--repeat", "1"],
+        cwd=ROOT, check=True, timeout=600, capture_output=True, text=True,
+    ).stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| encode", "| beam", "| greedy"))]
+    assert [(row[0], row[1]) for row in rows] == [
+        (decode, size) for decode in ("| encode, 8 s window", "| encode, 20 s window", "| beam 5 (a final), 8 s window",
+                                      "| greedy (an Update), 8 s window") for size in ("1", "2", "4", "8")], out
+    assert all(float(cell.split(" ms")[0]) > 0 for row in rows for cell in row[2:]), out
 
 
 def test_decode_cost_compares_a_real_time_stream_with_and_without_the_spare_cores():
