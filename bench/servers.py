@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.live import daphne_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -141,8 +143,7 @@ class Server:
             return [sys.executable, "-m", f"bench.{self.kind}", "--port", str(self.port), "--backlog", str(self.backlog or 1024)]
         if self.kind == "daphne":
             bind = ["-e", f"tcp:port={self.port}:interface=127.0.0.1:backlog={self.backlog}"] if self.backlog else ["-b", "127.0.0.1", "-p", str(self.port)]
-            return [str(BIN / "daphne"), *bind, "--websocket-max-message-size", MAX_WS, "--websocket-max-frame-size", MAX_WS,
-                    "--application-close-timeout", "40", "bench.asgi:application"]
+            return [str(BIN / "daphne"), *bind, *daphne_flags(), "bench.asgi:application"]
         if self.kind == "uvicorn":
             return [str(BIN / "uvicorn"), "bench.asgi:application", "--host", "127.0.0.1", "--port", str(self.port),
                     "--lifespan", "off", "--ws", self.ws, "--ws-max-size", MAX_WS, "--no-access-log", "--log-level", "warning",

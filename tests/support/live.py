@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,6 +22,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DAPHNE = str(Path(sys.executable).with_name("daphne"))
+
+
+def daphne_flags() -> list[str]:
+    """The flags `make run` gives daphne (the Makefile's DAPHNE_FLAGS: frame sizes, the close
+    timeout a disconnected stream's flush needs), so the test and bench servers run as it does."""
+    found = re.search(r"^DAPHNE_FLAGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    if not found:
+        raise RuntimeError("the Makefile sets no DAPHNE_FLAGS")
+    return shlex.split(found.group(1))
 
 
 def free_port() -> int:
@@ -55,9 +66,7 @@ class LiveServer:
     def start(self, timeout: float = 60) -> "LiveServer":
         self.proc = subprocess.Popen(
             [
-                DAPHNE, "-b", "127.0.0.1", "-p", str(self.port),
-                "--websocket-max-message-size", "4194304", "--websocket-max-frame-size", "4194304",
-                "--application-close-timeout", "40",
+                DAPHNE, "-b", "127.0.0.1", "-p", str(self.port), *daphne_flags(),
                 "transcription_site.asgi:application",
             ],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
