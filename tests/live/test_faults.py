@@ -679,3 +679,31 @@ async def sigterm_scenario(s: Stack) -> None:
 def test_sigterm_restart_stores_open_turns_like_a_close(pg, tmp_path):
     with running(pg, tmp_path) as s:
         run(sigterm_scenario(s))
+
+
+async def cut_flush_scenario(s: Stack) -> None:
+    c = await s.client_on(s.daphnes[0], "cutflush-" + uuid.uuid4().hex[:6])
+    await c.say(2, turn(2))
+    await c.speak(tone(1.0))
+    await c.wait_for(lambda m: m.get("event") == "Update" and m["transcript"] == words(4), what="open turn")
+    first = c.connection_id
+    await c.close()  # the engine never finishes this flush: the relay cuts it and says so
+    assert [e["code"] for e in c.errors] == ["FLUSH_INCOMPLETE"], c.errors
+    assert c.resent_bytes > 0 and len(c.connection_ids) == 2, (c.resent_bytes, c.connection_ids)
+    # The client sent the open turn's audio again on a new connection and closed there: the turn
+    # is stored once, finished by that connection's close.
+    assert s.transcripts(c.session) == [words(2), words(4)], s.turns(c.session)
+    assert s.turns(c.session)[-1][2] == "end_of_stream"
+    code = s.query("SELECT last_error_code FROM relay_connection WHERE id = %s", first)[0][0]
+    assert code == "FLUSH_INCOMPLETE", code
+
+
+@pytest.mark.slow
+@pytest.mark.live
+def test_the_test_client_closing_into_a_cut_flush_sends_the_open_turn_again(pg, tmp_path):
+    # stalling-flush never finishes the process's first flush of an open turn; one process, so the
+    # reconnect lands where that has been used up.
+    env = {"DJANGO_SETTINGS_MODULE": "tests.support.fault_settings", "RELAY_ENGINE": "stalling-flush",
+           "RELAY_FLUSH_TIMEOUT_SECONDS": "1"}
+    with running(pg, tmp_path, processes=1, env=env) as s:
+        run(cut_flush_scenario(s))

@@ -9,7 +9,10 @@ It does what a robust client (the demo page, an SDK) must do to lose nothing:
 - waits until the relay has finished the history replay before re-sending (it sends a message
   and waits for the answer: the relay handles messages in order, after the replay), so a turn
   that was stored but whose EndOfTurn never arrived is acknowledged by the replay, not re-sent;
-- re-sends the unacknowledged audio, then goes on with new audio.
+- re-sends the unacknowledged audio, then goes on with new audio;
+- on ``close()``, sends CloseStream and waits for the relay to finish; a close the relay answers
+  with an Error while audio is still unacknowledged (``FLUSH_INCOMPLETE``: the engine did not
+  finish the open turn; ``SERVER_RESTARTING``) reconnects, re-sends that audio and closes again.
 
 With ``resend=False`` it behaves like a plain Flux client: reconnects, gets the replay, but the
 audio the dead connection had not turned into finished turns is gone.
@@ -17,6 +20,7 @@ audio the dead connection had not turned into finished turns is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl as ssl_module
 from typing import Any
@@ -30,6 +34,7 @@ CHUNK = 2560  # 80 ms
 #: A message the relay answers (ConfigureFailure: needs thresholds or keyterms) without changing
 #: anything; its answer marks the end of the replay.
 BARRIER = json.dumps({"type": "Configure", "thresholds": {}})
+CLOSE_STREAM = json.dumps({"type": "CloseStream"})
 #: Errors after which a reconnect cannot help.
 FATAL = {"UNAUTHORIZED", "FORBIDDEN", "INVALID_SESSION", "INVALID_PARAMETER", "UNSUPPORTED_ENCODING",
          "UNSUPPORTED_SAMPLE_RATE", "FRAME_TOO_LARGE", "SESSION_ENDED"}
@@ -64,6 +69,7 @@ class ResumingClient:
         self.failed: BaseException | None = None
         self.ws: Any = None
         self._lock = asyncio.Lock()
+        self._closing = False  # close() was called: CloseStream on every connection once its replay is over
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
@@ -160,21 +166,25 @@ class ResumingClient:
             since = min(since, index - 1)
         return since if since >= 0 else None
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 90) -> None:
+        """CloseStream, then wait until the relay is done: a clean close, or an Error that leaves
+        nothing unacknowledged. An Error with audio still unacknowledged reconnects, re-sends it and
+        closes again (docs/guarantees.md). ``timeout`` bounds the whole."""
+        async with self._lock:  # one CloseStream per connection: here, or after the replay's re-send
+            self._closing = True
+            if self.ws is not None and self.ready.is_set():
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await self.ws.send(CLOSE_STREAM)
+        if self._task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
         self._stopping = True
         if self.ws is not None:
-            try:
-                await self.ws.send(json.dumps({"type": "CloseStream"}))
-                await asyncio.wait_for(self.ws.wait_closed(), 15)
-            except (websockets.ConnectionClosed, asyncio.TimeoutError):
-                pass
             await self.ws.close()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
 
     def abort(self) -> None:
         """Stop without closing: the TCP connection just ends (a crashed client)."""
@@ -211,6 +221,8 @@ class ResumingClient:
                 try:
                     ws = await websockets.connect(self._url(), ssl=self.ssl, max_size=None, open_timeout=10)
                 except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
+                    if self._closing and not self.buffer:
+                        return  # closing, and nothing to re-send
                     attempt += 1
                     if attempt >= self.max_attempts:
                         raise GaveUp(f"{self.session}: {attempt} connection attempts failed, last: {exc!r}") from exc
@@ -222,6 +234,8 @@ class ResumingClient:
                 self._notify()
                 if self._stopping:
                     return
+                if self._closing and (not error_code or error_code in FATAL or not self.resend or not self.buffer):
+                    return  # closed, and nothing left that another connection could finish
                 self.closes.append((ws.close_code, error_code))
                 if error_code in FATAL:
                     raise GaveUp(f"{self.session}: fatal error {error_code}")
@@ -299,5 +313,8 @@ class ResumingClient:
                 else:
                     self.dropped_bytes += len(self.buffer)
                     self.buffer.clear()
+            if self._closing:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await self.ws.send(CLOSE_STREAM)
             self.ready.set()
             self._notify()
