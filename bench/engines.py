@@ -203,11 +203,11 @@ def score(result: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]
             paused += 1
             early += len(got) > 1
         if not got:
-            per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": None, "finals": []})
+            per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": None, "paused": bool(ref.get("pauses")), "finals": []})
             continue
         t_end, last = got[-1]
         latency = t_end - ref["speech_end"]
-        per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": round(latency, 3),
+        per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": round(latency, 3), "paused": bool(ref.get("pauses")),
                          "confidence": last.get("end_of_turn_confidence"), "finals": [m["transcript"] for _, m in got]})
         eot.append(latency)
         by_kind.setdefault(ref["kind"], []).append(latency)
@@ -571,6 +571,12 @@ def streams_markdown(r: dict[str, Any]) -> list[str]:
         lines += [f"The {len(slow)} slowest EndOfTurns of the first stream at {first['streams']} streams (the tail of the p95):", "",
                   "| turn | kind | EndOfTurn after the speech | confidence | finals |", "|---|---|---|---|---|"]
         lines += [f"| {t['text']} | {t['kind']} | {fmt(t['latency'])} | {t['confidence']} | {' / '.join(t['finals'])} |" for t in slow]
+        lines.append("")
+    early = [t for t in (first or {}).get("first_stream_turns", []) if t.get("paused") and len(t["finals"]) > 1]
+    if first:
+        lines += [f"Early closes of the first stream at {first['streams']} streams ({len(early)} of the turns with a pause inside; "
+                  "each EndOfTurn's transcript, in order):", ""]
+        lines += [f"- {t['text']} -> {' | '.join(t['finals'])}" for t in early] or ["- none"]
         lines.append("")
     return lines
 

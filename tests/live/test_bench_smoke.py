@@ -93,7 +93,11 @@ def test_bench_engines_quick_writes_the_report(tmp_path):
     assert det["loops"] == 2 and len(det["transcripts"]) == 2 and det["full_speed"]
     assert not result["relay_log_errors"].get("count"), result["relay_log_errors"]
     report = (tmp_path / "engines.md").read_text()
-    assert "| streams | served / refused |" in report and "Refusals: " in report and "Determinism:" in report and "Short turns" in report
+    assert "| streams | served / refused |" in report and "Refusals: " in report and "Determinism:" in report
+    first = result["streams"][0]
+    early = [t for t in first["first_stream_turns"] if t["paused"] and len(t["finals"]) > 1]
+    assert len(early) == first["early_closes"], (early, first["early_closes"])  # one stream: its list is the row's count
+    assert f"Early closes of the first stream at 1 streams ({len(early)} of" in report and "Short turns" in report
     assert (tmp_path / "engines.png").stat().st_size > 1000
 
 
