@@ -199,15 +199,15 @@ def score(result: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any]
     by_kind: dict[str, list[float]] = {}
     for i, ref in enumerate(turns):
         got = assigned[i]
-        if ref.get("pauses"):
-            paused += 1
-            early += len(got) > 1
+        has_pause = bool(ref.get("pauses"))
+        paused += has_pause
+        early += has_pause and len(got) > 1
         if not got:
-            per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": None, "paused": bool(ref.get("pauses")), "finals": []})
+            per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": None, "paused": has_pause, "finals": []})
             continue
         t_end, last = got[-1]
         latency = t_end - ref["speech_end"]
-        per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": round(latency, 3), "paused": bool(ref.get("pauses")),
+        per_turn.append({"text": ref["text"], "kind": ref["kind"], "latency": round(latency, 3), "paused": has_pause,
                          "confidence": last.get("end_of_turn_confidence"), "finals": [m["transcript"] for _, m in got]})
         eot.append(latency)
         by_kind.setdefault(ref["kind"], []).append(latency)
@@ -361,8 +361,7 @@ async def streams_level(server: Server, url: str, n: int, parts: list[dict[str, 
         "streams": n,
         "served": len(served),
         "refused": len(refused),
-        "refusal_codes": sorted(set(map(str, refused))),
-        # what each refusal said: which limit refused it (the engine's cap, its queue, the process's load)
+        # "code: description" -> count: which limit refused (the engine's cap, its queue, the process's load)
         "refusals": dict(collections.Counter(f"{r['refused']}: {r.get('reason')}" for r in results if r["refused"])),
         "eot_p50": pct(eot, 50),
         "eot_p95": pct(eot, 95),
