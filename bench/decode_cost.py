@@ -14,8 +14,11 @@ Parts (``--parts``, default all), each printed as a markdown table:
   once, and a beam-5 search on it (a short turn's final) alone;
 * ``completion``: the completion probability of every cut of the set: each pause inside a
   sentence (where the turn must go on) and each turn's end (where it may close);
-* ``turns``: both conversations streamed through one whisper stream at full speed: every
-  EndOfTurn's audio window, confidence and transcript, beside where each turn's speech ends;
+* ``turns``: both conversations (or ``--recordings``) streamed through one whisper stream at full
+  speed: every EndOfTurn's audio window, confidence and transcript, every speculative final the
+  turn machine read with its completion probability and the hangover it set, beside where each
+  turn's speech ends; ``--tail-ms`` decodes finals with another tail after the speech (the
+  engine's ``ANCHOR_TAIL_S``, 50 ms);
 * ``spare``: what a final gains from the other worker's idle core: the conversations and the
   pause and short clips streamed in real time through one stream with the spare cores not used,
   with the completion pass beside the alignment (the default), and with the wide encode too,
@@ -31,6 +34,7 @@ Parts (``--parts``, default all), each printed as a markdown table:
   first halves of the sentences with a pause. Not in the default set.
 
     .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare,cost,batch] [--repeat 3] [--rounds 2] [--no-clips]
+        [--recordings conv_b.wav,pause05_kal16.wav] [--tail-ms 50]
 """
 from __future__ import annotations
 
@@ -230,21 +234,44 @@ def completion(runner) -> None:
         print(f"| {kind} | {p:.3f} | {text} |")
 
 
-async def turns(engine) -> None:
+async def turns(engine, recordings: list[str] | None = None) -> None:
+    """Each recording (default: both conversations) through one whisper stream at full speed:
+    every EndOfTurn, and every speculative final the turn machine read with the completion
+    probability and the hangover it set (``WhisperStream._hangover``'s inputs and result)."""
     from relay.engines.base import StreamOptions
+    from relay.engines.offline.whisper.stream import WhisperStream
     from tests.support.speech import finals, pcm, run_stream, silence, turns_manifest
 
-    print("\nThe conversations through one whisper stream at full speed:\n")
+    m = turns_manifest()
+    speech_ends = {c["file"]: [t["speech_end"] for t in c["turns"]] for c in m["conversations"]}
+    speech_ends.update({c["file"]: [c["speech_end"]] for c in m["clips"]})
+    readings: list[tuple[str, float, float | None, float, str]] = []
+    name = ""
+    hangover = WhisperStream._hangover
+
+    def reading(stream, decoded):
+        pause, finished = hangover(stream, decoded)
+        readings.append((name, stream.turn_samples / RATE, getattr(decoded, "complete", None), pause, getattr(decoded, "text", "")))
+        return pause, finished
+
+    ends: list[tuple[str, object]] = []
+    WhisperStream._hangover = reading
+    try:
+        for name in recordings or [c["file"] for c in m["conversations"]]:
+            events = await run_stream(engine.open_stream(StreamOptions()), pcm("turns/" + name) + silence(1.5))
+            ends += [(name, end) for end in finals(events)]
+    finally:
+        WhisperStream._hangover = hangover
+    print("\nThrough one whisper stream at full speed, each recording on a stream of its own:\n")
     print("| recording | EndOfTurn audio window | confidence | transcript |\n|---|---|---|---|")
-    ends = {}
-    for conversation in turns_manifest()["conversations"]:
-        name = conversation["file"]
-        events = await run_stream(engine.open_stream(StreamOptions()), pcm("turns/" + name) + silence(1.5))
-        for end in finals(events):
-            print(f"| {name} | {end.audio_window_start:.2f}-{end.audio_window_end:.2f} s | {end.end_of_turn_confidence:.2f} | {end.transcript} |")
-        ends[name] = ", ".join(f"{t['speech_end']:.2f}" for t in conversation["turns"])
-    for name, when in ends.items():
-        print(f"\n{name}: the turns' speech ends at {when} s")
+    for name, end in ends:
+        print(f"| {name} | {end.audio_window_start:.2f}-{end.audio_window_end:.2f} s | {end.end_of_turn_confidence:.2f} | {end.transcript} |")
+    print("\nThe speculative finals the turn machine read (turn audio: how much of the turn it had heard then):\n")
+    print("| recording | turn audio | completion | hangover | speculative final |\n|---|---|---|---|---|")
+    for name, heard, complete, pause, text in readings:
+        print(f"| {name} | {heard:.2f} s | {'-' if complete is None else f'{complete:.3f}'} | {pause:.2f} s | {text} |")
+    for name in dict.fromkeys(n for n, _ in ends):
+        print(f"\n{name}: the turns' speech ends at {', '.join(f'{t:.2f}' for t in speech_ends.get(name, []))} s")
 
 
 def real_time_session(clips: bool = True) -> tuple[bytes, list[float]]:
@@ -372,6 +399,8 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timings: best of this many runs")
     parser.add_argument("--rounds", type=int, default=2, help="spare, cost: real-time runs of each arm")
     parser.add_argument("--no-clips", action="store_true", help="spare: stream the conversations only (a shorter run)")
+    parser.add_argument("--recordings", help="turns: comma-separated files of tests/fixtures/speech/turns (default: the conversations)")
+    parser.add_argument("--tail-ms", type=float, help="the audio a final decodes after the speech's last loud 10 ms (default: the engine's)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "transcription_site.settings")
@@ -380,6 +409,10 @@ async def main() -> None:
     django.setup()
     from relay.engines.offline.whisper import WhisperEngine, bundled_model_dir
 
+    if args.tail_ms is not None:
+        from relay.engines.offline.whisper import stream
+
+        stream.ANCHOR_TAIL_S = args.tail_ms / 1000
     engine = WhisperEngine("bench-decode-cost", {"max_streams": 2, "max_queue_wait_s": 600, "wide_encode": 1})
     engine.wait_loaded_sync(120)
     try:
@@ -391,7 +424,7 @@ async def main() -> None:
         if "completion" in parts:
             completion(engine.runner)
         if "turns" in parts:
-            await turns(engine)
+            await turns(engine, args.recordings.split(",") if args.recordings else None)
         if "spare" in parts:
             await spare_cores(engine, args.rounds, not args.no_clips)
         if "cost" in parts:

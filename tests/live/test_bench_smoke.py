@@ -111,6 +111,9 @@ def test_decode_cost_prints_the_speed_and_the_conversations_turns():
     assert len([ms for ms in speed.split(", ") if float(ms.removesuffix(" ms")) > 0]) == 5, out
     rows = [line for line in out.splitlines() if line.startswith("| conv_")]
     assert {row.split(" | ")[0] for row in rows} == {"| conv_a.wav", "| conv_b.wav"} and len(rows) >= 10, out
+    readings = out.split("| recording | turn audio | completion | hangover | speculative final |")[1]
+    hangovers = [float(line.split(" | ")[3].removesuffix(" s")) for line in readings.splitlines() if line.startswith("| conv_")]
+    assert len(hangovers) >= 10 and all(0 < h <= 1.0 for h in hangovers), out  # between eot_complete_ms and eot_incomplete_ms
 
 
 def test_decode_cost_times_several_streams_decodes_in_one_call():
