@@ -10,6 +10,11 @@ festvox-kallpc16k) and holds what end-of-turn detection is judged on:
 * ``short``: one- and two-word turns ("Hello world.", "Yes.", "Okay, thanks."), to be streamed at
   the very start of a stream and after a long silence (a lost first word shows there); four of
   them are spoken by espeak-ng too, the project's other synthesizer;
+* ``pause_whole``: the same sentences, voices and pauses as ``pause``, each spoken as one
+  utterance with a phrase break (a comma) where the pause goes, that break's silence then
+  stretched to the pause. ``pause`` speaks each half on its own, so its first half ends with a
+  finished sentence's falling pitch; here it ends as a clause does inside a sentence, which is
+  how a person who stops mid-sentence usually sounds. The two kinds are paired clip by clip;
 * ``conversation``: several turns with known boundaries and ends of speech, two speakers, one turn
   with a pause inside it, as one WAV to stream as is.
 
@@ -160,6 +165,57 @@ def utterance(voice: str, parts: tuple, t0: float, tmp: Path) -> tuple[list[np.n
     return pieces, turn
 
 
+def phrase_break(samples: np.ndarray, near: int, threshold: float = 300.0) -> tuple[int, int]:
+    """The quiet stretch (10 ms windows under ``threshold`` RMS, 50 ms or more) that starts nearest
+    sample ``near``, within 300 ms of it: where the synthesizer paused for the comma."""
+    win = RATE // 100
+    n = samples.size // win
+    rms = np.sqrt((samples[: n * win].astype(np.float64).reshape(n, win) ** 2).mean(axis=1))
+    runs, start = [], None
+    for i, quiet in enumerate(np.append(rms <= threshold, False)):
+        if quiet and start is None:
+            start = i
+        elif not quiet and start is not None:
+            if i - start >= 5:
+                runs.append((start * win, i * win))
+            start = None
+    if not runs:
+        raise RuntimeError("no phrase break in the synthesized sentence")
+    best = min(runs, key=lambda r: abs(r[0] - near))
+    if abs(best[0] - near) > 0.3 * RATE:
+        raise RuntimeError(f"no phrase break within 300 ms of {near / RATE:.2f} s (nearest at {best[0] / RATE:.2f} s)")
+    return best
+
+
+def spoken_whole(voice: str, parts: tuple, t0: float, tmp: Path) -> tuple[list[np.ndarray], dict]:
+    """A sentence with one pause inside, spoken as one utterance (``pause_whole``, above).
+
+    The text goes to the synthesizer whole, with a comma at the pause; the first half is also
+    spoken alone (with its comma) to find how long it lasts, and the quiet stretch the
+    synthesizer left nearest that point becomes the pause.
+    """
+    first, ms, second = parts
+    head = first if first.endswith(",") else first + ","
+    whole = synthesize(voice, f"{head} {second}", tmp)
+    start, end = phrase_break(whole, synthesize(voice, head, tmp).size)
+    pause_s = ms / 1000
+    t_break = t0 + start / RATE
+    segments = [
+        {"text": first, "start": round(t0, 3), "end": round(t_break, 3)},
+        {"text": second, "start": round(t_break + pause_s, 3), "end": round(t_break + pause_s + (whole.size - end) / RATE, 3)},
+    ]
+    turn = {
+        "text": f"{first} {second}",
+        "voice": voice,
+        "synthesizer": synthesizer(voice),
+        "speech_start": segments[0]["start"],
+        "speech_end": segments[-1]["end"],
+        "pauses": [{"start": round(t_break, 3), "end": round(t_break + pause_s, 3), "ms": ms, "after": first}],
+        "segments": segments,
+    }
+    return [whole[:start], silence(pause_s), whole[end:]], turn
+
+
 def split(voices: list[str]) -> str:
     return "held_out" if set(voices) & HELD_OUT_VOICES else "tune"
 
@@ -208,6 +264,15 @@ def main() -> None:
                 {"file": f"{name}.wav", "kind": "conversation", "split": split([r["voice"] for r in refs]), "turns": refs, "duration": round(samples.size / RATE, 3)}
             )
             print(f"{name}.wav {len(refs)} turns {samples.size / RATE:.1f}s")
+        # Made after the others, so their noise seeds (and files) stay as they were.
+        for i, (voice, parts) in enumerate(PAUSES, 1):
+            pieces, turn = spoken_whole(voice, parts, PAD_SECONDS, tmp)
+            name = f"whole{i:02d}_{voice}.wav"
+            seed += 1
+            samples = with_noise(np.concatenate([silence(PAD_SECONDS), *pieces, silence(PAD_SECONDS)]), seed)
+            write_wav(out / name, samples)
+            manifest["clips"].append({"file": name, "kind": "pause_whole", "split": split([voice]), **turn, "duration": round(samples.size / RATE, 3)})
+            print(f"{name:24s} {samples.size / RATE:4.1f}s  {turn['text']} (spoken whole)")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in out.glob("*.wav"))
     print(f"wrote {out} ({total / 1e6:.1f} MB)")

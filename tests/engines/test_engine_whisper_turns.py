@@ -90,8 +90,10 @@ async def test_short_turns_keep_their_first_word_at_stream_start_and_after_a_lon
 
 
 @slow
-async def test_a_pause_inside_a_sentence_does_not_end_the_turn(engine):
-    clips = [c for c in _clips("pause") if c["split"] == "tune"]
+@pytest.mark.parametrize("kind", ["pause", "pause_whole"])
+async def test_a_pause_inside_a_sentence_does_not_end_the_turn(engine, kind):
+    # pause: each half synthesized alone; pause_whole: the sentence spoken as one utterance
+    clips = [c for c in _clips(kind) if c["split"] == "tune"]
     results = await _run_all(engine, [pcm(f"turns/{c['file']}") + silence(2.0) for c in clips])
     split = []
     for clip, events in zip(clips, results):

@@ -47,13 +47,13 @@ def test_wavs_are_16k_mono_int16_of_the_stated_length_and_small():
             assert w.getnframes() / RATE == pytest.approx(durations[name], abs=0.001), name
     on_disk = sorted(p.name for p in (SPEECH / "turns").glob("*.wav"))
     assert on_disk == sorted(files)  # nothing unlisted, nothing missing
-    assert sum((SPEECH / "turns" / n).stat().st_size for n in files) < 4_000_000
+    assert sum((SPEECH / "turns" / n).stat().st_size for n in files) < 4_500_000
 
 
 def test_every_kind_and_a_held_out_split_by_voice():
     m = turns_manifest()
     kinds = {c["kind"] for c in m["clips"]} | {c["kind"] for c in m["conversations"]}
-    assert kinds == {"pause", "short", "conversation"}
+    assert kinds == {"pause", "pause_whole", "short", "conversation"}
     held = set(m["held_out_voices"])
     for c in m["clips"]:
         assert c["split"] == ("held_out" if c["voice"] in held else "tune"), c["file"]
@@ -66,7 +66,13 @@ def test_every_kind_and_a_held_out_split_by_voice():
         assert all(s - e >= 0.9 for e, s in zip(ends, starts[1:])), conv["file"]  # turn boundaries are real pauses
     splits = [c["split"] for c in m["clips"]]
     assert splits.count("held_out") >= 8 and splits.count("tune") >= 8
-    assert all(c["pauses"] for c in m["clips"] if c["kind"] == "pause")
+    assert all(c["pauses"] for c in m["clips"] if c["kind"] in ("pause", "pause_whole"))
+    # pause_whole pairs with pause clip by clip: the same voice, text and pause, spoken as one utterance
+    pairs = zip([c for c in m["clips"] if c["kind"] == "pause"], [c for c in m["clips"] if c["kind"] == "pause_whole"], strict=True)
+    for split_clip, whole in pairs:
+        assert (whole["voice"], whole["text"], whole["split"]) == (split_clip["voice"], split_clip["text"], split_clip["split"])
+        assert [p["ms"] for p in whole["pauses"]] == [p["ms"] for p in split_clip["pauses"]]
+        assert whole["pauses"][0]["end"] - whole["pauses"][0]["start"] == pytest.approx(whole["pauses"][0]["ms"] / 1000, abs=0.001)
     assert {c["text"] for c in m["clips"] if c["kind"] == "short"} >= {"Hello world.", "Yes.", "Okay, thanks.", "No."}
     makers = {c["synthesizer"].split()[0] for c in m["clips"] if c["kind"] == "short"}
     assert makers == {"flite", "festival", "espeak-ng"}  # short turns in the project's own voice too
