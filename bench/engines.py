@@ -93,13 +93,21 @@ def room(seconds: float, seed: int) -> bytes:
 # --- what each stream says -------------------------------------------------------------------
 
 
-def pieces(quick: bool) -> list[dict[str, Any]]:
-    """The session's pieces: audio and reference turns (times relative to the piece)."""
+#: ``--pauses``: which rendering of the sentences with a pause inside the session streams
+PAUSE_KINDS = {"split": "pause", "whole": "pause_whole"}
+
+
+def pieces(quick: bool, pauses: str = "split") -> list[dict[str, Any]]:
+    """The session's pieces: audio and reference turns (times relative to the piece).
+
+    ``pauses``: ``split`` streams the sentences whose halves were synthesized apart (the first half
+    ends with a finished sentence's pitch), ``whole`` the same sentences spoken as one utterance
+    (tests/fixtures/speech/turns, kinds ``pause`` and ``pause_whole``)."""
     tm = turns_manifest()
     out = []
     for conv in tm["conversations"][: 1 if quick else None]:
         out.append({"name": conv["file"], "audio": pcm("turns/" + conv["file"]), "turns": [dict(t, kind="conversation", split=conv["split"]) for t in conv["turns"]]})
-    for clip in [c for c in tm["clips"] if c["kind"] == "pause"][: 2 if quick else None]:
+    for clip in [c for c in tm["clips"] if c["kind"] == PAUSE_KINDS[pauses]][: 2 if quick else None]:
         out.append({"name": clip["file"], "audio": pcm("turns/" + clip["file"]), "turns": [dict(clip, kind="pause")]})
     if not quick:
         m = manifest()
@@ -467,7 +475,7 @@ async def run_all(args: argparse.Namespace, server: Server, offline: dict[str, s
         progress(f"short turns: right at start {out['short_turns']['start_right']}/{out['short_turns']['count']}, "
                  f"after silence {out['short_turns']['after_silence_right']}, offline {out['short_turns']['offline_right']}")
     if "streams" in args.phases:
-        parts = pieces(args.quick)
+        parts = pieces(args.quick, args.pauses)
         out["streams"] = []
         for n in args.streams:
             await asyncio.sleep(SETTLE_S)
@@ -491,13 +499,17 @@ def percent(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v * 100:.{digits}f} %"
 
 
+PAUSE_WORDING = {"split": "each half synthesized apart", "whole": "each spoken as one utterance"}
+
+
 def markdown(report: dict[str, Any]) -> str:
     r = report
     lines = [
         f"# Embedded engine through the relay ({r['engine']})",
         "",
         f"{r['generated']}, `{r['command']}`, {r['machine']['cpus']} cores, relay env {r['env'] or 'defaults'}; "
-        f"1-minute load average {r['load_before']['load1']} before, {r['load_after']['load1']} after. "
+        f"1-minute load average {r['load_before']['load1']} before, {r['load_after']['load1']} after; "
+        f"sentences with a pause inside: {PAUSE_WORDING[r.get('pauses', 'split')]}. "
         "Real-time WebSocket speakers on `/v2/listen`; see bench/engines.py for the method.",
         "",
     ]
@@ -693,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--at", metavar="REV", help="run the relay from this commit (exported with git archive) instead of the working tree")
     parser.add_argument("--compare", type=Path, help="an earlier engines.json to set the figures against (table and chart)")
     parser.add_argument("--tree", type=Path, help="run the relay from this source directory instead of the working tree")
+    parser.add_argument("--pauses", choices=sorted(PAUSE_KINDS), default="split",
+                        help="the sentences with a pause inside: halves synthesized apart (split) or spoken as one utterance (whole)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.streams = [int(v) for v in args.streams.split(",")] if args.streams else (QUICK_COUNTS if args.quick else STREAM_COUNTS)
@@ -737,6 +751,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": machine_load(),
         "relay_log_errors": server.errors,
         "fixtures": str((SPEECH / "turns" / "manifest.json").relative_to(ROOT)),
+        "pauses": args.pauses,
         **measured,
     }
     if args.compare:

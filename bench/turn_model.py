@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "turn-model"))
     parser.add_argument("--quick", action="store_true", help="the short session: one conversation and two sentences (a smoke run)")
+    parser.add_argument("--pauses", choices=["split", "whole"], default="split",
+                        help="the session's sentences with a pause inside: halves synthesized apart, or spoken as one utterance")
     args = parser.parse_args(argv)
     smart = SmartTurn(model_path())
     progress("loading the whisper engine")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     engine = WhisperEngine("bench-turn-model", {"max_queue_wait_s": 600})
     engine.wait_loaded_sync(300)
-    audio, turns = session(pieces(args.quick), 0, 1)
+    audio, turns = session(pieces(args.quick, args.pauses), 0, 1)
     pcm = np.frombuffer(audio, "<i2").astype(np.float32) / 32768
     rows = points(turns)
     short, long = engine.eot_complete_s, engine.eot_incomplete_s
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             summary[key]["finished_waiting_over_0.5_s"] = sum(v <= 0.5 for v in fin)
     report = {
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": f"Smart Turn v3.2 ({MODEL_FILE} from {PIPECAT})", "quick": args.quick,
+        "model": f"Smart Turn v3.2 ({MODEL_FILE} from {PIPECAT})", "quick": args.quick, "pauses": args.pauses,
         "points": rows, "summary": summary,
     }
     out = Path(args.out)
@@ -158,10 +160,12 @@ def markdown(report: dict[str, Any]) -> str:
     rows, s = report["points"], report["summary"]
     n_unf = sum(r["label"] == "unfinished" for r in rows)
     n_fin = len(rows) - n_unf
+    whole = report.get("pauses") == "whole"
     lines = [
         "# A turn-detection model against the whisper engine's completion probability", "",
-        f"{report['generated']}, `python -m bench.turn_model{' --quick' if report['quick'] else ''}`; {report['model']}. Points: the turn-taking session of "
-        f"`make bench-engines` (stream 1): {n_unf} pauses inside a sentence (*unfinished*), {n_fin} turn ends (*finished*).", "",
+        f"{report['generated']}, `python -m bench.turn_model{' --quick' if report['quick'] else ''}{' --pauses whole' if whole else ''}`; {report['model']}. "
+        f"Points: the turn-taking session of `make bench-engines` (stream 1): {n_unf} pauses inside a sentence (*unfinished*), {n_fin} turn ends "
+        f"(*finished*); the sentences with a pause inside {'spoken as one utterance' if whole else 'with each half synthesized apart'}.", "",
         "| scorer | AUC (finished above unfinished) | median finished / unfinished | unfinished ended early | finished held |",
         "|---|---|---|---|---|",
     ]

@@ -168,9 +168,12 @@ def test_decode_cost_counts_a_real_time_streams_finals_and_updates():
 def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):
     """`make bench-turn-model` on the short session: Smart Turn (its weights from pipecat-ai's wheel,
     installed by `make install-dev`) and the engine's completion probability, at every labelled
-    point (structure, not the scores)."""
-    subprocess.run([sys.executable, "-m", "bench.turn_model", "--quick", "--out", str(tmp_path / "turn-model")], cwd=ROOT, check=True, timeout=900)
+    point (structure, not the scores); the sentences with a pause inside spoken whole (``--pauses
+    whole``; the engines smoke test above streams the default, halves synthesized apart)."""
+    subprocess.run([sys.executable, "-m", "bench.turn_model", "--quick", "--pauses", "whole", "--out", str(tmp_path / "turn-model")],
+                   cwd=ROOT, check=True, timeout=900)
     result = json.loads((tmp_path / "turn-model.json").read_text())
+    assert result["pauses"] == "whole"
     labels = [p["label"] for p in result["points"]]
     assert labels.count("unfinished") == 3 and labels.count("finished") >= 5  # the conversation's pause and the two sentences'
     for point in result["points"]:
@@ -178,7 +181,8 @@ def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):
         assert point["words"], point  # every point decoded to words
     assert set(result["summary"]) == {"heuristic", "smart_64ms", "smart_200ms"}
     assert all(0.0 <= s["auc"] <= 1.0 for s in result["summary"].values())
-    assert "| scorer | AUC" in (tmp_path / "turn-model.md").read_text()
+    report = (tmp_path / "turn-model.md").read_text()
+    assert "| scorer | AUC" in report and "--pauses whole" in report and "spoken as one utterance" in report
 
 
 def test_stallfs_holds_writes_while_a_stall_lasts_and_reads_go_on(tmp_path):
