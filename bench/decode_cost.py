@@ -31,10 +31,15 @@ Parts (``--parts``, default all), each printed as a markdown table:
   wall time of B windows (B = 1, 2, 4, 8) decoded as the engine does it (one window per call, two
   one-thread workers at once) against B/2 per call on each worker and against one call holding
   all B on two threads, for the 8 s and 20 s encodes and for beam-5 and greedy searches on the
-  first halves of the sentences with a pause. Not in the default set.
+  first halves of the sentences with a pause. Not in the default set;
+* ``windows``: whether a short turn's final needs its 20 s window: every turn of the fixtures
+  (the short clips, each half of the sentences with a pause, spoken apart and whole, the
+  conversations' turns, the espeak-ng sentences), each with its lead and tail as a final gets it,
+  decoded with the engine's rule and with the 8 s minimum for every final, grouped by the length
+  of audio decoded: WER both ways, the decode time, how many finals differ. Not in the default set.
 
     .venv/bin/python -m bench.decode_cost [--parts speed,stages,threads,completion,turns,spare,cost,batch] [--repeat 3] [--rounds 2] [--no-clips]
-        [--recordings conv_b.wav,pause05_kal16.wav] [--tail-ms 50]
+        [--recordings conv_b.wav,pause05_kal16.wav] [--tail-ms 50]   (and windows: not in the default set)
 """
 from __future__ import annotations
 
@@ -68,6 +73,61 @@ def first_halves() -> list[tuple[str, np.ndarray]]:
 
     return [(c["file"], cut(samples(c["file"]), c["speech_start"], c["pauses"][0]["start"]))
             for c in turns_manifest()["clips"] if c["kind"] == "pause"]
+
+
+def windows(runner) -> None:
+    """Every fixture turn's final in the engine's window (20 s under SHORT_TURN_S) and in the 8 s
+    minimum, grouped by the audio decoded (lead and tail included, as ``window_frames`` sees it)."""
+    from relay.engines.offline.whisper import runner as runner_module
+    from tests.support.speech import manifest, pcm, turns_manifest, wer
+
+    def audio(file: str) -> np.ndarray:
+        return np.frombuffer(pcm(file), dtype="<i2").astype(np.float32) / 32768
+
+    def span(x: np.ndarray, start: float, end: float) -> np.ndarray:
+        lead = max(0, -int((start - LEAD_S) * RATE))  # digital silence where the clip had less lead, as a stream's first turn gets
+        return np.concatenate((np.zeros(lead, np.float32), cut(x, start, end)))
+
+    turns: list[tuple[str, np.ndarray]] = []
+    tm = turns_manifest()
+    for c in tm["clips"]:
+        x = audio("turns/" + c["file"])
+        parts = [c] if c["kind"] == "short" else c["segments"]
+        turns += [(p["text"], span(x, p.get("speech_start", p.get("start")), p.get("speech_end", p.get("end")))) for p in parts]
+    for conv in tm["conversations"]:
+        x = audio("turns/" + conv["file"])
+        turns += [(t["text"], span(x, t["speech_start"], t["speech_end"])) for t in conv["turns"]]
+    for c in manifest()["clips"]:
+        turns.append((c["text"], span(audio(c["file"]), c["speech_start"], c["speech_end"])))
+    engine_rule = runner_module.window_frames
+
+    def eight_s_minimum(frames: int, final: bool, seconds: float) -> int:
+        return engine_rule(frames, False, seconds)  # an Update's window: the audio plus padding, at least 8 s
+
+    results = []
+    for i, (text, x) in enumerate(turns):
+        row = {"text": text, "seconds": x.size / RATE}
+        for arm, rule in (("engine", engine_rule), ("8s", eight_s_minimum)):
+            runner_module.window_frames = rule
+            try:
+                started = time.perf_counter()
+                row[arm] = runner.decode(x, True, None).text
+                row[arm + "_s"] = time.perf_counter() - started
+            finally:
+                runner_module.window_frames = engine_rule
+        results.append(row)
+        print(f"[decode_cost windows] {i + 1}/{len(turns)} {row['seconds']:.2f} s  {row['engine']!r} / {row['8s']!r}", file=sys.stderr, flush=True)
+    print(f"\nEach fixture turn's final, decoded in the engine's window (at least {runner_module.SHORT_WINDOW_FRAMES // 100} s for a final "
+          f"of under {runner_module.SHORT_TURN_S:g} s of audio) and in the 8 s minimum every other decode gets:\n")
+    print("| audio decoded | turns | WER, engine's window | WER, 8 s minimum | finals that differ | decode, engine's / 8 s |\n|---|---|---|---|---|---|")
+    for lo, hi in ((0.0, 1.5), (1.5, 2.0), (2.0, 2.5), (2.5, 3.0), (3.0, 30.0)):
+        group = [r for r in results if lo <= r["seconds"] < hi]
+        if not group:
+            continue
+        refs = [r["text"] for r in group]
+        print(f"| {lo:g}-{hi:g} s | {len(group)} | {100 * wer(refs, [r['engine'] for r in group]):.1f} % | {100 * wer(refs, [r['8s'] for r in group]):.1f} % | "
+              f"{sum(r['engine'] != r['8s'] for r in group)} | {1000 * statistics.mean(r['engine_s'] for r in group):.0f} / "
+              f"{1000 * statistics.mean(r['8s_s'] for r in group):.0f} ms |")
 
 
 def timed(fn, *args, repeat: int, **kwargs):
@@ -423,6 +483,8 @@ async def main() -> None:
             stages(engine.runner, args.repeat)
         if "completion" in parts:
             completion(engine.runner)
+        if "windows" in parts:
+            windows(engine.runner)
         if "turns" in parts:
             await turns(engine, args.recordings.split(",") if args.recordings else None)
         if "spare" in parts:

@@ -116,6 +116,22 @@ def test_decode_cost_prints_the_speed_and_the_conversations_turns():
     assert len(hangovers) >= 10 and all(0 < h <= 1.0 for h in hangovers), out  # between eot_complete_ms and eot_incomplete_ms
 
 
+def test_decode_cost_decodes_every_fixture_turn_in_both_windows():
+    """`python -m bench.decode_cost --parts windows`: every turn of the fixtures is decoded both
+    ways and counted in one row of the table."""
+    from tests.support.speech import manifest, turns_manifest
+
+    out = subprocess.run([sys.executable, "-m", "bench.decode_cost", "--parts", "windows"], cwd=ROOT, check=True, timeout=1200,
+                         capture_output=True, text=True).stdout
+    tm = turns_manifest()
+    expected = (sum(1 if c["kind"] == "short" else len(c["segments"]) for c in tm["clips"])
+                + sum(len(conv["turns"]) for conv in tm["conversations"]) + len(manifest()["clips"]))
+    rows = [line.split(" | ") for line in out.split("| audio decoded |")[1].splitlines() if line.startswith("| ") and " s | " in line]
+    assert rows and sum(int(r[1]) for r in rows) == expected, out
+    for r in rows:
+        assert r[2].endswith("%") and r[3].endswith("%") and 0 <= int(r[4]) <= int(r[1]), r
+
+
 def test_decode_cost_times_several_streams_decodes_in_one_call():
     """`python -m bench.decode_cost --parts batch`: every decode at every batch size, three ways."""
     out = subprocess.run(
