@@ -595,6 +595,8 @@ def write(res: dict[str, Any], out: Path) -> None:
         for r in res["nginx"]:
             L.append(f"- {r['kind']}: {r['streams']} accepted, {r['refused']} refused of {r['asked']}; nginx upstream resets (`recv() failed (104)`) "
                      f"{r['nginx_resets']}; daphne log errors {r['server_log_errors']}; errors {r['errors'] or 0}")
+            for problem, count in sorted(r.get("nginx_log", {}).items(), key=lambda kv: -kv[1]):
+                L.append(f"  - nginx error log: {count} x `{problem}`")
         L.append("")
     if res.get("deflate"):
         L += ["## permessage-deflate offered by the client", ""]

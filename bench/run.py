@@ -643,12 +643,13 @@ class Bench:
             steps = [("capacity", {"sessions": n}),
                      ("past capacity", {"sessions": n + extra_n, "ramp": True, "connect_rate": 200.0, "settle": (n + extra_n) / 200 + 2})]
             for kind, kw in steps:
-                resets = dep.resets()
+                resets, problems = dep.resets(), dep.problems()
                 row = stream_step(dep, frame_ms=80, window=window, clients=2 if n >= 1000 else 1, extra=dep.client_options, **kw)
-                row.update(kind=kind, nginx_resets=dep.resets() - resets,
+                row.update(kind=kind, nginx_resets=dep.resets() - resets, nginx_log=dict(dep.problems() - problems),
                            server_log_errors=sum(s.log_errors()["count"] for s in dep.servers))
                 rows.append(row)
-                say(fmt_row(row) + f"  ({kind}) nginx upstream resets {row['nginx_resets']}, daphne log errors {row['server_log_errors']}")
+                say(fmt_row(row) + f"  ({kind}) nginx upstream resets {row['nginx_resets']}, daphne log errors {row['server_log_errors']}, "
+                    f"nginx error log {row['nginx_log'] or 'empty'}")
         self.result["nginx"] = rows
 
     def warm_stack(self, dep: Any) -> None:

@@ -8,6 +8,7 @@ kept, so a run can count what nginx saw go wrong with the upstream connections (
 """
 from __future__ import annotations
 
+import collections
 import re
 import shutil
 import tempfile
@@ -18,6 +19,21 @@ from bench.servers import pids_named, proc_cpu, proc_rss
 from tests.support import deploy_stack
 
 RESET = re.compile(r"recv\(\) failed \(104: Connection reset by peer\)")
+#: One error-log entry: its level and message, up to nginx's ", client: ..." context.
+LOG_ENTRY = re.compile(r"\[(error|warn|crit|alert|emerg)\] \d+#\d+: (?:\*\d+ )?(.*?)(?:, client: .*)?$", re.MULTILINE)
+
+
+def log_problems(text: str) -> collections.Counter:
+    """nginx error-log entries counted by kind: the level and the message with its numbers, addresses
+    and paths blanked ("[error] upstream timed out (110: Connection timed out) while connecting to
+    upstream"), so a step's count says which failure it was (an upstream timed out, refused, reset,
+    or no live upstream left)."""
+    kinds: collections.Counter = collections.Counter()
+    for level, message in LOG_ENTRY.findall(text):
+        message = re.sub(r'"[^"]*"', '"…"', message)
+        message = re.sub(r"\d+(\.\d+)*(:\d+)?", "N", message)
+        kinds[f"[{level}] {message.replace('(N: ', '(').strip()}"] += 1
+    return kinds
 
 
 class StackDaphne:
@@ -98,12 +114,18 @@ class NginxDeployment:
     def error_log(self) -> str:
         if self.nginx is None:
             return self.nginx_log
-        path = self.nginx.prefix / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        # Both files: nginx's own, and the site's (deploy's relay.conf sends its server's errors,
+        # the upstream ones among them, to relay.error.log; before round eleven only the first was read).
+        paths = [self.nginx.prefix / name for name in self.nginx.ERROR_LOGS]
+        return "".join(path.read_text(errors="replace") for path in paths if path.exists())
 
     def resets(self) -> int:
         """Upstream resets nginx logged (``recv() failed (104: Connection reset by peer)``) so far."""
         return len(RESET.findall(self.error_log()))
+
+    def problems(self) -> collections.Counter:
+        """What nginx's error log holds so far, by kind (:func:`log_problems`)."""
+        return log_problems(self.error_log())
 
     def stop(self) -> None:
         self.nginx_log = self.error_log()

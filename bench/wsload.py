@@ -134,6 +134,7 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.upgraded = False
+        self.counted = False  # this connection's failure is already in run.errors (counted once)
         self.status = b""
         self.headers = b""
         self.started = now()
@@ -188,6 +189,7 @@ class Conn(asyncio.Protocol):
                 self.run.first_headers = head.decode(errors="replace")
             if b" 101 " not in self.status + b" ":
                 self.run.error("http_" + self.status.decode(errors="replace")[9:12])
+                self.counted = True
                 self.transport.close()
                 return
             self.upgraded = True
@@ -278,6 +280,7 @@ class Conn(asyncio.Protocol):
                 run.refused += 1
             else:
                 run.error("error_" + self.error_code)
+                self.counted = True
             if not self.connected.done():
                 self.connected.set_exception(ConnectionRefusedError(self.error_code))
 
@@ -331,7 +334,7 @@ async def open_conn(run: Run, host: str, port: int, path: str, *, speaker: Conn 
         await asyncio.wait_for(loop.create_connection(lambda: conn, host, port, ssl=tls_context(run.cfg.get("tls_cafile"))), timeout)
         await asyncio.wait_for(asyncio.shield(conn.connected), timeout)
     except ConnectionRefusedError as exc:
-        if str(exc) != "CAPACITY":
+        if str(exc) != "CAPACITY" and not conn.counted:
             run.error("refused_tcp" if not conn.upgraded else "refused")
         raise
     except asyncio.TimeoutError:
@@ -340,7 +343,8 @@ async def open_conn(run: Run, host: str, port: int, path: str, *, speaker: Conn 
             conn.transport.abort()
         raise
     except OSError as exc:
-        run.error(type(exc).__name__)
+        if not conn.counted:  # an HTTP answer other than 101 was counted when it came
+            run.error(type(exc).__name__)
         raise
     return conn
 

@@ -286,8 +286,12 @@ class Nginx:
         wait_until(ready, timeout=timeout, what="nginx", proc=self.proc, log=self.prefix / "error.log")
         return self
 
+    #: Where the logs go: nginx's own (the main file's error_log) and the site's (deploy's relay.conf
+    #: logs its server's errors, the upstream ones among them, to relay.error.log).
+    ERROR_LOGS = ("error.log", "relay.error.log")
+
     def output(self) -> str:
-        return _tail(self.prefix / "error.log", 4000)
+        return "\n".join(_tail(self.prefix / name, 4000) for name in self.ERROR_LOGS)
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
