@@ -220,6 +220,15 @@ def split(voices: list[str]) -> str:
     return "held_out" if set(voices) & HELD_OUT_VOICES else "tune"
 
 
+def write_clip(out: Path, manifest: dict, name: str, kind: str, pieces: list[np.ndarray], turn: dict, seed: int) -> None:
+    """One clip: the turn's pieces between room noise pads, written and listed in the manifest."""
+    samples = with_noise(np.concatenate([silence(PAD_SECONDS), *pieces, silence(PAD_SECONDS)]), seed)
+    write_wav(out / name, samples)
+    voice = turn["voice"]
+    manifest["clips"].append({"file": name, "kind": kind, "split": split([voice]), **turn, "duration": round(samples.size / RATE, 3)})
+    print(f"{name:24s} {samples.size / RATE:4.1f}s  {turn['text']}" + (" (spoken whole)" if kind == "pause_whole" else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -243,13 +252,8 @@ def main() -> None:
         tmp = Path(tmpdir)
         for kind, items in (("pause", PAUSES), ("short", [(v, (t,)) for v, t in SHORT])):
             for i, (voice, parts) in enumerate(items, 1):
-                pieces, turn = utterance(voice, parts, PAD_SECONDS, tmp)
-                name = f"{kind}{i:02d}_{voice}.wav"
                 seed += 1
-                samples = with_noise(np.concatenate([silence(PAD_SECONDS), *pieces, silence(PAD_SECONDS)]), seed)
-                write_wav(out / name, samples)
-                manifest["clips"].append({"file": name, "kind": kind, "split": split([voice]), **turn, "duration": round(samples.size / RATE, 3)})
-                print(f"{name:24s} {samples.size / RATE:4.1f}s  {turn['text']}")
+                write_clip(out, manifest, f"{kind}{i:02d}_{voice}.wav", kind, *utterance(voice, parts, PAD_SECONDS, tmp), seed)
         for name, turns in CONVERSATIONS:
             pieces, refs, t = [silence(0.4)], [], 0.4
             for voice, parts, after in turns:
@@ -266,13 +270,8 @@ def main() -> None:
             print(f"{name}.wav {len(refs)} turns {samples.size / RATE:.1f}s")
         # Made after the others, so their noise seeds (and files) stay as they were.
         for i, (voice, parts) in enumerate(PAUSES, 1):
-            pieces, turn = spoken_whole(voice, parts, PAD_SECONDS, tmp)
-            name = f"whole{i:02d}_{voice}.wav"
             seed += 1
-            samples = with_noise(np.concatenate([silence(PAD_SECONDS), *pieces, silence(PAD_SECONDS)]), seed)
-            write_wav(out / name, samples)
-            manifest["clips"].append({"file": name, "kind": "pause_whole", "split": split([voice]), **turn, "duration": round(samples.size / RATE, 3)})
-            print(f"{name:24s} {samples.size / RATE:4.1f}s  {turn['text']} (spoken whole)")
+            write_clip(out, manifest, f"whole{i:02d}_{voice}.wav", "pause_whole", *spoken_whole(voice, parts, PAD_SECONDS, tmp), seed)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in out.glob("*.wav"))
     print(f"wrote {out} ({total / 1e6:.1f} MB)")
