@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.engines import pieces, session  # noqa: E402
+from bench.engines import PAUSE_KINDS, pieces, session  # noqa: E402
 
 RATE = 16000
 MODEL_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "turn-model"))
     parser.add_argument("--quick", action="store_true", help="the short session: one conversation and two sentences (a smoke run)")
-    parser.add_argument("--pauses", choices=["split", "whole"], default="split",
+    parser.add_argument("--pauses", choices=sorted(PAUSE_KINDS), default="split",
                         help="the session's sentences with a pause inside: halves synthesized apart, or spoken as one utterance")
     args = parser.parse_args(argv)
     smart = SmartTurn(model_path())
