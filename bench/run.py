@@ -631,7 +631,7 @@ class Bench:
         process capped at half the streams. 1,000 real-time streams of 80 ms frames (a turn every
         4 s), then past capacity: 1,300 arriving at 200 a second while the first stream, the rest
         refused with CAPACITY. Counts the upstream resets nginx logs at each step (issue 15)."""
-        from bench.stack import NginxDeployment
+        from bench.stack import NginxDeployment, resets
 
         n, window = (20, 2.0) if self.quick else (self.n(1000), self.w(8.0))
         extra_n = max(1, round(n * 0.3))
@@ -643,9 +643,10 @@ class Bench:
             steps = [("capacity", {"sessions": n}),
                      ("past capacity", {"sessions": n + extra_n, "ramp": True, "connect_rate": 200.0, "settle": (n + extra_n) / 200 + 2})]
             for kind, kw in steps:
-                resets, problems = dep.resets(), dep.problems()
+                before = dep.problems()
                 row = stream_step(dep, frame_ms=80, window=window, clients=2 if n >= 1000 else 1, extra=dep.client_options, **kw)
-                row.update(kind=kind, nginx_resets=dep.resets() - resets, nginx_log=dict(dep.problems() - problems),
+                problems = dep.problems() - before
+                row.update(kind=kind, nginx_resets=resets(problems), nginx_log=dict(problems),
                            server_log_errors=sum(s.log_errors()["count"] for s in dep.servers))
                 rows.append(row)
                 say(fmt_row(row) + f"  ({kind}) nginx upstream resets {row['nginx_resets']}, daphne log errors {row['server_log_errors']}, "

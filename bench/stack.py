@@ -18,14 +18,15 @@ from typing import Any
 from bench.servers import pids_named, proc_cpu, proc_rss
 from tests.support import deploy_stack
 
-RESET = re.compile(r"recv\(\) failed \(104: Connection reset by peer\)")
+#: The kind (:func:`log_problems`) of an upstream reset: ``recv() failed (104: Connection reset by peer)``.
+RESET = "recv() failed (Connection reset by peer)"
 #: One error-log entry: its level and message, up to nginx's ", client: ..." context.
 LOG_ENTRY = re.compile(r"\[(error|warn|crit|alert|emerg)\] \d+#\d+: (?:\*\d+ )?(.*?)(?:, client: .*)?$", re.MULTILINE)
 
 
 def log_problems(text: str) -> collections.Counter:
     """nginx error-log entries counted by kind: the level and the message with its numbers, addresses
-    and paths blanked ("[error] upstream timed out (110: Connection timed out) while connecting to
+    and paths blanked ("[error] upstream timed out (Connection timed out) while connecting to
     upstream"), so a step's count says which failure it was (an upstream timed out, refused, reset,
     or no live upstream left)."""
     kinds: collections.Counter = collections.Counter()
@@ -34,6 +35,11 @@ def log_problems(text: str) -> collections.Counter:
         message = re.sub(r"\d+(\.\d+)*(:\d+)?", "N", message)
         kinds[f"[{level}] {message.replace('(N: ', '(').strip()}"] += 1
     return kinds
+
+
+def resets(problems: collections.Counter) -> int:
+    """The upstream resets among :func:`log_problems`' kinds."""
+    return sum(count for kind, count in problems.items() if RESET in kind)
 
 
 class StackDaphne:
@@ -118,10 +124,6 @@ class NginxDeployment:
         # the upstream ones among them, to relay.error.log; before round eleven only the first was read).
         paths = [self.nginx.prefix / name for name in self.nginx.ERROR_LOGS]
         return "".join(path.read_text(errors="replace") for path in paths if path.exists())
-
-    def resets(self) -> int:
-        """Upstream resets nginx logged (``recv() failed (104: Connection reset by peer)``) so far."""
-        return len(RESET.findall(self.error_log()))
 
     def problems(self) -> collections.Counter:
         """What nginx's error log holds so far, by kind (:func:`log_problems`)."""

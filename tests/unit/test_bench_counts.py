@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bench.stack import log_problems
+from bench.stack import log_problems, resets
 from bench.wsload import Run, open_conn
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
@@ -80,11 +80,16 @@ def test_nginx_error_log_entries_are_counted_by_kind():
         'client: 127.0.0.1, server: _, request: "GET /v2/listen HTTP/1.1", upstream: "http://127.0.0.1:8001/v2/listen"\n'
         "2026/12/03 19:30:01 [error] 1234#1234: *5679 no live upstreams while connecting to upstream, client: 127.0.0.1, server: _\n"
         "2026/12/03 19:30:02 [error] 1234#1235: *6001 no live upstreams while connecting to upstream, client: 127.0.0.2, server: _\n"
+        "2026/12/03 19:30:02 [error] 1234#1235: *6002 recv() failed (104: Connection reset by peer) while reading response header from "
+        "upstream, client: 127.0.0.2, server: _\n"
         "2026/12/03 19:30:03 [alert] 1234#1234: 1024 worker_connections are not enough\n"
         "2026/12/03 19:30:04 [notice] 1234#1234: signal process started\n"
     )
-    assert log_problems(log) == {
+    problems = log_problems(log)
+    assert problems == {
         "[error] upstream timed out (Connection timed out) while connecting to upstream": 1,
         "[error] no live upstreams while connecting to upstream": 2,
+        "[error] recv() failed (Connection reset by peer) while reading response header from upstream": 1,
         "[alert] N worker_connections are not enough": 1,
     }
+    assert resets(problems) == 1
