@@ -58,10 +58,11 @@ LEAD_S = 0.4  # audio before a turn's first word that its decode gets (stream.AN
 TAIL_S = 0.05  # and after its last (stream.ANCHOR_TAIL_S)
 
 
-def samples(name: str) -> np.ndarray:
+def samples(name: str, folder: str = "turns/") -> np.ndarray:
+    """A fixture (tests/fixtures/speech/, by default its turns/ set) as float32 samples."""
     from tests.support.speech import pcm
 
-    return np.frombuffer(pcm("turns/" + name), dtype="<i2").astype(np.float32) / 32768
+    return np.frombuffer(pcm(folder + name), dtype="<i2").astype(np.float32) / 32768
 
 
 def cut(audio: np.ndarray, start: float, end: float) -> np.ndarray:
@@ -79,10 +80,7 @@ def windows(runner) -> None:
     """Every fixture turn's final in the engine's window (20 s under SHORT_TURN_S) and in the 8 s
     minimum, grouped by the audio decoded (lead and tail included, as ``window_frames`` sees it)."""
     from relay.engines.offline.whisper import runner as runner_module
-    from tests.support.speech import manifest, pcm, turns_manifest, wer
-
-    def audio(file: str) -> np.ndarray:
-        return np.frombuffer(pcm(file), dtype="<i2").astype(np.float32) / 32768
+    from tests.support.speech import manifest, turns_manifest, wer
 
     def span(x: np.ndarray, start: float, end: float) -> np.ndarray:
         lead = max(0, -int((start - LEAD_S) * RATE))  # digital silence where the clip had less lead, as a stream's first turn gets
@@ -91,30 +89,27 @@ def windows(runner) -> None:
     turns: list[tuple[str, np.ndarray]] = []
     tm = turns_manifest()
     for c in tm["clips"]:
-        x = audio("turns/" + c["file"])
+        x = samples(c["file"])
         parts = [c] if c["kind"] == "short" else c["segments"]
         turns += [(p["text"], span(x, p.get("speech_start", p.get("start")), p.get("speech_end", p.get("end")))) for p in parts]
     for conv in tm["conversations"]:
-        x = audio("turns/" + conv["file"])
+        x = samples(conv["file"])
         turns += [(t["text"], span(x, t["speech_start"], t["speech_end"])) for t in conv["turns"]]
     for c in manifest()["clips"]:
-        turns.append((c["text"], span(audio(c["file"]), c["speech_start"], c["speech_end"])))
-    engine_rule = runner_module.window_frames
-
-    def eight_s_minimum(frames: int, final: bool, seconds: float) -> int:
-        return engine_rule(frames, False, seconds)  # an Update's window: the audio plus padding, at least 8 s
-
+        turns.append((c["text"], span(samples(c["file"], ""), c["speech_start"], c["speech_end"])))
+    short_turn_s = runner_module.SHORT_TURN_S
     results = []
     for i, (text, x) in enumerate(turns):
         row = {"text": text, "seconds": x.size / RATE}
-        for arm, rule in (("engine", engine_rule), ("8s", eight_s_minimum)):
-            runner_module.window_frames = rule
+        # SHORT_TURN_S 0: no final is short, so every one gets the 8 s minimum (window_frames reads it per call)
+        for arm, threshold in (("engine", short_turn_s), ("8s", 0.0)):
+            runner_module.SHORT_TURN_S = threshold
             try:
                 started = time.perf_counter()
                 row[arm] = runner.decode(x, True, None).text
                 row[arm + "_s"] = time.perf_counter() - started
             finally:
-                runner_module.window_frames = engine_rule
+                runner_module.SHORT_TURN_S = short_turn_s
         results.append(row)
         print(f"[decode_cost windows] {i + 1}/{len(turns)} {row['seconds']:.2f} s  {row['engine']!r} / {row['8s']!r}", file=sys.stderr, flush=True)
     print(f"\nEach fixture turn's final, decoded in the engine's window (at least {runner_module.SHORT_WINDOW_FRAMES // 100} s for a final "
